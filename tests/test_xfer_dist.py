@@ -1,0 +1,300 @@
+"""Multi-process gloo tests: p2p == golden == slicing the full tensor, bit for bit; the wire
+carries exactly what the plan says; bad input raises the same error on every rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.strategies import full_tensor, items, same_bits
+from xfer import (
+    DTensorRef,
+    Layout,
+    Mesh,
+    RecordingComm,
+    Replicate,
+    Resharder,
+    ReshardItem,
+    Shard,
+    XferError,
+    xferdtensor,
+)
+from xfer.local import RankError
+
+WORLD = 8
+
+
+def _view(shape, dtype, mode: str, fill=None) -> torch.Tensor:
+    """A local tensor of `shape` laid out as `mode`: contiguous, padded (strided rows) or
+    transposed (last dim not unit-stride)."""
+    if mode == "padded" and shape:
+        big = torch.zeros([n + 2 for n in shape], dtype=dtype)
+        t = big[tuple(slice(1, 1 + n) for n in shape)]
+    elif mode == "transposed" and len(shape) >= 2:
+        t = torch.zeros(tuple(reversed(shape)), dtype=dtype).permute(*reversed(range(len(shape))))
+    else:
+        t = torch.zeros(shape, dtype=dtype)
+    if fill is not None:
+        t.copy_(fill)
+    return t
+
+
+def _locals(its, rank, seeds, mode):
+    fulls = [full_tensor(it.src.shape, it.dtype, s) for it, s in zip(its, seeds, strict=True)]
+    srcs = [
+        _view(it.src.local_shape(rank), it.dtype, mode, f[it.src.box(rank)])
+        if it.src.holds(rank)
+        else None
+        for it, f in zip(its, fulls, strict=True)
+    ]
+    return fulls, srcs
+
+
+def _fresh_dsts(its, rank, mode):
+    return [
+        _view(it.dst.local_shape(rank), it.dtype, mode) if it.dst.holds(rank) else None
+        for it in its
+    ]
+
+
+def run_paths(comm, its, seeds, bucket, mode):
+    """Golden and p2p on the same inputs; report equality and what went over the wire."""
+    rank = comm.rank
+    fulls, srcs = _locals(its, rank, seeds, mode)
+    out = {}
+    for path in ("golden", "p2p"):
+        rec = RecordingComm(comm)
+        resharder = Resharder(its, rec, bucket_bytes=bucket)
+        dsts = _fresh_dsts(its, rank, mode)
+        stats = resharder.run(srcs, dsts, path=path)
+        ok = [
+            d is None or same_bits(d, f[it.dst.box(rank)])
+            for it, d, f in zip(its, dsts, fulls, strict=True)
+        ]
+        prog = resharder.program
+        out[path] = {
+            "ok": ok,
+            "dsts": [None if d is None else d.contiguous() for d in dsts],
+            "groups": rec.record.groups,
+            "broadcasts": rec.record.broadcasts,
+            "stats": stats,
+            "rounds": [
+                ([(m.peer, m.nbytes) for m in r.sends], [(m.peer, m.nbytes) for m in r.recvs])
+                for r in prog.rounds
+            ],
+            "plan_in": int(resharder.plan.stats.bytes_in[rank]),
+            "plan_out": int(resharder.plan.stats.bytes_out[rank]),
+        }
+    # sources are untouched by either path
+    _, again = _locals(its, rank, seeds, mode)
+    out["src_intact"] = all(
+        (a is None) or same_bits(a, b) for a, b in zip(srcs, again, strict=True)
+    )
+    return out
+
+
+def check_run(results, its):
+    for rank, res in enumerate(results):
+        assert res["src_intact"], rank
+        for path in ("golden", "p2p"):
+            assert all(res[path]["ok"]), (rank, path, res[path]["ok"])
+        for a, b in zip(res["golden"]["dsts"], res["p2p"]["dsts"], strict=True):
+            assert (a is None and b is None) or same_bits(a, b)
+        p2p = res["p2p"]
+        n = len(p2p["rounds"])
+        data = p2p["groups"][len(p2p["groups"]) - n :]
+        control = p2p["groups"][: len(p2p["groups"]) - n]
+        # the data rounds are exactly the program's, the rest is agreement traffic with rank 0
+        assert [tuple(g) for g in data] == [tuple(r) for r in p2p["rounds"]]
+        for sends, recvs in control:
+            assert all(peer == 0 for peer, _ in sends) and (rank == 0 or not recvs)
+        sent = sum(b for sends, _ in data for _, b in sends)
+        recv = sum(b for _, recvs in data for _, b in recvs)
+        assert sent == p2p["plan_out"] == p2p["stats"].bytes_sent
+        assert recv == p2p["plan_in"] == p2p["stats"].bytes_received
+        # the agreement is one gather of 18-byte statuses and one broadcast of all of them
+        world = len(results)
+        assert p2p["broadcasts"] == [(0, 18 * world)]
+        assert control == (
+            [([], [(p, 18) for p in range(1, world)])] if rank == 0 else [([(0, 18)], [])]
+        )
+        # golden broadcasts every non-empty source cell once (after the agreement)
+        cells = [
+            (it.src.mesh.flat[int(g.members[u, 0])], int(n) * it.itemsize)
+            for it in its
+            for g in [it.src.geometry]
+            for u, n in enumerate(g.cell_numel())
+            if n
+        ]
+        assert res["golden"]["broadcasts"][1:] == cells
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    its=st.lists(items(WORLD), min_size=1, max_size=3),
+    bucket=st.sampled_from([48, 256, 1 << 20]),
+    mode=st.sampled_from(["contiguous", "padded", "transposed"]),
+)
+def test_random_layouts_p2p_equals_golden_equals_slicing(ranks, its, bucket, mode):
+    seeds = list(range(len(its)))
+    check_run(ranks.run(run_paths, WORLD, its, seeds, bucket, mode), its)
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "padded", "transposed"])
+def test_many_tensors_one_plan(ranks, mode):
+    """(dp2, tp2) -> (tp4) plus assorted layouts and dtypes, 40 tensors, small buckets."""
+    train = Mesh([[0, 1], [2, 3]], ("dp", "tp"))
+    infer = Mesh([4, 5, 6, 7], ("tp",))
+    both = Mesh([[0, 1, 2, 3], [4, 5, 6, 7]], ("dp", "tp"))
+    its = []
+    for i in range(40):
+        dtype = [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.int64][i % 4]
+        shape = (16 + i % 5, 12 + i % 3)
+        if i % 3 == 0:
+            src = Layout(train, [Replicate(), Shard(0)], shape)
+            dst = Layout(infer, [Shard(1)], shape)
+        elif i % 3 == 1:
+            src = Layout(train, [Shard(1), Shard(0)], shape)
+            dst = Layout(both, [Replicate(), Shard(0)], shape)
+        else:
+            src = Layout(both, [Shard(0), Shard(1)], shape)
+            dst = Layout(train, [Replicate(), Replicate()], shape)
+        its.append(ReshardItem(src, dst, dtype, f"w{i}"))
+    results = ranks.run(run_paths, WORLD, its, list(range(40)), 2048, mode)
+    check_run(results, its)
+    rounds = len(results[4]["p2p"]["rounds"])
+    assert rounds > 1  # the small bucket forces several rounds
+
+
+def test_scalars_bools_and_empty_shards(ranks):
+    m4 = Mesh([0, 1, 2, 3], ("tp",))
+    m2 = Mesh([6, 7], ("dp",))
+    its = [
+        ReshardItem(Layout(m4, [Replicate()], []), Layout(m2, [Replicate()], []), torch.float32),
+        ReshardItem(Layout(m4, [Shard(0)], [3]), Layout(m2, [Shard(0)], [3]), torch.bool),
+        ReshardItem(Layout(m4, [Shard(1)], [2, 0]), Layout(m2, [Shard(0)], [2, 0]), torch.int64),
+    ]
+    check_run(ranks.run(run_paths, WORLD, its, [1, 2, 3], 1 << 20, "contiguous"), its)
+
+
+# -- the one-tensor API, layouts learned from the ranks that hold them -----------------------
+def one_tensor(comm, path):
+    src = Layout(Mesh([[0, 1], [2, 3]], ("dp", "tp")), [Replicate(), Shard(0)], [10, 6])
+    dst = Layout(Mesh([2, 3, 4, 5, 6, 7], ("tp",)), [Shard(1)], [10, 6])
+    full = full_tensor((10, 6), torch.bfloat16, 7)
+    r = comm.rank
+    s = DTensorRef(full[src.box(r)].clone(), src) if src.holds(r) else None
+    d = (
+        DTensorRef(torch.zeros(dst.local_shape(r), dtype=torch.bfloat16), dst)
+        if dst.holds(r)
+        else None
+    )
+    stats = xferdtensor(s, d, comm, path=path)
+    return d is None or torch.equal(d.local, full[dst.box(r)]), stats.path
+
+
+@pytest.mark.parametrize("path", ["golden", "p2p", "auto"])
+def test_xferdtensor_with_sides_missing(ranks, path):
+    out = ranks.run(one_tensor, WORLD, path)
+    assert all(ok for ok, _ in out)
+    assert {p for _, p in out} == {"golden" if path == "golden" else "p2p"}
+
+
+# -- bad input: every rank raises the same error, before any data moves ---------------------
+_TRAIN = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [8, 4])
+_INFER = Layout(Mesh([2, 3], ("tp",)), [Shard(1)], [8, 4])
+
+
+def bad_input(comm, case):
+    rank = comm.rank
+    its = [ReshardItem(_TRAIN, _INFER, torch.float32, "layers.0.w")]
+    src = torch.zeros(4, 4) if rank in (0, 1) else None
+    dst = torch.zeros(8, 2) if rank in (2, 3) else None
+    if case == "shape" and rank == 1:
+        src = torch.zeros(3, 4)
+    elif case == "dtype" and rank == 2:
+        dst = torch.zeros(8, 2, dtype=torch.float64)
+    elif case == "src_on_non_holder" and rank == 3:
+        src = torch.zeros(4, 4)
+    elif case == "missing_local" and rank == 0:
+        src = None
+    elif case == "different_plans" and rank == 3:
+        its = [ReshardItem(_TRAIN, _INFER, torch.bfloat16, "layers.0.w")]
+        dst = torch.zeros(8, 2, dtype=torch.bfloat16)
+    elif case == "rank_outside":
+        bad = Layout(Mesh([2, 7], ("tp",)), [Shard(1)], [8, 4])
+        its = [ReshardItem(_TRAIN, bad, torch.float32, "layers.0.w")]
+    rec = RecordingComm(comm)
+    try:
+        Resharder(its, rec).run([src], [dst], path="p2p")
+    except XferError as e:
+        # nothing but the agreement exchange went over the wire
+        data = [
+            g for g in rec.record.groups if any(p != 0 for p, _ in g[0]) or (g[1] and rank != 0)
+        ]
+        return str(e), data
+    return None, None
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        (
+            "shape",
+            "rank 1: tensor 'layers.0.w' source: rank 1 local shape [3, 4] is not its box [4:8, 0:4]",
+        ),
+        ("dtype", "rank 2 local dtype torch.float64 differs from the tensor's dtype torch.float32"),
+        (
+            "src_on_non_holder",
+            "rank 3 passed a local tensor [4, 4] but is not in Mesh(tp=2; ranks 0..1)",
+        ),
+        (
+            "missing_local",
+            "rank 0 is in Mesh(tp=2; ranks 0..1) and holds box [0:4, 0:4] but passed no local tensor",
+        ),
+        ("different_plans", "ranks disagree on what to move"),
+        ("rank_outside", "has ranks [7] outside the communicator of size 4"),
+    ],
+)
+def test_bad_input_raises_on_every_rank(ranks, case, needle):
+    out = ranks.run(bad_input, 4, case, timeout=60)
+    messages = {msg for msg, _ in out}
+    assert len(messages) == 1, messages  # every rank raised the same error
+    (msg,) = messages
+    assert msg is not None and needle in msg, msg
+    assert all(not data for _, data in out)
+
+
+def disagree_layouts(comm):
+    r = comm.rank
+    # rank 1 believes the source is sharded on dim 1; the others on dim 0
+    src = Layout(Mesh([0, 1], ("tp",)), [Shard(1 if r == 1 else 0)], [4, 4])
+    dst = Layout(Mesh([2, 3], ("tp",)), [Replicate()], [4, 4])
+    s = DTensorRef(torch.zeros(src.local_shape(r)), src) if src.holds(r) else None
+    d = DTensorRef(torch.zeros(4, 4), dst) if dst.holds(r) else None
+    try:
+        xferdtensor(s, d, comm)
+    except XferError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_that_disagree_on_a_layout_all_raise(ranks):
+    out = ranks.run(disagree_layouts, 4, timeout=60)
+    assert len(set(out)) == 1 and out[0] is not None
+    assert "ranks disagree on the source layout" in out[0] and "ranks [1]" in out[0]
+
+
+def test_worker_error_surfaces(ranks):
+    with pytest.raises(RankError):
+        ranks.run(disagree_layouts_raises, 2)
+
+
+def disagree_layouts_raises(comm):
+    raise RuntimeError(f"rank {comm.rank} fails on purpose")

@@ -1,0 +1,272 @@
+"""The entry points: `xferdtensor` (one tensor), `xferdtensors` and `Resharder` (a batch).
+
+Every rank of the communicator calls them with the same sequence of tensors. A rank passes a
+`DTensorRef` (its local shard and the layout) for each side, or None for a side it holds
+nothing of; layouts are learned from the ranks that hold them. `Resharder` is the form to use
+every step: it plans once and replays.
+
+Paths: ``"golden"`` (broadcast reference), ``"p2p"`` (the plan as grouped point-to-point),
+``"m2n"`` (NVIDIA's native reshard; an error where it does not apply) and ``"auto"``: m2n for
+the items every rank agrees it fits, p2p for the rest.
+
+Each run first agrees over the comm on the inputs (every rank's local problems and plan
+fingerprint, see `xfer.validate`), so bad input raises the same `XferError` on every rank
+before any data moves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+
+from xfer import m2n
+from xfer.comm import Comm
+from xfer.errors import XferError
+from xfer.execute import Staging, XferStats, run_golden, run_p2p
+from xfer.layout import Layout
+from xfer.mesh import Mesh
+from xfer.plan import DEFAULT_BUCKET_BYTES, Plan, ReshardItem, plan_reshard
+from xfer.program import RankProgram, build_program
+from xfer.validate import agree, check_locals
+
+__all__ = ["PATHS", "DTensorRef", "Path", "Resharder", "xferdtensor", "xferdtensors"]
+
+Path = Literal["auto", "golden", "p2p", "m2n"]
+PATHS: tuple[str, ...] = ("auto", "golden", "p2p", "m2n")
+
+
+@dataclass(frozen=True)
+class DTensorRef:
+    """A local shard and the layout of the global tensor it belongs to.
+
+    `local` may be any strided view; it is None on ranks outside the layout's mesh (and may be
+    None for an empty box).
+    """
+
+    local: torch.Tensor | None
+    layout: Layout
+
+    @classmethod
+    def from_dtensor(cls, dt: Any, *, rank_map: Mapping[int, int] | None = None) -> DTensorRef:
+        """From a torch `DTensor`. Its device mesh holds global ranks; `rank_map` translates
+        them to communicator ranks (not needed when the comm is the default group)."""
+        dm = dt.device_mesh
+        ranks = dm.mesh.tolist()
+        if rank_map is not None:
+            import numpy as np
+
+            ranks = np.vectorize(lambda r: rank_map[int(r)])(dm.mesh.numpy()).tolist()
+        names = dm.mesh_dim_names or tuple(f"axis{i}" for i in range(dm.ndim))
+        layout = Layout(Mesh(ranks, names), dt.placements, tuple(dt.shape))
+        return cls(dt.to_local(), layout)
+
+
+def _check_path(path: str) -> None:
+    if path not in PATHS:
+        raise XferError(f"path must be one of {PATHS}, got {path!r}")
+
+
+class Resharder:
+    """Plan a batch of reshards once; `run` it at every step.
+
+    ``Resharder(items, comm)`` plans on construction (pure, no communication; every rank
+    builds the same plan from the same items). `run` takes this rank's local tensors, in
+    item order, and returns what this rank did.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[ReshardItem],
+        comm: Comm,
+        *,
+        path: Path = "auto",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        node_of: Sequence[int] | Mapping[int, int] | None = None,
+    ) -> None:
+        _check_path(path)
+        self.comm = comm
+        self.path: Path = path
+        self.plan: Plan = plan_reshard(
+            items, bucket_bytes=bucket_bytes, world_size=comm.size, node_of=node_of
+        )
+        self._bucket_bytes = bucket_bytes
+        self._node_of = node_of
+        self._program: RankProgram | None = None
+        self._m2n_meta: list[str | None] | None = None
+        self._rest: dict[tuple[int, ...], tuple[Plan, RankProgram]] = {}
+        self.staging = Staging()
+
+    @property
+    def items(self) -> tuple[ReshardItem, ...]:
+        return self.plan.items
+
+    @property
+    def program(self) -> RankProgram:
+        """This rank's share of the plan (built on first use, then kept)."""
+        if self._program is None:
+            self._program = build_program(self.plan, self.comm.rank)
+        return self._program
+
+    def run(
+        self,
+        srcs: Sequence[torch.Tensor | None],
+        dsts: Sequence[torch.Tensor | None],
+        *,
+        stream: Any = None,
+        path: Path | None = None,
+    ) -> XferStats:
+        """Move this step's tensors. `path` overrides the resharder's path for this run."""
+        path = path or self.path
+        _check_path(path)
+        t0 = time.perf_counter()
+        items = self.plan.items
+        problems = check_locals(items, self.comm.rank, srcs, dsts)
+        want_m2n = path in ("auto", "m2n")
+        local_why = (
+            [m2n.local_reason(s) or m2n.local_reason(d) for s, d in zip(srcs, dsts, strict=False)]
+            if want_m2n and not problems
+            else []
+        )
+        # only a rank that cannot take m2n for some item sends its reasons (the slow exchange)
+        flags = agree(
+            self.comm, problems, self.plan.fingerprint, local_why if any(local_why) else None
+        )
+        if path == "golden":
+            return run_golden(items, srcs, dsts, self.comm, stream=stream)
+        use_m2n: list[int] = []
+        if want_m2n:
+            reasons = self._m2n_reasons(flags)
+            if path == "m2n" and any(reasons):
+                bad = [f"{items[i].label!r}: {r}" for i, r in enumerate(reasons) if r]
+                raise XferError([f"path='m2n' does not apply to {b}" for b in bad[:20]])
+            use_m2n = [i for i, r in enumerate(reasons) if r is None]
+        if not use_m2n:
+            return run_p2p(self.program, srcs, dsts, self.comm, stream=stream, staging=self.staging)
+        m2n.run_m2n(
+            [items[i] for i in use_m2n],
+            [srcs[i] for i in use_m2n],
+            [dsts[i] for i in use_m2n],
+            self.comm,
+            stream=stream,
+        )
+        rest = [i for i in range(len(items)) if i not in set(use_m2n)]
+        stats = XferStats("m2n", 0.0, 0, 0, 0, 0, 0, 0, 0)
+        if rest:
+            _, prog = self._rest_plan(tuple(rest))
+            stats = run_p2p(
+                prog,
+                [srcs[i] for i in rest],
+                [dsts[i] for i in rest],
+                self.comm,
+                stream=stream,
+                staging=self.staging,
+            )
+        return replace(stats, path="m2n+p2p" if rest else "m2n", seconds=time.perf_counter() - t0)
+
+    def release_staging(self) -> None:
+        """Free the staging buffers kept between runs (the next run allocates them again)."""
+        self.staging.release()
+
+    def _m2n_reasons(self, flags: list[Any]) -> list[str | None]:
+        if self._m2n_meta is None:
+            self._m2n_meta = [m2n.unsupported_reason(it, self.comm) for it in self.plan.items]
+        out = list(self._m2n_meta)
+        for rank, rank_flags in enumerate(flags):
+            for i, why in enumerate(rank_flags or []):
+                if why and out[i] is None:
+                    out[i] = f"rank {rank}: {why}"
+        return out
+
+    def _rest_plan(self, rest: tuple[int, ...]) -> tuple[Plan, RankProgram]:
+        if rest not in self._rest:
+            sub = plan_reshard(
+                [self.plan.items[i] for i in rest],
+                bucket_bytes=self._bucket_bytes,
+                world_size=self.comm.size,
+                node_of=self._node_of,
+            )
+            self._rest[rest] = (sub, build_program(sub, self.comm.rank))
+        return self._rest[rest]
+
+
+def xferdtensors(
+    srcs: Sequence[DTensorRef | None],
+    dsts: Sequence[DTensorRef | None],
+    comm: Comm,
+    *,
+    path: Path = "auto",
+    stream: Any = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    names: Sequence[str] | None = None,
+) -> XferStats:
+    """Reshard a batch of tensors in one plan. Ranks learn the layouts they lack from the
+    ranks that pass them; all layouts of one tensor must agree across ranks."""
+    _check_path(path)
+    if len(srcs) != len(dsts):
+        raise XferError(f"{len(srcs)} source refs but {len(dsts)} destination refs")
+    names = list(names) if names is not None else [f"tensor {i}" for i in range(len(srcs))]
+    mine = [
+        tuple(
+            None if r is None else (r.layout, None if r.local is None else r.local.dtype)
+            for r in (s, d)
+        )
+        for s, d in zip(srcs, dsts, strict=True)
+    ]
+    shared = agree(comm, [], f"{len(srcs)} tensors", mine)
+    problems: list[str] = []
+    items = []
+    for i, name in enumerate(names):
+        lay: dict[str, Layout] = {}
+        dtypes: dict[torch.dtype, list[int]] = {}
+        for side, k in (("source", 0), ("destination", 1)):
+            seen: dict[Layout, list[int]] = {}
+            for rank, per_rank in enumerate(shared):
+                entry = per_rank[i][k]
+                if entry is None:
+                    continue
+                seen.setdefault(entry[0], []).append(rank)
+                if entry[1] is not None:
+                    dtypes.setdefault(entry[1], []).append(rank)
+            if not seen:
+                problems.append(f"tensor {name!r}: no rank passed a {side} layout")
+            elif len(seen) > 1:
+                desc = "; ".join(f"ranks {rs}: {lay_!r}" for lay_, rs in seen.items())
+                problems.append(f"tensor {name!r}: ranks disagree on the {side} layout: {desc}")
+            else:
+                lay[side] = next(iter(seen))
+        if len(dtypes) > 1:
+            desc = "; ".join(f"{dt} on ranks {rs}" for dt, rs in dtypes.items())
+            problems.append(f"tensor {name!r}: source and destination dtypes differ: {desc}")
+        if not dtypes:
+            problems.append(f"tensor {name!r}: no rank passed a local tensor, dtype unknown")
+        if len(lay) == 2 and len(dtypes) == 1:
+            items.append(ReshardItem(lay["source"], lay["destination"], next(iter(dtypes)), name))
+    if problems:
+        raise XferError(problems)
+    resharder = Resharder(items, comm, path=path, bucket_bytes=bucket_bytes)
+    return resharder.run(
+        [None if s is None else s.local for s in srcs],
+        [None if d is None else d.local for d in dsts],
+        stream=stream,
+    )
+
+
+def xferdtensor(
+    src: DTensorRef | None,
+    dst: DTensorRef | None,
+    comm: Comm,
+    *,
+    path: Path = "auto",
+    stream: Any = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    name: str = "tensor",
+) -> XferStats:
+    """Reshard one tensor from its source layout into its destination layout, in place in
+    `dst.local`. `src`/`dst` are None on ranks that hold no such side."""
+    return xferdtensors(
+        [src], [dst], comm, path=path, stream=stream, bucket_bytes=bucket_bytes, names=[name]
+    )
