@@ -8,7 +8,7 @@ computes, purely, who sends which bytes to whom; `xferdtensor`, `xferdtensors` a
 from xfer.api import PATHS, DTensorRef, Path, Resharder, xferdtensor, xferdtensors
 from xfer.comm import Comm, Recorded, RecordingComm, TorchComm, Transfer, Work, tcp_store
 from xfer.errors import XferError
-from xfer.execute import XferStats
+from xfer.execute import Staging, XferStats
 from xfer.layout import Layout, Replicate, Shard
 from xfer.mesh import Mesh
 from xfer.plan import DEFAULT_BUCKET_BYTES, Plan, PlanStats, ReshardItem, plan_reshard
@@ -31,6 +31,7 @@ __all__ = [
     "ReshardItem",
     "Resharder",
     "Shard",
+    "Staging",
     "TorchComm",
     "Transfer",
     "Work",

@@ -118,8 +118,10 @@ class Resharder:
         *,
         stream: Any = None,
         path: Path | None = None,
+        staging: Staging | None = None,
     ) -> XferStats:
-        """Move this step's tensors. `path` overrides the resharder's path for this run."""
+        """Move this step's tensors. `path` overrides the resharder's path for this run;
+        `staging` replaces the resharder's own staging buffers (to share them)."""
         path = path or self.path
         _check_path(path)
         t0 = time.perf_counter()
@@ -145,7 +147,9 @@ class Resharder:
                 raise XferError([f"path='m2n' does not apply to {b}" for b in bad[:20]])
             use_m2n = [i for i, r in enumerate(reasons) if r is None]
         if not use_m2n:
-            return run_p2p(self.program, srcs, dsts, self.comm, stream=stream, staging=self.staging)
+            return run_p2p(
+                self.program, srcs, dsts, self.comm, stream=stream, staging=staging or self.staging
+            )
         m2n.run_m2n(
             [items[i] for i in use_m2n],
             [srcs[i] for i in use_m2n],
@@ -163,7 +167,7 @@ class Resharder:
                 [dsts[i] for i in rest],
                 self.comm,
                 stream=stream,
-                staging=self.staging,
+                staging=staging or self.staging,
             )
         return replace(stats, path="m2n+p2p" if rest else "m2n", seconds=time.perf_counter() - t0)
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -552,10 +551,3 @@ def _fingerprint(
         h.update(describe_item(it).encode())
         h.update(b"\n")
     return h.hexdigest()[:32]
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-_ = math  # math is used by type checkers through Layout; keep the import explicit

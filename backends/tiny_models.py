@@ -1,0 +1,111 @@
+"""Tiny real models built locally from transformers configs (no hub), for tests and demos.
+
+`build(kind, path)` writes a float32 checkpoint and config for one of ``KINDS`` and returns
+the config dict. Sizes are small but keep every structural feature: GQA (Qwen3 has one KV head, so engine
+TP 2 replicates it), q/k norms, MoE with
+a dense first layer, MLA with q-LoRA and shared experts (DeepSeek-V3 on CPU needs the 576-wide
+latent, hence ``kv_lora_rank=512, qk_rope_head_dim=64``). `step_weights` derives the weights
+of training step ``n`` deterministically, so a trainer and a reference model agree on them.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backends.hf_checkpoint import load_grouped, save_grouped
+
+__all__ = ["KINDS", "build", "step_weights"]
+
+KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "dsv3")
+
+_COMMON = dict(vocab_size=256, hidden_size=128, max_position_embeddings=256, num_hidden_layers=2)
+
+
+def _config(kind: str) -> Any:
+    from transformers import DeepseekV3Config, Qwen3Config, Qwen3MoeConfig
+
+    if kind in ("qwen3", "qwen3_tied"):
+        return Qwen3Config(
+            **_COMMON,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            tie_word_embeddings=kind == "qwen3_tied",
+        )
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **_COMMON,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            mlp_only_layers=[0],
+            norm_topk_prob=True,
+        )
+    if kind == "dsv3":
+        return DeepseekV3Config(
+            **_COMMON,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=512,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=64,
+            v_head_dim=32,
+            n_group=1,
+            topk_group=1,
+            rope_scaling=None,
+        )
+    raise ValueError(f"unknown tiny model {kind!r}; choose from {KINDS}")
+
+
+def build(kind: str, path: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """Write a random float32 checkpoint of `kind` to `path` (once); return its config."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if cfg_file.exists():
+        return json.loads(cfg_file.read_text())
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(kind), dtype=torch.float32)
+    model.save_pretrained(path)
+    config = json.loads(cfg_file.read_text())
+    if kind == "dsv3":
+        # what vLLM's DeepSeek-V3 expects and the CPU MLA backend supports
+        config.update(topk_method="noaux_tc", scoring_func="sigmoid")
+        with torch.no_grad():  # a non-zero routing bias, so it matters
+            tensors = load_grouped(path)
+            for name, t in tensors.items():
+                if name.endswith("e_score_correction_bias"):
+                    t.copy_(torch.linspace(-0.1, 0.1, t.numel()))
+            save_grouped(tensors, config, path)
+    cfg_file.write_text(json.dumps(config, indent=1))
+    return config
+
+
+def step_weights(
+    base: dict[str, torch.Tensor], step: int, *, scale: float = 0.02
+) -> dict[str, torch.Tensor]:
+    """The full weights after training step `step`: base + a deterministic per-name delta."""
+    out = {}
+    for name, t in base.items():
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 1000 + step)
+        delta = torch.randn(t.shape, generator=g, dtype=torch.float32) * scale
+        out[name] = (t.float() + delta * (1 + t.float().abs().mean())).to(t.dtype)
+    return out

@@ -1,0 +1,321 @@
+"""The trainer side for plain PyTorch / DTensor models (FSDP2, torchtitan users).
+
+`TorchTrainerRank` is one trainer rank: it holds HF-named parameters, each a torch `DTensor`
+or a `DTensorRef` (local shard + `Layout` over the trainer's ranks). It describes them, joins
+the refit groups and sends its shards at every refit. `TorchTrainerGroup` drives a group of
+them as Ray actors (one per rank) and is the `TrainerSide` a `Refitter` takes.
+
+A parameter's pipeline stage is the stage whose ranks hold it (`stage_ranks`; one stage of
+all ranks by default). The ranks' own training (optimizer steps ...) runs through
+`TorchTrainerGroup.call`, which calls a function on every rank with the rank object.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from refit.errors import RefitError
+from refit.hf import Role, hf_params
+from refit.rank import RankSetup, RefitRank
+from refit.spec import SourceParam, TrainerSpec
+from xfer import DTensorRef, Layout, Mesh, Replicate, Shard
+from xfer.layout import Placement
+
+_ROW_SPLIT = {Role.EMBED, Role.LM_HEAD, Role.Q, Role.K, Role.V, Role.GATE, Role.UP}
+_ROW_SPLIT |= {Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.MLA_Q_B, Role.MLA_Q, Role.MLA_KV_B}
+
+
+def pipeline_stage(layer: int | None, name: str, num_layers: int, pp: int) -> int:
+    """Stage of a parameter when `num_layers` layers are split evenly over `pp` stages: the
+    embedding on the first stage, the final norm and the head on the last."""
+    if layer is not None:
+        return layer * pp // num_layers
+    return 0 if "embed_tokens" in name else pp - 1
+
+
+def parallel_layouts(
+    config: Mapping[str, Any],
+    meshes: Mesh | Sequence[Mesh],
+    *,
+    tp: str = "tp",
+    ep: str | None = None,
+) -> dict[str, Layout]:
+    """Tensor-parallel (and expert-parallel) layouts of every HF parameter, the way Megatron
+    and torchtitan split them: column-parallel weights and the vocab on dim 0, row-parallel
+    weights on dim 1, experts on dim 0 over the `ep` axis and on their intermediate dim over
+    `tp`, everything else replicated (other axes replicate). With several meshes (one per
+    pipeline stage) each parameter lives on its stage's mesh (`pipeline_stage`)."""
+    stages = [meshes] if isinstance(meshes, Mesh) else list(meshes)
+    out = {}
+    for p in hf_params(config):
+        mesh = stages[pipeline_stage(p.layer, p.name, config["num_hidden_layers"], len(stages))]
+        place: list[Placement] = [Replicate()] * mesh.ndim
+        t = mesh.axis_index(tp)
+        if p.role in _ROW_SPLIT:
+            place[t] = Shard(0)
+        elif p.role in (Role.OUT, Role.DOWN) or p.role in (Role.EXPERT_GATE, Role.EXPERT_UP):
+            place[t] = Shard(1)
+        elif p.role == Role.EXPERT_DOWN:
+            place[t] = Shard(2)
+        if ep is not None and p.role in (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN):
+            place[mesh.axis_index(ep)] = Shard(0)
+        out[p.name] = Layout(mesh, place, p.shape)
+    return out
+
+
+__all__ = [
+    "RayPending",
+    "TorchTrainerGroup",
+    "TorchTrainerRank",
+    "checkpoint_shards",
+    "metadata_spec",
+    "parallel_layouts",
+    "pipeline_stage",
+    "stage_meshes",
+]
+
+
+def _as_ref(value: Any) -> DTensorRef:
+    if isinstance(value, DTensorRef):
+        return value
+    if type(value).__name__ == "DTensor":
+        return DTensorRef.from_dtensor(value)
+    raise RefitError(f"expected a DTensor or DTensorRef, got {type(value).__name__}")
+
+
+def metadata_spec(
+    config: Mapping[str, Any],
+    *,
+    pp: int = 1,
+    dp: int = 1,
+    tp: int = 1,
+    ep: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+) -> TrainerSpec:
+    """The `TrainerSpec` a torch trainer on `pp` stages of ``(dp, tp)`` meshes would describe
+    (with `ep`, experts split over dp: DeepSeek's PP x EP is ``pp, dp=ep, tp=1``), from
+    metadata only."""
+    from refit.hf import hf_dtype
+
+    meshes = stage_meshes(pp, dp, tp)
+    layouts = parallel_layouts(config, meshes, ep="dp" if ep else None)
+    params = []
+    for p in hf_params(config):
+        lay = layouts[p.name]
+        stage = next(s for s, m in enumerate(meshes) if m == lay.mesh)
+        params.append(SourceParam(p.name, p.shape, hf_dtype(p, config, dtype), stage, lay))
+    return TrainerSpec(
+        world=pp * dp * tp, stage_ranks=tuple(m.flat for m in meshes), params=tuple(params)
+    )
+
+
+def stage_meshes(pp: int, dp: int, tp: int) -> list[Mesh]:
+    """Ranks ``0..pp*dp*tp-1`` as `pp` stages of ``(dp, tp)`` meshes, stage-major."""
+    ranks = torch.arange(pp * dp * tp).reshape(pp, dp, tp)
+    return [Mesh(ranks[s].tolist(), ("dp", "tp")) for s in range(pp)]
+
+
+def checkpoint_shards(
+    rank: int,
+    world: int,
+    path: str,
+    dp: int,
+    tp: int,
+    ep: bool = False,
+    pp: int = 1,
+    dtensor_port: int | None = None,
+) -> dict[str, Any]:
+    """A `TorchTrainerRank` build function: this rank's shards of the checkpoint at `path`,
+    on `pp` stages of ``(dp, tp)`` meshes (`parallel_layouts`; with `ep`, experts are split
+    over the dp axis). With `dtensor_port`, the ranks form a gloo default group on that
+    loopback port and the shards are torch `DTensor`s (what FSDP2/torchtitan ranks hold)."""
+    import json
+    from pathlib import Path
+
+    from backends.hf_checkpoint import load_grouped
+
+    if pp * dp * tp != world:
+        raise RefitError(f"pp({pp}) * dp({dp}) * tp({tp}) != world({world})")
+    config = json.loads((Path(path) / "config.json").read_text())
+    layouts = parallel_layouts(config, stage_meshes(pp, dp, tp), ep="dp" if ep else None)
+    full = load_grouped(path)
+    shards = {
+        name: DTensorRef(full[name][lay.box(rank)].clone(), lay)
+        for name, lay in layouts.items()
+        if lay.holds(rank)
+    }
+    if dtensor_port is None:
+        return shards
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{dtensor_port}", rank=rank, world_size=world
+    )
+    meshes: dict[Mesh, DeviceMesh] = {}
+    out: dict[str, Any] = {}
+    for name, ref in shards.items():
+        m = ref.layout.mesh
+        if m not in meshes:
+            meshes[m] = DeviceMesh("cpu", torch.tensor(m.ranks), mesh_dim_names=m.axes)
+        assert ref.local is not None
+        out[name] = DTensor.from_local(
+            ref.local,
+            meshes[m],
+            ref.layout.placements,
+            run_check=False,
+            shape=ref.layout.shape,
+            stride=torch.empty(ref.layout.shape, device="meta").stride(),
+        )
+    return out
+
+
+class TorchTrainerRank:
+    """One trainer rank. `build(rank, world)` returns its HF-named parameters."""
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        build: Callable[..., Mapping[str, Any]],
+        *build_args: Any,
+        stage_ranks: Sequence[Sequence[int]] | None = None,
+        threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.rank = rank
+        self.world = world
+        self.stage_ranks = tuple(tuple(s) for s in (stage_ranks or [range(world)]))
+        self.params: dict[str, DTensorRef] = {
+            k: _as_ref(v) for k, v in build(rank, world, *build_args).items()
+        }
+        self._refit: RefitRank | None = None
+
+    def _stage_of(self, ref: DTensorRef) -> int:
+        ranks = set(ref.layout.mesh.flat)
+        for s, members in enumerate(self.stage_ranks):
+            if ranks <= set(members):
+                return s
+        raise RefitError(
+            f"rank {self.rank}: mesh {ref.layout.mesh!r} is not inside one pipeline stage "
+            f"{self.stage_ranks}"
+        )
+
+    def describe(self) -> bytes:
+        out = []
+        for name, ref in self.params.items():
+            local = ref.local
+            dtype = local.dtype if local is not None else torch.float32
+            out.append(SourceParam(name, ref.layout.shape, dtype, self._stage_of(ref), ref.layout))
+        return pickle.dumps((self.stage_ranks, out))
+
+    def local(self, name: str) -> torch.Tensor:
+        ref = self.params[name]
+        assert ref.local is not None, f"rank {self.rank} holds no shard of {name}"
+        return ref.local
+
+    def refit_connect(self, setup: bytes) -> None:
+        s: RankSetup = pickle.loads(setup)
+        from dataclasses import replace
+
+        self._refit = RefitRank(replace(s, rank=self.rank))
+
+    def refit_step(self, version: int, path: Any = None) -> bytes:
+        if self._refit is None:
+            raise RefitError(f"trainer rank {self.rank}: refit_step before refit_connect")
+        return pickle.dumps(self._refit.trainer_step(self.local, path))
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self, *args)
+
+
+class RayPending:
+    """Ray object refs of one call on every rank."""
+
+    def __init__(self, refs: list[Any], *, what: str, decode: bool = False) -> None:
+        self.refs = refs
+        self.what = what
+        self.decode = decode
+
+    def wait(self, timeout: float | None = None) -> list[Any]:
+        import ray
+
+        try:
+            out = ray.get(self.refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise RefitError(f"{self.what} did not finish within {timeout} s") from None
+        return [pickle.loads(x) for x in out] if self.decode else list(out)
+
+
+class TorchTrainerGroup:
+    """A `TrainerSide` over Ray actors running `TorchTrainerRank`, one per rank."""
+
+    def __init__(self, actors: Sequence[Any]) -> None:
+        self.actors = list(actors)
+
+    @classmethod
+    def launch(
+        cls,
+        world: int,
+        build: Callable[..., Mapping[str, Any]],
+        *build_args: Any,
+        stage_ranks: Sequence[Sequence[int]] | None = None,
+        num_cpus: float = 0.5,
+        threads: int = 1,
+    ) -> TorchTrainerGroup:
+        """Start `world` Ray actors; rank r builds its parameters with ``build(r, world, ...)``."""
+        import ray
+
+        actor = ray.remote(num_cpus=num_cpus)(TorchTrainerRank)
+        return cls(
+            [
+                actor.remote(r, world, build, *build_args, stage_ranks=stage_ranks, threads=threads)
+                for r in range(world)
+            ]
+        )
+
+    def describe(self) -> TrainerSpec:
+        import ray
+
+        parts = [pickle.loads(b) for b in ray.get([a.describe.remote() for a in self.actors])]
+        stage_ranks = parts[0][0]
+        merged: dict[str, SourceParam] = {}
+        problems = []
+        for rank, (stages, params) in enumerate(parts):
+            if stages != stage_ranks:
+                problems.append(f"trainer rank {rank} has stages {stages}, rank 0 {stage_ranks}")
+            for p in params:
+                seen = merged.setdefault(p.name, p)
+                if seen != p:
+                    problems.append(
+                        f"trainer ranks disagree on {p.name!r}: {seen.layout!r} {seen.dtype} vs "
+                        f"rank {rank}: {p.layout!r} {p.dtype}"
+                    )
+        if problems:
+            raise RefitError(problems)
+        return TrainerSpec(
+            world=len(self.actors), stage_ranks=stage_ranks, params=tuple(merged.values())
+        )
+
+    def connect(self, setup: bytes) -> RayPending:
+        return RayPending(
+            [a.refit_connect.remote(setup) for a in self.actors], what="trainer connect"
+        )
+
+    def step(self, version: int, path: str | None = None) -> RayPending:
+        return RayPending(
+            [a.refit_step.remote(version, path) for a in self.actors],
+            what=f"trainer refit {version}",
+            decode=True,
+        )
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(rank_object, *args)`` on every rank (e.g. a training step); waits for all."""
+        import ray
+
+        return list(ray.get([a.call.remote(fn, *args) for a in self.actors]))

@@ -1,0 +1,276 @@
+"""The HuggingFace parameter inventory of a model, from its config alone (no weights).
+
+`hf_params(config)` lists every parameter a HuggingFace checkpoint of the architecture holds:
+name, global shape, and a `Role` that says what the tensor does (a query projection, an
+expert's up projection, an MLA down-projection ...). Both sides' sharding rules are written
+against roles, never by matching substrings of names. Per-expert parameters are listed
+grouped: one ``[E, ...]`` tensor per projection and layer, named with the expert index
+replaced by nothing (``model.layers.3.mlp.experts.gate_proj.weight``); `expert_name` and
+`split_expert_name` convert between the grouped name and the per-expert HF names.
+
+Architectures: Llama / Qwen2 / Qwen3 dense, Qwen3-MoE, DeepSeek-V3 (MLA, shared experts,
+dense first layers). Anything else raises `UnsupportedModel` naming the architecture.
+
+Blockwise FP8 checkpoints (``quantization_config`` with ``quant_method: fp8`` and a
+``weight_block_size``, as DeepSeek-V3 ships) store every decoder linear weight as
+``float8_e4m3fn`` with a float32 ``<name>_scale_inv`` of one value per block; `hf_dtype`
+gives each parameter's checkpoint dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+__all__ = [
+    "HFParam",
+    "Role",
+    "UnsupportedModel",
+    "architecture",
+    "expert_name",
+    "fp8_block",
+    "hf_dtype",
+    "hf_params",
+    "split_expert_name",
+]
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+class Role(StrEnum):
+    EMBED = "embed"
+    LM_HEAD = "lm_head"
+    NORM = "norm"  # any RMSNorm / LayerNorm weight
+    Q = "q"
+    K = "k"
+    V = "v"
+    Q_BIAS = "q_bias"
+    K_BIAS = "k_bias"
+    V_BIAS = "v_bias"
+    OUT = "o"  # attention output projection
+    GATE = "gate"  # dense or shared-expert MLP
+    UP = "up"
+    DOWN = "down"
+    ROUTER = "router"
+    ROUTER_BIAS = "router_bias"
+    EXPERT_GATE = "expert_gate"  # grouped [E, I, H]
+    EXPERT_UP = "expert_up"
+    EXPERT_DOWN = "expert_down"  # grouped [E, H, I]
+    MLA_Q_A = "mla_q_a"  # [q_lora_rank, H]
+    MLA_Q_B = "mla_q_b"  # [heads * qk_head_dim, q_lora_rank]
+    MLA_Q = "mla_q"  # [heads * qk_head_dim, H] when q_lora_rank is None
+    MLA_KV_A = "mla_kv_a"  # [kv_lora_rank + rope_dim, H]
+    MLA_KV_B = "mla_kv_b"  # [heads * (nope + v), kv_lora_rank]
+    SCALE_INV = "scale_inv"  # blockwise FP8 inverse scales of the weight named without suffix
+
+
+@dataclass(frozen=True)
+class HFParam:
+    name: str
+    shape: tuple[int, ...]
+    role: Role
+    layer: int | None = None  # decoder layer, None for embeddings / final norm / head
+    shared: bool = False  # a shared expert's dense MLP (DeepSeek)
+
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+_proj\.weight(?:_scale_inv)?)$")
+
+
+def expert_name(group: str, expert: int) -> str:
+    """Per-expert HF name of expert `expert` in grouped parameter `group`."""
+    head, _, tail = group.rpartition(".experts.")
+    return f"{head}.experts.{expert}.{tail}"
+
+
+def split_expert_name(name: str) -> tuple[str, int] | None:
+    """(grouped name, expert index) for a per-expert HF name, else None."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return None
+    return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+
+
+_QUANTIZED = {
+    Role.Q, Role.K, Role.V, Role.OUT, Role.GATE, Role.UP, Role.DOWN,
+    Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN,
+    Role.MLA_Q_A, Role.MLA_Q_B, Role.MLA_Q, Role.MLA_KV_A, Role.MLA_KV_B,
+}  # fmt: skip
+
+
+def fp8_block(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The FP8 weight block size of a blockwise-FP8 checkpoint, else None."""
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") == "fp8" and q.get("weight_block_size"):
+        b0, b1 = q["weight_block_size"]
+        return int(b0), int(b1)
+    return None
+
+
+def hf_dtype(p: HFParam, config: Mapping[str, Any], default: torch.dtype) -> torch.dtype:
+    """Checkpoint dtype of `p` in a checkpoint whose unquantized tensors are `default`."""
+    if p.role in (Role.SCALE_INV, Role.ROUTER_BIAS):
+        return torch.float32
+    if p.role in _QUANTIZED and fp8_block(config) is not None:
+        return torch.float8_e4m3fn
+    return default
+
+
+def _with_scales(ps: list[HFParam], block: tuple[int, int] | None) -> list[HFParam]:
+    if block is None:
+        return ps
+    out = []
+    for p in ps:
+        out.append(p)
+        if p.role in _QUANTIZED:
+            *lead, rows, cols = p.shape
+            shape = (*lead, -(-rows // block[0]), -(-cols // block[1]))
+            out.append(HFParam(p.name + "_scale_inv", shape, Role.SCALE_INV, p.layer, p.shared))
+    return out
+
+
+def architecture(config: Mapping[str, Any]) -> str:
+    archs = config.get("architectures") or []
+    if not archs:
+        raise UnsupportedModel("config has no 'architectures' entry")
+    return str(archs[0])
+
+
+def _attention_llama(c: Mapping[str, Any], p: str, qk_norm: bool, bias: bool) -> list[HFParam]:
+    h, nh = c["hidden_size"], c["num_attention_heads"]
+    nkv = c.get("num_key_value_heads") or nh
+    d = c.get("head_dim") or h // nh
+    out = [
+        HFParam(f"{p}.self_attn.q_proj.weight", (nh * d, h), Role.Q),
+        HFParam(f"{p}.self_attn.k_proj.weight", (nkv * d, h), Role.K),
+        HFParam(f"{p}.self_attn.v_proj.weight", (nkv * d, h), Role.V),
+        HFParam(f"{p}.self_attn.o_proj.weight", (h, nh * d), Role.OUT),
+    ]
+    if bias:
+        out += [
+            HFParam(f"{p}.self_attn.q_proj.bias", (nh * d,), Role.Q_BIAS),
+            HFParam(f"{p}.self_attn.k_proj.bias", (nkv * d,), Role.K_BIAS),
+            HFParam(f"{p}.self_attn.v_proj.bias", (nkv * d,), Role.V_BIAS),
+        ]
+    if qk_norm:
+        out += [
+            HFParam(f"{p}.self_attn.q_norm.weight", (d,), Role.NORM),
+            HFParam(f"{p}.self_attn.k_norm.weight", (d,), Role.NORM),
+        ]
+    return out
+
+
+def _attention_mla(c: Mapping[str, Any], p: str) -> list[HFParam]:
+    h, nh = c["hidden_size"], c["num_attention_heads"]
+    nope, rope, vd = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    qlr, kvlr = c.get("q_lora_rank"), c["kv_lora_rank"]
+    out = []
+    if qlr:
+        out += [
+            HFParam(f"{p}.self_attn.q_a_proj.weight", (qlr, h), Role.MLA_Q_A),
+            HFParam(f"{p}.self_attn.q_a_layernorm.weight", (qlr,), Role.NORM),
+            HFParam(f"{p}.self_attn.q_b_proj.weight", (nh * (nope + rope), qlr), Role.MLA_Q_B),
+        ]
+    else:
+        out.append(HFParam(f"{p}.self_attn.q_proj.weight", (nh * (nope + rope), h), Role.MLA_Q))
+    out += [
+        HFParam(f"{p}.self_attn.kv_a_proj_with_mqa.weight", (kvlr + rope, h), Role.MLA_KV_A),
+        HFParam(f"{p}.self_attn.kv_a_layernorm.weight", (kvlr,), Role.NORM),
+        HFParam(f"{p}.self_attn.kv_b_proj.weight", (nh * (nope + vd), kvlr), Role.MLA_KV_B),
+        HFParam(f"{p}.self_attn.o_proj.weight", (h, nh * vd), Role.OUT),
+    ]
+    return out
+
+
+def _dense_mlp(p: str, h: int, inter: int, shared: bool = False) -> list[HFParam]:
+    return [
+        HFParam(f"{p}.gate_proj.weight", (inter, h), Role.GATE, shared=shared),
+        HFParam(f"{p}.up_proj.weight", (inter, h), Role.UP, shared=shared),
+        HFParam(f"{p}.down_proj.weight", (h, inter), Role.DOWN, shared=shared),
+    ]
+
+
+def _experts(p: str, h: int, inter: int, e: int) -> list[HFParam]:
+    return [
+        HFParam(f"{p}.experts.gate_proj.weight", (e, inter, h), Role.EXPERT_GATE),
+        HFParam(f"{p}.experts.up_proj.weight", (e, inter, h), Role.EXPERT_UP),
+        HFParam(f"{p}.experts.down_proj.weight", (e, h, inter), Role.EXPERT_DOWN),
+    ]
+
+
+def hf_params(config: Mapping[str, Any]) -> list[HFParam]:
+    """Every parameter of the architecture's HF checkpoint, experts grouped, in layer order.
+
+    Multi-token-prediction layers (DeepSeek ``num_nextn_predict_layers``) are not part of the
+    main model and are not listed.
+    """
+    arch = architecture(config)
+    c = config
+    h, nl, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    out = [HFParam("model.embed_tokens.weight", (vocab, h), Role.EMBED)]
+    for layer in range(nl):
+        p = f"model.layers.{layer}"
+        ps = [
+            HFParam(f"{p}.input_layernorm.weight", (h,), Role.NORM),
+            HFParam(f"{p}.post_attention_layernorm.weight", (h,), Role.NORM),
+        ]
+        if arch in (
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+        ):
+            bias = arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias"))
+            ps += _attention_llama(c, p, qk_norm=arch == "Qwen3ForCausalLM", bias=bias)
+            ps += _dense_mlp(f"{p}.mlp", h, c["intermediate_size"])
+        elif arch == "Qwen3MoeForCausalLM":
+            ps += _attention_llama(c, p, qk_norm=True, bias=bool(c.get("attention_bias")))
+            step = c.get("decoder_sparse_step", 1) or 1
+            e = c.get("num_experts") or c.get("num_local_experts") or 0
+            sparse = (
+                layer not in (c.get("mlp_only_layers") or []) and e > 0 and (layer + 1) % step == 0
+            )
+            if sparse:
+                ps.append(HFParam(f"{p}.mlp.gate.weight", (e, h), Role.ROUTER))
+                ps += _experts(f"{p}.mlp", h, c["moe_intermediate_size"], e)
+            else:
+                ps += _dense_mlp(f"{p}.mlp", h, c["intermediate_size"])
+        elif arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"):
+            ps += _attention_mla(c, p)
+            e = c.get("n_routed_experts")
+            sparse = (
+                e is not None
+                and layer >= c.get("first_k_dense_replace", 0)
+                and layer % (c.get("moe_layer_freq", 1) or 1) == 0
+            )
+            if sparse:
+                assert e is not None
+                ps.append(HFParam(f"{p}.mlp.gate.weight", (e, h), Role.ROUTER))
+                if c.get("topk_method") == "noaux_tc":
+                    ps.append(
+                        HFParam(f"{p}.mlp.gate.e_score_correction_bias", (e,), Role.ROUTER_BIAS)
+                    )
+                inter = c["moe_intermediate_size"]
+                ps += _experts(f"{p}.mlp", h, inter, e)
+                ns = c.get("n_shared_experts") or 0
+                if ns:
+                    ps += _dense_mlp(f"{p}.mlp.shared_experts", h, inter * ns, shared=True)
+            else:
+                ps += _dense_mlp(f"{p}.mlp", h, c["intermediate_size"])
+        else:
+            raise UnsupportedModel(
+                f"architecture {arch!r} is not supported (supported: Llama, Mistral, Qwen2, "
+                "Qwen3, Qwen3-MoE, DeepSeek-V2/V3)"
+            )
+        ps = _with_scales(ps, fp8_block(c))
+        out += [HFParam(x.name, x.shape, x.role, layer, x.shared) for x in ps]
+    out.append(HFParam("model.norm.weight", (h,), Role.NORM))
+    if not c.get("tie_word_embeddings", False):
+        out.append(HFParam("lm_head.weight", (vocab, h), Role.LM_HEAD))
+    return out
