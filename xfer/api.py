@@ -98,7 +98,8 @@ class Resharder:
         self._program: RankProgram | None = None
         self._m2n_meta: list[str | None] | None = None
         self._rest: dict[tuple[int, ...], tuple[Plan, RankProgram]] = {}
-        self.staging = Staging()
+        self.staging = Staging()  # p2p staging (may be replaced per run to share it)
+        self._golden = Staging()  # the golden path's scratch, outside any staging budget
 
     @property
     def items(self) -> tuple[ReshardItem, ...]:
@@ -138,7 +139,7 @@ class Resharder:
             self.comm, problems, self.plan.fingerprint, local_why if any(local_why) else None
         )
         if path == "golden":
-            return run_golden(items, srcs, dsts, self.comm, stream=stream)
+            return run_golden(items, srcs, dsts, self.comm, stream=stream, staging=self._golden)
         use_m2n: list[int] = []
         if want_m2n:
             reasons = self._m2n_reasons(flags)
@@ -172,8 +173,9 @@ class Resharder:
         return replace(stats, path="m2n+p2p" if rest else "m2n", seconds=time.perf_counter() - t0)
 
     def release_staging(self) -> None:
-        """Free the staging buffers kept between runs (the next run allocates them again)."""
+        """Free the buffers kept between runs (the next run allocates them again)."""
         self.staging.release()
+        self._golden.release()
 
     def _m2n_reasons(self, flags: list[Any]) -> list[str | None]:
         if self._m2n_meta is None:

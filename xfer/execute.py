@@ -12,9 +12,9 @@ p2p
 
 golden
     For each item, each non-empty source cell is broadcast from its first holder (in mesh
-    order) to the whole group; every rank whose destination box meets the cell copies the
-    overlap. Every rank receives every byte, which is why it is the slow, obviously correct
-    oracle.
+    order) to the whole group, through one scratch buffer sized for the largest cell (kept between runs); every
+    rank whose destination box meets the cell copies the overlap. Every rank receives every
+    byte, which is why it is the slow, obviously correct oracle.
 
 Local tensors whose last dim is strided cannot be reinterpreted as bytes; they go through a
 contiguous temporary (sources are copied in first, destinations are copied back at the end).
@@ -206,12 +206,18 @@ def run_golden(
     comm: Comm,
     *,
     stream: Any = None,
+    staging: Staging | None = None,
 ) -> XferStats:
     t0 = time.perf_counter()
     rank = comm.rank
     loc = _Locals(srcs, dsts)
     device = _device_of(srcs, dsts, comm)
     received = sent = local = nbcast = 0
+    largest = max(
+        (int(it.src.geometry.cell_numel().max(initial=0)) * it.itemsize for it in items),
+        default=0,
+    )
+    scratch = (staging or Staging()).get("golden", 0, largest, device)
     for i, it in enumerate(items):
         g = it.src.geometry
         ranks = it.src.mesh.flat
@@ -226,7 +232,7 @@ def run_golden(
             if nelem == 0:
                 continue
             owner = ranks[int(g.members[u, 0])]
-            buf = torch.empty(nelem * it.itemsize, dtype=torch.uint8, device=device)
+            buf = scratch[: nelem * it.itemsize]
             if rank == owner:
                 src = loc.src_bytes[i]
                 assert src is not None

@@ -108,8 +108,8 @@ class RankPool:
                 pending.discard(r)
                 try:
                     status, value = conn.recv()
-                except EOFError:
-                    failures[r] = "process died"
+                except (EOFError, OSError) as e:
+                    failures[r] = f"the rank process died ({type(e).__name__})"
                     continue
                 if status == "ok":
                     results[r] = value
