@@ -149,13 +149,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from backends.hf_checkpoint import load_grouped, save_grouped
     from backends.ray_engine import engine_kwargs
-    from backends.tiny_models import build, step_weights
+    from backends.tiny_models import build, build_from_config, step_weights
     from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards, stage_meshes
     from refit.refitter import Refitter
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-scenario-"))
-    path = str(work / args.model)
-    config = build(args.model, path)
+    if args.config_json:
+        path = str(work / "custom")
+        config = build_from_config(json.loads(args.config_json), path)
+    else:
+        path = str(work / args.model)
+        config = build(args.model, path)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     world = args.trainer_pp * args.trainer_dp * args.trainer_tp
     port = _free_port() if args.dtensor else None
@@ -226,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for a, b in zip(ra, rb, strict=True)
         ]
         rec["captured_tensors"] = sum(len(c) for rc in cap_p2p for c in rc)
-        step_dir = str(work / f"{args.model}_step{step}")
+        step_dir = str(work / f"{Path(path).name}_step{step}")
         save_grouped(step_weights(base, step), config, step_dir)
         ref = hf_generate(step_dir, PROMPTS, args.tokens)
         rec["tokens_equal"] = [[g[0] == h[0] for g, h in zip(rep, ref, strict=True)] for rep in got]
@@ -261,7 +265,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="qwen3", help="tiny model: qwen3, qwen3_moe, dsv3")
+    ap.add_argument(
+        "--model", default="qwen3", help="tiny model: qwen3, qwen3_tied, qwen3_moe, dsv3"
+    )
+    ap.add_argument("--config-json", help="an HF config (JSON) to build instead of --model")
     ap.add_argument("--trainer-dp", type=int, default=1)
     ap.add_argument("--trainer-tp", type=int, default=2)
     ap.add_argument("--trainer-ep", action="store_true", help="split experts over trainer dp")

@@ -19,7 +19,17 @@ import torch
 
 from backends.hf_checkpoint import load_grouped, save_grouped
 
-__all__ = ["KINDS", "build", "step_weights"]
+__all__ = ["KINDS", "build", "build_from_config", "step_weights"]
+
+# transformers model types of the architectures refit knows
+_MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+}
 
 KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "dsv3")
 
@@ -97,6 +107,33 @@ def build(kind: str, path: str | Path, *, seed: int = 0) -> dict[str, Any]:
             save_grouped(tensors, config, path)
     cfg_file.write_text(json.dumps(config, indent=1))
     return config
+
+
+def build_from_config(config: dict[str, Any], path: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """Write a random float32 checkpoint for an HF config dict (e.g. a benchmark's scaled-down
+    architecture) to `path` (once); return the config as saved."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if cfg_file.exists():
+        return json.loads(cfg_file.read_text())
+    arch = config["architectures"][0]
+    if arch not in _MODEL_TYPES:
+        raise ValueError(f"no transformers model type known for {arch}")
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "quantization_config")}
+    hf = AutoConfig.for_model(_MODEL_TYPES[arch], **fields)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(hf, dtype=torch.float32).save_pretrained(path)
+    saved = json.loads(cfg_file.read_text())
+    for k in ("topk_method", "scoring_func", "n_group", "topk_group"):  # vLLM reads these
+        if k in config:
+            saved[k] = config[k]
+    if arch == "DeepseekV3ForCausalLM":
+        saved.setdefault("topk_method", "noaux_tc")
+        saved.setdefault("scoring_func", "sigmoid")
+    cfg_file.write_text(json.dumps(saved, indent=1))
+    return saved
 
 
 def step_weights(

@@ -1,0 +1,200 @@
+"""Measure this machine's "links" for the simulator: gloo over 127.0.0.1 between local ranks.
+
+On a few CPU cores, socket I/O and the packing copies compete for the same cores and memory
+bandwidth, so link and copy rates measured apart do not add up to what a reshard sees.
+Latencies are first measured on tiny operations: one message (a round), a group of tiny
+messages to every peer (per message), a tiny broadcast; each is the median of batches of 20.
+Then the model is fitted to two synthetic refits (`synthetic_plan`: the workload's stages,
+ranks and streams, but synthetic tensors, not the workload's) run through the same runtime by
+`benches.localrun`: one of many tiny tensors fits each path's latency scale, one of 4 MiB
+tensors fits the throughputs of p2p, of concurrent broadcasts (golden runs `streams` stages
+at once) and of broadcasts one at a time (the baseline), copies included. Together they make a
+`Cluster` with every rank on one node; the model then predicts the workload from it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benches.simulate import Cluster
+from refit.planner import RefitPlan, plan_refit
+from refit.spec import DestParam, EngineSpec, SourceParam, TrainerSpec
+from xfer import Layout, Mesh, Replicate, Shard, Transfer
+from xfer.comm import Comm
+
+__all__ = ["LARGE", "TINY", "calibrate_rank", "fit", "local_cluster", "synthetic_plan"]
+
+MB = 1 << 20
+BATCH = 20
+
+
+def _timed(comm: Comm, fn: Callable[[], Any], reps: int) -> float:
+    """Median over `reps` of the time between two barriers (the slowest rank's view)."""
+    times = []
+    for _ in range(reps):
+        comm.barrier()
+        t0 = time.perf_counter()
+        fn()
+        comm.barrier()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _batch(fn: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(BATCH):
+            fn()
+
+    return run
+
+
+def calibrate_rank(comm: Comm, nbytes: int = 64 * MB, reps: int = 5) -> dict[str, float]:
+    """Run on every rank (world >= 2); every rank returns its view, rank 0's is used."""
+    r, n = comm.rank, comm.size
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    half = n // 2
+    tiny = [torch.zeros(1, dtype=torch.uint8) for _ in range(n)]
+    peers = [p for p in range(n) if p != r]
+
+    def pair() -> None:
+        if r == 0:
+            comm.send_recv([Transfer(1, buf)], []).wait()
+        elif r == 1:
+            comm.send_recv([], [Transfer(0, buf)]).wait()
+
+    def pairs() -> None:
+        if r < half:
+            comm.send_recv([Transfer(r + half, buf)], []).wait()
+        elif r < 2 * half:
+            comm.send_recv([], [Transfer(r - half, buf)]).wait()
+
+    def all_to_all() -> None:
+        comm.send_recv(
+            [Transfer(p, tiny[r]) for p in peers], [Transfer(p, tiny[p]) for p in peers]
+        ).wait()
+
+    def one_message() -> None:
+        if r == 0:
+            comm.send_recv([Transfer(1, tiny[0])], []).wait()
+        elif r == 1:
+            comm.send_recv([], [Transfer(0, tiny[1])]).wait()
+
+    t_pair = _timed(comm, pair, reps)
+    t_pairs = _timed(comm, pairs, reps)
+    t_a2a = _timed(comm, _batch(all_to_all), reps) / BATCH
+    t_one = _timed(comm, _batch(one_message), reps) / BATCH
+    t_bcast = _timed(comm, _batch(lambda: comm.broadcast(tiny[0], 0).wait()), reps) / BATCH
+    return {
+        "pair_GBps": nbytes / t_pair / 1e9,
+        "aggregate_GBps": half * nbytes / t_pairs / 1e9,
+        "round_latency_us": t_one * 1e6,
+        "msg_latency_us": max(0.0, t_a2a - t_one) / max(1, 2 * (n - 1) - 1) * 1e6,
+        "collective_latency_us": t_bcast * 1e6,
+    }
+
+
+def synthetic_plan(
+    trainer: Any, engine_tp: int, replicas: int, *, tensors: int, shape: tuple[int, int]
+) -> RefitPlan:
+    """A refit plan with the workload's stages and ranks but synthetic tensors: per stage,
+    `tensors` bf16 `shape` row shards over the stage's tp (replicated over its dp) into column
+    shards over the engine's TP."""
+    src, dst = [], []
+    emesh = Mesh(list(range(engine_tp)), ("tp",))
+    for s in range(trainer.pp):
+        mesh = trainer.dense_mesh(s)
+        for i in range(tensors):
+            name = f"stage{s}.t{i}"
+            src.append(
+                SourceParam(
+                    name, shape, torch.bfloat16, s, Layout(mesh, [Replicate(), Shard(0)], shape)
+                )
+            )
+            dst.append(
+                DestParam(name, shape, torch.bfloat16, name, Layout(emesh, [Shard(1)], shape))
+            )
+    stage_ranks = tuple(tuple(int(r) for r in trainer.stage_ranks(s)) for s in range(trainer.pp))
+    return plan_refit(
+        TrainerSpec(trainer.world, stage_ranks, tuple(src)),
+        [EngineSpec(engine_tp, tuple(dst))] * replicas,
+    )
+
+
+# Two synthetic refits: many tiny tensors (latency-bound) and 4 MiB tensors (bandwidth-bound).
+TINY = {"tensors": 32, "shape": (16, 64)}
+LARGE = {"tensors": 16, "shape": (1024, 2048)}
+_PATHS = (("p2p", "p2p"), ("golden", "golden"), ("gather+bcast", "baseline"))
+
+
+def fit(
+    figures: dict[str, float],
+    world: int,
+    streams: int,
+    tiny: tuple[RefitPlan, Any, dict[str, Any]],
+    large: tuple[RefitPlan, Any, dict[str, Any]],
+) -> dict[str, float]:
+    """Fit the model to the two synthetic runs (each a (plan, stage plans, measurement)).
+
+    Latency: each path's latency terms scaled by one factor so that the model reproduces the
+    tiny run (p2p: the round and message latencies; golden: the broadcast latency; the
+    baseline: both, as it gathers and broadcasts). Bandwidth: then one throughput each for p2p
+    and broadcasts so that the model reproduces the large run. Each fit is a division, since
+    seconds = bytes / rate + latency.
+    """
+    import numpy as np
+
+    from benches.simulate import simulate
+
+    def model(fig: dict[str, float], run: tuple[RefitPlan, Any, dict[str, Any]]) -> Any:
+        plan, sps, _ = run
+        c = local_cluster(fig, world)
+        return simulate(plan, sps, c, streams=streams, nodes=np.zeros(plan.world, dtype=np.int64))
+
+    fast = {**figures, "p2p_GBps": 1e12, "broadcast_GBps": 1e12, "sequential_broadcast_GBps": 1e12}
+    lat = model(fast, tiny)
+    measured = tiny[2]["paths"]
+    k_p2p = measured["p2p"]["seconds"] / max(lat.p2p, 1e-9)
+    k_bcast = measured["golden"]["seconds"] / max(lat.golden, 1e-9)
+    fitted = {
+        **figures,
+        "round_latency_us": figures["round_latency_us"] * k_p2p,
+        "msg_latency_us": figures["msg_latency_us"] * k_p2p,
+        "collective_latency_us": figures["collective_latency_us"] * k_bcast,
+    }
+    fitted["p2p_GBps"] = 1.0
+    fitted["sequential_broadcast_GBps"] = fitted["broadcast_GBps"] = 1.0
+    no_bw = model(
+        {**fitted, "p2p_GBps": 1e12, "broadcast_GBps": 1e12, "sequential_broadcast_GBps": 1e12},
+        large,
+    )
+    at_one = model(fitted, large)
+    for key, path, attr in (
+        ("p2p_GBps", "p2p", "p2p"),
+        ("broadcast_GBps", "golden", "golden"),
+        ("sequential_broadcast_GBps", "gather+bcast", "baseline"),
+    ):
+        bytes_part = getattr(at_one, attr) - getattr(no_bw, attr)  # seconds at 1 GB/s
+        spent = large[2]["paths"][path]["seconds"] - getattr(no_bw, attr)
+        fitted[key] = bytes_part / max(spent, 1e-6)
+    return fitted
+
+
+def local_cluster(figures: dict[str, float], world: int) -> Cluster:
+    return Cluster(
+        name=f"this machine: {world} gloo ranks on 127.0.0.1 (calibrated)",
+        gpus_per_node=world,
+        nic_GBps=figures["pair_GBps"],
+        nvlink_GBps=figures["pair_GBps"],
+        fabric_GBps=figures.get("p2p_GBps"),
+        collective_GBps=figures.get("broadcast_GBps"),
+        sequential_collective_GBps=figures.get("sequential_broadcast_GBps"),
+        msg_latency_us=figures["msg_latency_us"],
+        round_latency_us=figures["round_latency_us"],
+        collective_latency_us=figures["collective_latency_us"],
+        copy_GBps=float("inf"),  # copies are inside the effective rates above
+    )
