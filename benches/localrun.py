@@ -100,8 +100,11 @@ def _gather_broadcast(
     comm = rs.comm
     items = st.items[: st.bulk]
     most = max((int(np.prod(it.src.shape)) * it.itemsize for it in items), default=0)
-    scratch = staging.get("full", 0, most, torch.device("cpu")) if bcast is not None else None
-    cells = staging.get("cells", 0, most, torch.device("cpu")) if g == 0 else None
+    device = engine.device if engine is not None else torch.device("cpu")
+    if local is not None and items and local(items[0].name) is not None:
+        device = local(items[0].name).device
+    scratch = staging.get("full", 0, most, device) if bcast is not None else None
+    cells = staging.get("cells", 0, most, device) if g == 0 else None
     for it in items:
         geo = it.src.geometry
         owners = [it.src.mesh.flat[int(geo.members[u, 0])] for u in range(geo.ncells)]
@@ -146,7 +149,11 @@ def _gather_broadcast(
 def rank_main(comm: Comm, setup_bytes: bytes, reps: int, seed: int) -> dict[str, Any]:
     setup: RankSetup = replace(pickle.loads(setup_bytes), rank=comm.rank)
     plan = setup.plan
-    rr = RefitRank(setup)
+    device = torch.device("cpu")
+    if setup.backend == "nccl":  # one GPU per local rank
+        device = torch.device("cuda", comm.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    rr = RefitRank(setup, device=device)
     rank = comm.rank
     is_engine = rank >= plan.trainer_world
     engine = BufferEngine(plan, rank, rr.device) if is_engine else None
@@ -160,7 +167,7 @@ def rank_main(comm: Comm, setup_bytes: bytes, reps: int, seed: int) -> dict[str,
                 if it.name not in fulls:
                     fulls[it.name] = full_tensor(it.name, it.src.shape, it.dtype, seed)
                 if not is_engine:
-                    shards[it.name] = fulls[it.name][it.src.box(g)].clone()
+                    shards[it.name] = fulls[it.name][it.src.box(g)].to(device)
     # one broadcast group per stage for the baseline: the stage's first trainer rank + engines
     store = tcp_store(setup.host, setup.port, is_master=False)
     bcasts: dict[int, Comm] = {}
@@ -168,7 +175,12 @@ def rank_main(comm: Comm, setup_bytes: bytes, reps: int, seed: int) -> dict[str,
         members = [st.ranks[0], *range(plan.trainer_world, plan.world)]
         if rank in members:
             bcasts[st.stage] = TorchComm.create(
-                store, members.index(rank), len(members), prefix=f"{setup.prefix}/bcast{st.stage}"
+                store,
+                members.index(rank),
+                len(members),
+                prefix=f"{setup.prefix}/bcast{st.stage}",
+                backend=setup.backend,
+                device=device if setup.backend == "nccl" else None,
             )
     baseline_staging = Staging()
     times: dict[str, list[float]] = {p: [] for p in PATHS}
@@ -197,7 +209,8 @@ def rank_main(comm: Comm, setup_bytes: bytes, reps: int, seed: int) -> dict[str,
             if engine is not None:
                 ok[path] = all(
                     torch.equal(
-                        as_bytes(b.contiguous()), as_bytes(fulls[n][engine.boxes[n]].contiguous())
+                        as_bytes(b.contiguous()).cpu(),
+                        as_bytes(fulls[n][engine.boxes[n]].contiguous()),
                     )
                     for n, b in engine.bufs.items()
                 )
@@ -220,8 +233,10 @@ def execute(
     reps: int,
     pool: RankPool,
     seed: int = 0,
+    backend: str = "gloo",
 ) -> dict[str, Any]:
-    """Run the three paths on `pool`'s ranks (one per refit rank) and summarize."""
+    """Run the three paths on `pool`'s ranks (one per refit rank) and summarize; with
+    ``backend="nccl"`` every rank takes a GPU of this machine."""
     store = tcp_store("127.0.0.1", 0, is_master=True)
     setup = RankSetup(
         host="127.0.0.1",
@@ -232,6 +247,7 @@ def execute(
         path="p2p",
         bucket_bytes=bucket_bytes,
         streams=streams,
+        backend=backend,
     )
     results = pool.run(rank_main, plan.world, pickle.dumps(setup), reps, seed, timeout=1800)
     out: dict[str, Any] = {"paths": {}}

@@ -86,7 +86,18 @@ def plan_figures(plan: RefitPlan, stage_plans: list[Plan]) -> dict[str, Any]:
     }
 
 
-def run_local(cfg: BenchConfig, reps: int, engines: bool, progress: Any) -> dict[str, Any]:
+def pick_backend(requested: str, world: int) -> str:
+    """`auto`: NCCL when this machine has a GPU for every local rank, else gloo."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
+
+
+def run_local(
+    cfg: BenchConfig, reps: int, engines: bool, progress: Any, backend: str = "gloo"
+) -> dict[str, Any]:
     side = cfg.local
     plan, stage_plans, build = build_plans(side)
     pool = RankPool(side.world)
@@ -101,14 +112,24 @@ def run_local(cfg: BenchConfig, reps: int, engines: bool, progress: Any) -> dict
                 for st in synth.stages
             ]
             measured_synth = localrun.execute(
-                synth, streams=side.streams, bucket_bytes=side.bucket_bytes, reps=reps, pool=pool
+                synth,
+                streams=side.streams,
+                bucket_bytes=side.bucket_bytes,
+                reps=reps,
+                pool=pool,
+                backend=backend,
             )
             runs.append((synth, synth_plans, measured_synth))
         figures = calibrate.fit(figures, side.world, side.streams, runs[0], runs[1])
         progress.update(1)
         progress.set_description("executing the scaled-down copy")
         measured = localrun.execute(
-            plan, streams=side.streams, bucket_bytes=side.bucket_bytes, reps=reps, pool=pool
+            plan,
+            streams=side.streams,
+            bucket_bytes=side.bucket_bytes,
+            reps=reps,
+            pool=pool,
+            backend=backend,
         )
         progress.update(1)
     finally:
@@ -117,6 +138,7 @@ def run_local(cfg: BenchConfig, reps: int, engines: bool, progress: Any) -> dict
     nodes = np.zeros(plan.world, dtype=np.int64)
     predicted = simulate(plan, stage_plans, cluster, streams=side.streams, nodes=nodes)
     out = {
+        "backend": backend,
         "layout": f"trainer {side.trainer} -> engine TP{side.engine_tp} x {side.replicas}",
         "plan": plan.summary(),
         "bytes_per_replica": plan.bulk_bytes + plan.misc_bytes,
@@ -190,9 +212,12 @@ def print_report(cfg: BenchConfig, full: dict[str, Any], local: dict[str, Any] |
         return
     m, pr = local["measured"], local["predicted"]
     cal = local["calibration"]
-    print(f"\n== scaled-down copy on this machine ({platform.node()}): {local['plan']}")
     print(
-        f"   calibrated gloo: pair {cal['pair_GBps']:.2f} GB/s, aggregate "
+        f"\n== scaled-down copy on this machine ({platform.node()}, {local['backend']}): "
+        f"{local['plan']}"
+    )
+    print(
+        f"   calibrated links: pair {cal['pair_GBps']:.2f} GB/s, aggregate "
         f"{cal['aggregate_GBps']:.2f} GB/s; reshard {cal['p2p_GBps']:.2f} GB/s p2p, "
         f"{cal['broadcast_GBps']:.2f} GB/s broadcast (copies included); "
         f"{cal['round_latency_us']:.0f} us/round, {cal['msg_latency_us']:.0f} us/message, "
@@ -273,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-local", action="store_true", help="plan and simulate only")
     ap.add_argument("--engines", action="store_true", help="also run real trainer + vLLM engines")
     ap.add_argument("--out", default="out", help="directory for the JSON and the plot")
+    ap.add_argument(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        default="auto",
+        help="local execution: nccl with a GPU per rank, gloo on CPU (auto: nccl if possible)",
+    )
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
@@ -304,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             "streams_sweep": sweep,
             **build,
         }
-        local = None if args.skip_local else run_local(cfg, args.reps, args.engines, bar)
+        backend = pick_backend(args.backend, cfg.local.world)
+        local = None if args.skip_local else run_local(cfg, args.reps, args.engines, bar, backend)
     print_report(cfg, full, local)
     report = {"full": full, "local": local, "machine": platform.node()}
     (out_dir / f"{cfg.name}.json").write_text(json.dumps(report, indent=1, default=str))
