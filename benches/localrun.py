@@ -202,7 +202,7 @@ def rank_main(comm: Comm, setup_bytes: bytes, reps: int, seed: int) -> dict[str,
                 assert engine is not None
                 phases[path] = rr.engine_step(engine, rep, path).phases  # type: ignore[arg-type]
             else:
-                phases[path] = rr.trainer_step(shards.__getitem__, path).phases  # type: ignore[arg-type]
+                phases[path] = rr.trainer_step(shards.__getitem__, path, rep).phases  # type: ignore[arg-type]
             comm.barrier()
             if rep:
                 times[path].append(time.perf_counter() - t0)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -30,17 +31,35 @@ class Threaded:
         return list(out) if isinstance(out, list | tuple) else [out]
 
 
-def wait_all(pendings: Sequence[Pending], timeout: float | None = None) -> list[list[Any]]:
-    """Wait for every pending; if any fails, wait for the rest and raise one error naming
-    every failure."""
-    results: list[list[Any]] = []
-    failures: list[str] = []
-    for p in pendings:
-        try:
-            results.append(p.wait(timeout))
-        except Exception as e:  # collect every side's failure
-            results.append([])
-            failures.append(f"{getattr(p, 'what', type(p).__name__)}: {type(e).__name__}: {e}")
-    if failures:
-        raise RefitError(failures)
-    return results
+def wait_all(
+    pendings: Sequence[Pending],
+    timeout: float | None = None,
+    *,
+    on_failure: Callable[[str], None] | None = None,
+    grace: float = 10.0,
+) -> list[list[Any]]:
+    """Wait for every pending at once. On the first failure (or when `timeout` passes),
+    call ``on_failure(description)`` (so the ranks can stop), give the others `grace`
+    seconds to return, and raise one error naming every failure."""
+    futures = [_POOL.submit(p.wait, timeout) for p in pendings]
+    names = [getattr(p, "what", type(p).__name__) for p in pendings]
+    done, _ = concurrent.futures.wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+    failed = [f for f in done if f.exception() is not None]
+    if not failed and len(done) == len(futures):
+        return [f.result() for f in futures]
+    if failed:
+        exc = failed[0].exception()
+        first = f"{names[futures.index(failed[0])]}: {type(exc).__name__}: {exc}"
+    else:
+        late = [n for n, f in zip(names, futures, strict=True) if not f.done()]
+        first = f"{late} did not finish within {timeout} s"
+    if on_failure is not None:
+        on_failure(first)
+    concurrent.futures.wait(futures, timeout=grace)
+    problems = []
+    for name, f in zip(names, futures, strict=True):
+        if not f.done():
+            problems.append(f"{name}: still running {grace} s after the failure")
+        elif f.exception() is not None:
+            problems.append(f"{name}: {type(f.exception()).__name__}: {f.exception()}")
+    raise RefitError(problems or [first])

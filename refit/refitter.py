@@ -8,6 +8,16 @@ both sides at once and waits for both; it returns `RefitStats`.
 `vllm_engine` may be an `EngineSide`, anything with ``collective_rpc`` (a vLLM ``LLM``
 created with the project's worker extension), or a list of either (engine replicas).
 
+Failures: every rank runs a refit against a deadline (`timeout_s`) and a failure board in
+the refit's store (`refit.watch`). When a rank fails, a rank process dies, or the deadline
+passes, every rank stops within a fraction of a second and `refit` raises `RefitFailed`
+naming each failing rank and its phase. The groups of that generation are then dropped; the
+next `refit` reconnects every rank (a new generation, same plan, engines keep running). An
+engine whose install did not complete keeps, or rolls back to, its previous weights and is
+marked stale until a refit completes (`status`). With ``verify=True`` every engine rank also
+checks each received shard and misc tensor against checksums from its senders before it
+installs anything.
+
 Memory: an engine rank receives the pipeline stages on `streams` workers at once, each with
 two receive buffers of at most `bucket_bytes`; `staging_bytes` caps the total (it lowers the
 bucket to ``staging_bytes / (2 * streams)``). More streams keep more trainer stages sending
@@ -28,6 +38,7 @@ from refit.planner import DEFAULT_MISC_BUCKET_BYTES, RefitPlan, plan_refit
 from refit.rank import RankSetup, RankStats
 from refit.rpc import RpcEngine
 from refit.spec import EngineSide, TrainerSide
+from refit.watch import Failure, FailureBoard, RefitFailed
 from xfer import DEFAULT_BUCKET_BYTES, tcp_store
 from xfer.api import PATHS, Path
 
@@ -87,6 +98,7 @@ class Refitter:
         host: str = "127.0.0.1",
         backend: str = "gloo",
         timeout_s: float = 600.0,
+        verify: bool = False,
     ) -> None:
         if path not in PATHS:
             raise RefitError(f"path must be one of {PATHS}, got {path!r}")
@@ -110,24 +122,43 @@ class Refitter:
         self.host = host
         self.backend = backend
         self.timeout_s = timeout_s
+        self.verify = verify
         self.plan: RefitPlan | None = None
-        self.version = 0
+        self.version = 0  # the last refit attempted
+        self.installed = 0  # the last refit that completed on every engine
+        self.generation = 0
+        self._connected = False
         self._store: Any = None
+        self._board: FailureBoard | None = None
+        self._engine_specs: list[Any] = []
         self._prepare_seconds = 0.0
 
     def prepare(self) -> RefitPlan:
-        """Describe, validate, plan, and connect every rank (once)."""
-        if self.plan is not None:
-            return self.plan
+        """Describe, validate and plan (once); connect every rank (again after a failure).
+
+        Validation happens here, before any rank communicates: every inconsistency between
+        the two sides' descriptions is raised at once as a `RefitError`."""
         t0 = time.perf_counter()
-        trainer_spec = self.trainer.describe()
-        engine_specs = [e.describe() for e in self.engines]
-        plan = plan_refit(trainer_spec, engine_specs, misc_bucket_bytes=self.misc_bucket_bytes)
-        self._store = tcp_store(self.host, 0, is_master=True, timeout_s=self.timeout_s)
+        if self.plan is None:
+            trainer_spec = self.trainer.describe()
+            engine_specs = [e.describe() for e in self.engines]
+            self._engine_specs = engine_specs
+            self.plan = plan_refit(
+                trainer_spec, engine_specs, misc_bucket_bytes=self.misc_bucket_bytes
+            )
+            self._store = tcp_store(self.host, 0, is_master=True, timeout_s=self.timeout_s)
+        if not self._connected:
+            self._connect(self.plan)
+        self._prepare_seconds += time.perf_counter() - t0
+        return self.plan
+
+    def _connect(self, plan: RefitPlan) -> None:
+        self.generation += 1
+        prefix = f"refit{id(self)}/gen{self.generation}"
         base = RankSetup(
             host=self.host,
             port=self._store.port,
-            prefix=f"refit{id(self)}",
+            prefix=prefix,
             rank=0,
             plan=plan,
             path=self.path,
@@ -135,14 +166,19 @@ class Refitter:
             streams=self.streams,
             backend=self.backend,
             timeout_s=self.timeout_s,
+            verify=self.verify,
         )
         pendings = [self.trainer.connect(pickle.dumps(base))]
         for i, e in enumerate(self.engines):
             pendings.append(e.connect(pickle.dumps(replace(base, rank=plan.engine_rank(i, 0)))))
-        wait_all(pendings, timeout=self.timeout_s)
-        self.plan = plan
-        self._prepare_seconds = time.perf_counter() - t0
-        return plan
+        try:
+            wait_all(pendings, timeout=self.timeout_s)
+        except RefitError as e:
+            raise RefitError(
+                [f"could not connect the ranks (generation {self.generation}):", *e.violations]
+            ) from e
+        self._board = FailureBoard(self._store, prefix)
+        self._connected = True
 
     def refit(self, *, path: Path | None = None) -> RefitStats:
         """Move the trainer's current weights into every engine replica. `path` overrides
@@ -150,11 +186,30 @@ class Refitter:
         if path is not None and path not in PATHS:
             raise RefitError(f"path must be one of {PATHS}, got {path!r}")
         plan = self.prepare()
+        assert self._board is not None
+        board = self._board
         self.version += 1
+        version = self.version
         t0 = time.perf_counter()
-        pendings = [self.trainer.step(self.version, path)]
-        pendings += [e.step(self.version, path) for e in self.engines]
-        results = wait_all(pendings, timeout=self.timeout_s)
+        pendings = [self.trainer.step(version, path)]
+        pendings += [e.step(version, path) for e in self.engines]
+
+        def stop_everyone(why: str) -> None:
+            board.post(version, Failure(-1, "driver", "waiting for the ranks", why))
+
+        try:
+            # ranks stop at their own deadline; the driver waits a little longer
+            results = wait_all(pendings, timeout=self.timeout_s + 5, on_failure=stop_everyone)
+        except RefitError as e:
+            self._connected = False  # this generation's groups are broken
+            failures = board.read(version)
+            raise RefitFailed(
+                version,
+                failures,
+                note=f"the engines keep the weights of refit {self.installed}; "
+                "the next refit reconnects every rank",
+            ) from e
+        self.installed = version
         seconds = time.perf_counter() - t0
         ranks = tuple(s for group in results for s in group)
         engine = [s for s in ranks if s.role == "engine"]
@@ -175,3 +230,20 @@ class Refitter:
     @property
     def prepare_seconds(self) -> float:
         return self._prepare_seconds
+
+    def replace_engine(self, replica: int, engine: Any) -> None:
+        """Swap engine replica `replica` (e.g. one whose process died) for a new one of the
+        same model and layout; the next refit checks it describes the same parameters and
+        reconnects every rank."""
+        new = _one_engine(engine, replica)
+        if self._engine_specs and new.describe() != self._engine_specs[replica]:
+            raise RefitError(
+                f"the new engine replica {replica} does not describe the same parameters as "
+                "the one it replaces"
+            )
+        self.engines[replica] = new
+        self._connected = False
+
+    def status(self) -> list[list[Any]]:
+        """Each engine replica's per-rank install status (version, stale, consistent)."""
+        return [e.status() for e in self.engines]  # type: ignore[attr-defined]

@@ -13,12 +13,22 @@ Implementations:
 * `NcclComm` (`xfer.nccl_comm`) wraps an nccl4py `Communicator`.
 * `RecordingComm` wraps any comm and records every message, so tests (and users) can assert
   what went over the wire, not only the values that arrived.
+
+Interrupting. A gloo wait cannot be cancelled (neither ``abort`` nor ``shutdown`` wakes a
+pending receive, a timed wait closes the connection, and point-to-point works only complete
+inside ``wait``), so a `TorchComm` given an ``interrupt`` callable waits in a helper thread
+of its own and meanwhile calls ``interrupt()`` every few milliseconds; when that raises
+(another rank failed, a deadline passed), the wait is abandoned and the exception propagates.
+A communicator abandoned this way is broken: drop it (its connections close and the helper
+thread ends) and build a new one.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -80,14 +90,44 @@ class Done:
         return None
 
 
+Interrupt = Callable[[], None]
+
+
+class _Waiter:
+    """One helper thread that runs a communicator's blocking waits."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def wait(self, works: list[Any], interrupt: Interrupt) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xfer-wait")
+        done = self._pool.submit(lambda: [w.wait() for w in works])
+        pause = 5e-5
+        while True:
+            try:
+                done.result(timeout=pause)
+                return
+            except FutureTimeout:
+                interrupt()  # raises to abandon the wait
+                pause = min(pause * 2, 2e-3)
+
+
 class _Works:
-    def __init__(self, works: list[Any]) -> None:
+    def __init__(
+        self, works: list[Any], interrupt: Interrupt | None = None, waiter: _Waiter | None = None
+    ) -> None:
         self._works = works
+        self._interrupt = interrupt
+        self._waiter = waiter
 
     def wait(self) -> None:
         works, self._works = self._works, []
-        for w in works:
-            w.wait()
+        if self._interrupt is None or self._waiter is None:
+            for w in works:
+                w.wait()
+            return
+        self._waiter.wait(works, self._interrupt)
 
 
 def tcp_store(
@@ -111,7 +151,7 @@ class TorchComm:
     such as ``ProcessGroupGloo`` built directly from a store (see `create`).
     """
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, *, interrupt: Interrupt | None = None) -> None:
         if group is None:
             if not dist.is_initialized():
                 raise RuntimeError(
@@ -122,6 +162,8 @@ class TorchComm:
         self._rank = int(group.rank())
         self._size = int(group.size())
         self._nccl = _backend_name(group) == "nccl"
+        self.interrupt = interrupt
+        self._waiter = _Waiter()
 
     @classmethod
     def create(
@@ -134,6 +176,7 @@ class TorchComm:
         backend: str = "gloo",
         timeout_s: float = 300,
         device: torch.device | None = None,
+        interrupt: Interrupt | None = None,
     ) -> TorchComm:
         """A new group of `size` ranks over `store` (keys under `prefix`), separate from the
         default group. `backend` is ``"gloo"`` or ``"nccl"``."""
@@ -149,7 +192,7 @@ class TorchComm:
                 pg.eager_connect_single_device(device)
         else:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-        return cls(pg)
+        return cls(pg, interrupt=interrupt)
 
     @property
     def rank(self) -> int:
@@ -172,20 +215,20 @@ class TorchComm:
                     self.group.send([s.buffer], s.peer, 0)
                 for r in recvs:
                     self.group.recv([r.buffer], r.peer, 0)
-                return _Works([self.group._end_coalescing(device)])
+                return _Works([self.group._end_coalescing(device)], self.interrupt, self._waiter)
             works = [self.group.send([s.buffer], s.peer, 0) for s in sends]
             works += [self.group.recv([r.buffer], r.peer, 0) for r in recvs]
-            return _Works(works)
+            return _Works(works, self.interrupt, self._waiter)
 
     def broadcast(self, tensor: torch.Tensor, root: int, *, stream: Any = None) -> Work:
         opts = dist.BroadcastOptions()
         opts.rootRank = root
         opts.rootTensor = 0
         with _stream_ctx(stream):
-            return _Works([self.group.broadcast([tensor], opts)])
+            return _Works([self.group.broadcast([tensor], opts)], self.interrupt, self._waiter)
 
     def barrier(self) -> None:
-        self.group.barrier().wait()
+        _Works([self.group.barrier()], self.interrupt, self._waiter).wait()
 
     def abort(self) -> None:
         for name in ("abort", "shutdown", "_shutdown"):

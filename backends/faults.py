@@ -1,0 +1,374 @@
+"""The fault campaign: every failure a refit must survive, on real parts, one after another.
+
+    python -m backends.faults [--timeout 5] [--json out.json] [--markdown]
+
+Sets up torch trainer ranks (Ray actors, TP 2) and a vLLM engine (a Ray actor) for a tiny
+MoE model, a `Refitter` with ``verify=True`` and a short timeout, then for each case: cause
+the failure, attempt a refit, and record which ranks raised, how fast, the error, the engine's
+status (stale? rolled back?) and whether it refuses to generate; then fix the cause and check
+that the next refit recovers, with vLLM generating exactly what HF transformers generates on
+the trainer's current weights. Description faults (wrong dtype, wrong shape, a missing
+expert, another model) are caught by `prepare` before any rank communicates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7]]
+
+
+def _cast(rank_obj: Any, name: str, dtype: str) -> None:
+    import torch
+
+    ref = rank_obj.params.get(name)
+    if ref is not None:
+        from xfer import DTensorRef
+
+        rank_obj.params[name] = DTensorRef(ref.local.to(getattr(torch, dtype)), ref.layout)
+
+
+def _drop(rank_obj: Any, name: str, keep: dict) -> None:
+    if name in rank_obj.params:
+        keep[rank_obj.rank] = rank_obj.params.pop(name)
+
+
+def _reshape(rank_obj: Any, name: str, undo: bool) -> None:
+    from xfer import DTensorRef, Layout
+
+    ref = rank_obj.params.get(name)
+    if ref is None:
+        return
+    shape = list(ref.layout.shape)
+    shape[0] += -1 if not undo else 1
+    lay = Layout(ref.layout.mesh, ref.layout.placements, shape)
+    rank_obj.params[name] = DTensorRef(ref.local, lay)
+
+
+class Campaign:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import ray
+
+        from backends.ray_engine import RayEngine, VllmEngineActor, engine_kwargs
+        from backends.tiny_models import build
+        from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards, stage_meshes
+        from refit.refitter import Refitter
+
+        self.args = args
+        self.work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-faults-"))
+        self.path = str(self.work / "qwen3_moe")
+        self.config = build("qwen3_moe", self.path)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        self.stage_ranks = [m.flat for m in stage_meshes(1, 1, 2)]
+        self.trainer = TorchTrainerGroup.launch(
+            2, checkpoint_shards, self.path, 1, 2, False, 1, None, stage_ranks=self.stage_ranks
+        )
+        self._engine_cls = ray.remote(num_cpus=0.5)(VllmEngineActor)
+        self._kwargs = engine_kwargs(self.path, self.config, 1)
+        self.engine_actor = self._engine_cls.remote(self._kwargs)
+        self.engine = RayEngine(self.engine_actor, name="engine replica 0")
+        self.refitter = Refitter(self.trainer, [self.engine], timeout_s=args.timeout, verify=True)
+        self.step = 0
+        self.records: list[dict[str, Any]] = []
+        self._other: Any = None  # a trainer of another model, for one description case
+
+    # -- helpers ---------------------------------------------------------------------------
+    def new_weights(self) -> None:
+        from backends.scenario import set_step
+
+        self.step += 1
+        self.trainer.call(set_step, self.path, self.step)
+
+    def engine_options(self, fault: tuple[str, str] | None = None) -> None:
+        import ray
+
+        ray.get(
+            self.engine_actor.rpc.remote(
+                "refit_set_options", ["moe_prepack", "tied_lm_head"], False, None, fault
+            )
+        )
+
+    def generate(self, allow_stale: bool = False) -> Any:
+        import ray
+
+        return ray.get(self.engine_actor.generate.remote(PROMPTS, 6, allow_stale))
+
+    def matches_hf(self) -> bool:
+        from backends.hf_checkpoint import load_grouped, save_grouped
+        from backends.scenario import hf_generate
+        from backends.tiny_models import step_weights
+
+        d = self.work / f"step{self.step}"
+        save_grouped(step_weights(load_grouped(self.path), self.step), self.config, d)
+        ref = hf_generate(str(d), PROMPTS, 6)
+        got = self.generate()
+        return all(g[0] == h[0] for g, h in zip(got, ref, strict=True)) and all(
+            abs(a - b) < 1e-4
+            for g, h in zip(got, ref, strict=True)
+            for a, b in zip(g[1], h[1], strict=False)
+        )
+
+    def status(self) -> dict[str, Any]:
+        try:
+            s = self.refitter.status()[0][0]
+        except Exception as e:  # the engine may be dead
+            return {"alive": False, "error": type(e).__name__}
+        refused = False
+        try:
+            self.generate()
+        except Exception as e:
+            refused = "StaleWeights" in f"{type(e).__name__}{e}"
+        return {
+            "alive": True,
+            "version": s.version,
+            "attempted": s.attempted,
+            "stale": s.stale,
+            "rolled_back": s.consistent,
+            "generate_refused": refused,
+        }
+
+    # -- a case ----------------------------------------------------------------------------
+    def case(self, name: str, cause: Any, fix: Any, *, refit: bool = True) -> None:
+        from refit.errors import RefitError
+        from refit.watch import RefitFailed
+
+        print(f"-- {name}", flush=True)
+        rec: dict[str, Any] = {"case": name}
+        self.new_weights()
+        cause()
+        t0 = time.monotonic()
+        try:
+            if refit:
+                self.refitter.refit()
+            else:
+                from refit.refitter import Refitter
+
+                group = self._other or self.trainer
+                Refitter(group, [self.engine], timeout_s=self.args.timeout).prepare()
+            rec["raised"] = False
+        except RefitError as e:
+            rec["raised"] = True
+            rec["error"] = str(e)
+            if isinstance(e, RefitFailed):
+                rec["failures"] = [
+                    {"rank": f.rank, "role": f.role, "phase": f.phase, "message": f.message[:200]}
+                    for f in e.failures
+                ]
+                cause_text = str(e.__cause__) if e.__cause__ else ""
+                rec["sides_raised"] = [
+                    side
+                    for side in ("trainer", "engine")
+                    if side in cause_text or any(f.role == side for f in e.failures)
+                ]
+        rec["seconds_to_raise"] = round(time.monotonic() - t0, 2)
+        rec["status_after"] = self.status() if refit else None
+        t1 = time.monotonic()
+        fix()
+        try:
+            self.refitter.refit()
+            rec["recovered"] = self.matches_hf()
+        except RefitError as e:
+            rec["recovered"] = False
+            rec["recovery_error"] = str(e)[:500]
+        rec["recovery_seconds"] = round(time.monotonic() - t1, 2)
+        rec["status_recovered"] = self.status()
+        self.records.append(rec)
+        print(json.dumps(rec, default=str)[:400], flush=True)
+
+    def run(self) -> list[dict[str, Any]]:
+        import ray
+
+        t = self.trainer.actors
+        timeout = self.args.timeout
+        self.engine_options()
+        self.new_weights()
+        self.refitter.refit()
+        assert self.matches_hf(), "the baseline refit does not match HF"
+
+        self.case(
+            "trainer rank raises during the transfer",
+            lambda: ray.get(t[1].set_fault.remote("raise", "stage 0 bulk")),
+            lambda: ray.get(t[1].set_fault.remote(None)),
+        )
+        self.case(
+            f"trainer rank stalls past the {timeout:g} s timeout",
+            lambda: ray.get(t[0].set_fault.remote(f"sleep:{2.5 * timeout}", "stage 0 bulk")),
+            lambda: ray.get(t[0].set_fault.remote(None)),
+        )
+        self.case(
+            "engine fails before touching its running weights",
+            lambda: self.engine_options(("raise", "finish install")),
+            lambda: self.engine_options(None),
+        )
+        self.case(
+            "engine fails after it started changing its running weights",
+            lambda: self.engine_options(("raise", "processing modules")),
+            lambda: self.engine_options(None),
+        )
+        self.case(
+            "trainer changes its weights during the refit (verify=True)",
+            lambda: ray.get(t[0].set_fault.remote("mutate", "stage 0 verify")),
+            self._undo_mutation,
+        )
+        self.case(
+            "trainer rank process dies during the transfer",
+            lambda: ray.get(t[1].set_fault.remote("exit", "stage 0 bulk")),
+            self._restart_trainer_rank,
+        )
+        self.case(
+            "engine process dies during the transfer",
+            lambda: self.engine_options(("exit", "stage 0 bulk")),
+            self._restart_engine,
+        )
+        name = "model.layers.0.mlp.gate_proj.weight"
+        self.case(
+            "description: wrong dtype",
+            lambda: self.trainer.call(_cast, name, "float64"),
+            lambda: self.trainer.call(_cast, name, "float32"),
+            refit=False,
+        )
+        self.case(
+            "description: wrong shape",
+            lambda: self.trainer.call(_reshape, name, False),
+            lambda: self.trainer.call(_reshape, name, True),
+            refit=False,
+        )
+        kept: dict = {}
+        expert = "model.layers.1.mlp.experts.up_proj.weight"
+        self.case(
+            "description: an expert projection missing",
+            lambda: kept.update(
+                {r: v for r, v in enumerate(self.trainer.call(_pop, expert)) if v is not None}
+            ),
+            lambda: self.trainer.call(_put, expert, kept),
+            refit=False,
+        )
+        self.case(
+            "description: the trainer holds another model",
+            self._other_model,
+            self._drop_other_model,
+            refit=False,
+        )
+        return self.records
+
+    def _undo_mutation(self) -> None:
+        import ray
+
+        from backends.scenario import set_step
+
+        ray.get(self.trainer.actors[0].set_fault.remote(None))
+        self.trainer.call(set_step, self.path, self.step)  # the weights it meant to send
+
+    def _restart_trainer_rank(self) -> None:
+        self.trainer.restart_rank(1)
+        from backends.scenario import set_step
+
+        self.trainer.call(set_step, self.path, self.step)
+
+    def _restart_engine(self) -> None:
+        from backends.ray_engine import RayEngine
+
+        self.engine_actor = self._engine_cls.remote(self._kwargs)
+        self.engine = RayEngine(self.engine_actor, name="engine replica 0 (restarted)")
+        self.engine_options()
+        self.refitter.replace_engine(0, self.engine)
+
+    def _other_model(self) -> None:
+        """A trainer of the dense model, to be refit into the MoE engine."""
+        from backends.tiny_models import build
+        from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards
+
+        other = str(self.work / "qwen3")
+        build("qwen3", other)
+        self._other = TorchTrainerGroup.launch(2, checkpoint_shards, other, 1, 2)
+
+    def _drop_other_model(self) -> None:
+        import ray
+
+        for a in self._other.actors:
+            ray.kill(a)
+        self._other = None
+
+
+def _pop(rank_obj: Any, name: str) -> Any:
+    return rank_obj.params.pop(name, None)
+
+
+def _put(rank_obj: Any, name: str, kept: dict) -> None:
+    if rank_obj.rank in kept:
+        rank_obj.params[name] = kept[rank_obj.rank]
+
+
+def _clean(text: str) -> str:
+    """One line, without gloo's source paths."""
+    import re
+
+    text = re.sub(r"\[/[^\]]*\] ", "", text)
+    return " ".join(text.replace("|", "/").split())
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    rows = [
+        "| case | every side raised | seconds to raise | reported as | engine after | next refit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if not r.get("raised"):
+            raised = "no (not detected)"
+        elif r.get("failures") is None:
+            raised = "prepare, before any communication"
+        else:
+            raised = ", ".join(sorted(set(r.get("sides_raised", [])))) or "driver"
+        if r.get("failures"):
+            f = r["failures"][0]
+            who = "driver" if f["rank"] < 0 else f"{f['role']} rank {f['rank']}"
+            reported = f"{who} in {f['phase']}: {_clean(f['message'])[:70]}"
+        else:
+            lines = r.get("error", "").splitlines()
+            reported = _clean(lines[1] if len(lines) > 1 else lines[0] if lines else "")[:80]
+        st = r.get("status_after") or {}
+        if not st:
+            after = "untouched"
+        elif not st.get("alive"):
+            after = "dead (restarted)"
+        else:
+            after = (
+                f"stale, {'rolled back' if st['rolled_back'] else 'partly new'}, "
+                f"{'refuses' if st['generate_refused'] else 'serves'} generate"
+            )
+        nxt = "recovered, matches HF" if r.get("recovered") else "did not recover"
+        rows.append(
+            f"| {r['case']} | {raised} | {r['seconds_to_raise']} | {reported} | {after} | {nxt} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--timeout", type=float, default=5.0, help="the Refitter's timeout (s)")
+    ap.add_argument("--workdir")
+    ap.add_argument("--json")
+    ap.add_argument("--markdown", action="store_true", help="print the results as a table")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    socket.setdefaulttimeout(None)
+    records = Campaign(args).run()
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1, default=str))
+    if args.markdown:
+        print(markdown(records))
+    ok = all(r["raised"] and r["recovered"] for r in records)
+    print("all cases raised and recovered" if ok else "SOME CASES FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

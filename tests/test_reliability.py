@@ -1,0 +1,152 @@
+"""Failures: ranks agree on them quickly, installs roll back, checksums catch corruption."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refit.watch import Failure, FailureBoard, RefitFailed
+from tests.strategies import full_tensor, items
+from xfer import Transfer, build_program, plan_reshard, tcp_store
+from xfer.checksum import box_checksum, sent_checksums
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(items(8), min_size=1, max_size=3), st.sampled_from([64, 1 << 20]))
+def test_senders_checksums_add_up_to_each_receivers_box(its, bucket):
+    plan = plan_reshard(its, bucket_bytes=bucket, world_size=8)
+    fulls = [full_tensor(it.src.shape, it.dtype, i) for i, it in enumerate(its)]
+    sent: dict[tuple[int, int], int] = {}
+    for r in range(8):
+        srcs = [
+            f[it.src.box(r)] if it.src.holds(r) else None for it, f in zip(its, fulls, strict=True)
+        ]
+        for key, v in sent_checksums(plan, build_program(plan, r), srcs).items():
+            sent[key] = sent.get(key, 0) + v
+    for r in range(8):
+        for i, (it, f) in enumerate(zip(its, fulls, strict=True)):
+            if not it.dst.holds(r):
+                continue
+            # what the rank gets from others plus what it copies from itself
+            local = 0
+            if it.src.holds(r):
+                prog = build_program(plan, r)
+                for lc in prog.local:
+                    if lc.item == i:
+                        region = f[it.dst.box(r)][lc.dst_index]
+                        origin = [a for a, _ in it.dst.bounds(r)]
+                        start = [o + s.start for o, s in zip(origin, lc.dst_index, strict=True)]
+                        from xfer.checksum import region_checksum
+                        from xfer.program import as_bytes, byte_shape
+
+                        if start:
+                            start[-1] *= it.itemsize
+                        local += region_checksum(
+                            as_bytes(region.contiguous()),
+                            start or [0],
+                            byte_shape(it.src.shape, it.itemsize),
+                        )
+            assert sent.get((i, r), 0) + local == box_checksum(f[it.dst.box(r)], it.dst, r)
+
+
+def test_a_changed_byte_changes_the_checksum():
+    from xfer import Layout, Mesh, Replicate
+
+    t = torch.randn(16, 8)
+    lay = Layout(Mesh([0], ("x",)), [Replicate()], (16, 8))
+    before = box_checksum(t, lay, 0)
+    t.view(torch.uint8).view(-1)[37] ^= 1
+    assert box_checksum(t, lay, 0) != before
+    # moved bytes change it too (positions are weighted)
+    u = torch.randn(16, 8)
+    v = u.clone()
+    v[[0, 1]] = v[[1, 0]]
+    assert box_checksum(u, lay, 0) != box_checksum(v, lay, 0)
+
+
+def blocked_until_told(comm, port, who_fails):
+    """Rank 0 waits for a message that never comes; `who_fails` posts a failure."""
+    from xfer import TorchComm
+
+    store = tcp_store("127.0.0.1", port, is_master=False)
+    board = FailureBoard(store, f"t{port}")
+    me = Failure(comm.rank, "trainer", "test", "")
+    interrupt = board.interrupt(1, time.monotonic() + 60, me, lambda: "waiting")
+    c = TorchComm.create(store, comm.rank, comm.size, prefix=f"g{port}", interrupt=interrupt)
+    t0 = time.monotonic()
+    try:
+        if comm.rank == who_fails:
+            time.sleep(0.5)
+            board.post(1, Failure(comm.rank, "trainer", "stage 0 bulk", "RuntimeError: boom"))
+            raise RefitFailed(1, board.read(1))
+        c.send_recv([], [Transfer((comm.rank + 1) % comm.size, torch.zeros(4))]).wait()
+    except RefitFailed as e:
+        return time.monotonic() - t0, [f.describe() for f in e.failures]
+    return None
+
+
+def test_every_rank_stops_when_one_posts_a_failure(ranks):
+    store = tcp_store("127.0.0.1", 0, is_master=True)
+    out = ranks.run(blocked_until_told, 4, store.port, 2, timeout=60)
+    for seconds, failures in out:
+        assert seconds < 2.0
+        assert failures == ["trainer rank 2 failed in stage 0 bulk: RuntimeError: boom"]
+
+
+@pytest.mark.slow
+def test_fault_campaign(tmp_path):
+    """Every failure raises on every side quickly, and the next refit recovers."""
+    report = tmp_path / "faults.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "backends.faults", "--timeout", "5", "--json", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert report.exists(), proc.stderr[-4000:]
+    cases = {r["case"]: r for r in json.loads(report.read_text())}
+    assert len(cases) == 11
+    for name, r in cases.items():
+        assert r["raised"], name
+        assert r["recovered"], (name, r.get("recovery_error"))
+        assert r["status_recovered"]["alive"] and not r["status_recovered"]["stale"], name
+        if r.get("failures") is not None:  # a refit that failed, not a description
+            assert r["seconds_to_raise"] < 5 + 2, name
+            assert set(r["sides_raised"]) == {"trainer", "engine"}, name
+            st = r["status_after"]
+            assert not st["alive"] or (st["stale"] and st["generate_refused"]), name
+    first = lambda name: cases[name]["failures"][0]  # noqa: E731
+    assert first("trainer rank raises during the transfer") | {"message": ""} == {
+        "rank": 1, "role": "trainer", "phase": "stage 0 bulk", "message": ""
+    }  # fmt: skip
+    assert cases["trainer rank stalls past the 5 s timeout"]["seconds_to_raise"] >= 5
+    assert cases["engine fails before touching its running weights"]["status_after"]["rolled_back"]
+    assert not cases["engine fails after it started changing its running weights"]["status_after"][
+        "rolled_back"
+    ]
+    assert (
+        "checksum mismatch"
+        in first("trainer changes its weights during the refit (verify=True)")["message"]
+    )
+    died = cases["trainer rank process dies during the transfer"]["error"]
+    assert "trainer rank 1: the rank's process died (ActorDiedError)" in died
+    assert not cases["engine process dies during the transfer"]["status_after"]["alive"]
+    assert "precision mismatch" in cases["description: wrong dtype"]["error"]
+    assert (
+        "trainer shape [127, 128] != engine shape [128, 128]"
+        in cases["description: wrong shape"]["error"]
+    )
+    assert (
+        "is missing on the trainer" in cases["description: an expert projection missing"]["error"]
+    )
+    assert (
+        "parameters the engine does not hold"
+        in cases["description: the trainer holds another model"]["error"]
+    )
