@@ -14,13 +14,22 @@ from hypothesis import strategies as st
 
 from refit.watch import Failure, FailureBoard, RefitFailed
 from tests.strategies import full_tensor, items
-from xfer import Transfer, build_program, plan_reshard, tcp_store
-from xfer.checksum import box_checksum, sent_checksums
+from xfer import Segments, Transfer, build_program, plan_reshard, tcp_store
+from xfer.checksum import box_checksum, region_checksum, sent_checksums
+from xfer.program import as_bytes, byte_shape
+
+
+def _split_rows(t: torch.Tensor | None):
+    """`t` as Segments of two separately allocated row blocks (tensors with rows only)."""
+    if t is None or t.dim() == 0 or t.shape[0] < 2:
+        return t
+    h = t.shape[0] // 2
+    return Segments([t[:h].clone(), t[h:].clone()])
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(items(8), min_size=1, max_size=3), st.sampled_from([64, 1 << 20]))
-def test_senders_checksums_add_up_to_each_receivers_box(its, bucket):
+@given(st.lists(items(8), min_size=1, max_size=3), st.sampled_from([64, 1 << 20]), st.booleans())
+def test_senders_checksums_add_up_to_each_receivers_box(its, bucket, segments):
     plan = plan_reshard(its, bucket_bytes=bucket, world_size=8)
     fulls = [full_tensor(it.src.shape, it.dtype, i) for i, it in enumerate(its)]
     sent: dict[tuple[int, int], int] = {}
@@ -28,6 +37,8 @@ def test_senders_checksums_add_up_to_each_receivers_box(its, bucket):
         srcs = [
             f[it.src.box(r)] if it.src.holds(r) else None for it, f in zip(its, fulls, strict=True)
         ]
+        if segments:
+            srcs = [_split_rows(t) for t in srcs]
         for key, v in sent_checksums(plan, build_program(plan, r), srcs).items():
             sent[key] = sent.get(key, 0) + v
     for r in range(8):
@@ -43,9 +54,6 @@ def test_senders_checksums_add_up_to_each_receivers_box(its, bucket):
                         region = f[it.dst.box(r)][lc.dst_index]
                         origin = [a for a, _ in it.dst.bounds(r)]
                         start = [o + s.start for o, s in zip(origin, lc.dst_index, strict=True)]
-                        from xfer.checksum import region_checksum
-                        from xfer.program import as_bytes, byte_shape
-
                         if start:
                             start[-1] *= it.itemsize
                         local += region_checksum(
@@ -53,7 +61,10 @@ def test_senders_checksums_add_up_to_each_receivers_box(its, bucket):
                             start or [0],
                             byte_shape(it.src.shape, it.itemsize),
                         )
-            assert sent.get((i, r), 0) + local == box_checksum(f[it.dst.box(r)], it.dst, r)
+            box = f[it.dst.box(r)]
+            want = box_checksum(box, it.dst, r)
+            assert sent.get((i, r), 0) + local == want
+            assert box_checksum(_split_rows(box), it.dst, r) == want
 
 
 def test_a_changed_byte_changes_the_checksum():

@@ -3,6 +3,8 @@ carries exactly what the plan says; bad input raises the same error on every ran
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -17,18 +19,31 @@ from xfer import (
     Replicate,
     Resharder,
     ReshardItem,
+    Segments,
     Shard,
     XferError,
     xferdtensor,
 )
 from xfer.local import RankError
+from xfer.segments import copy_in
 
 WORLD = 8
 
 
-def _view(shape, dtype, mode: str, fill=None) -> torch.Tensor:
-    """A local tensor of `shape` laid out as `mode`: contiguous, padded (strided rows) or
-    transposed (last dim not unit-stride)."""
+def _view(shape, dtype, mode: str, fill=None):
+    """A local shard of `shape` laid out as `mode`: contiguous, padded (strided rows),
+    transposed (last dim not unit-stride) or segments (separately allocated row blocks of
+    uneven height, odd ones padded, as a `Segments`)."""
+    if mode == "segments" and len(shape) >= 1 and shape[0] > 0:
+        cuts = [0, *sorted({(shape[0] * k) // 3 for k in (1, 2)} - {0, shape[0]}), shape[0]]
+        parts = [
+            _view((b - a, *shape[1:]), dtype, "padded" if i % 2 else "contiguous")
+            for i, (a, b) in enumerate(itertools.pairwise(cuts))
+        ]
+        seg = Segments(parts)
+        if fill is not None:
+            copy_in(seg, tuple(slice(0, n) for n in shape), fill)
+        return seg
     if mode == "padded" and shape:
         big = torch.zeros([n + 2 for n in shape], dtype=dtype)
         t = big[tuple(slice(1, 1 + n) for n in shape)]
@@ -69,14 +84,15 @@ def run_paths(comm, its, seeds, bucket, mode):
         resharder = Resharder(its, rec, bucket_bytes=bucket)
         dsts = _fresh_dsts(its, rank, mode)
         stats = resharder.run(srcs, dsts, path=path)
+        dsts_seen = [None if d is None else d.contiguous() for d in dsts]
         ok = [
             d is None or same_bits(d, f[it.dst.box(rank)])
-            for it, d, f in zip(its, dsts, fulls, strict=True)
+            for it, d, f in zip(its, dsts_seen, fulls, strict=True)
         ]
         prog = resharder.program
         out[path] = {
             "ok": ok,
-            "dsts": [None if d is None else d.contiguous() for d in dsts],
+            "dsts": dsts_seen,
             "groups": rec.record.groups,
             "broadcasts": rec.record.broadcasts,
             "stats": stats,
@@ -90,7 +106,8 @@ def run_paths(comm, its, seeds, bucket, mode):
     # sources are untouched by either path
     _, again = _locals(its, rank, seeds, mode)
     out["src_intact"] = all(
-        (a is None) or same_bits(a, b) for a, b in zip(srcs, again, strict=True)
+        (a is None) or same_bits(a.contiguous(), b.contiguous())
+        for a, b in zip(srcs, again, strict=True)
     )
     return out
 
@@ -139,14 +156,14 @@ def check_run(results, its):
 @given(
     its=st.lists(items(WORLD), min_size=1, max_size=3),
     bucket=st.sampled_from([48, 256, 1 << 20]),
-    mode=st.sampled_from(["contiguous", "padded", "transposed"]),
+    mode=st.sampled_from(["contiguous", "padded", "transposed", "segments"]),
 )
 def test_random_layouts_p2p_equals_golden_equals_slicing(ranks, its, bucket, mode):
     seeds = list(range(len(its)))
     check_run(ranks.run(run_paths, WORLD, its, seeds, bucket, mode), its)
 
 
-@pytest.mark.parametrize("mode", ["contiguous", "padded", "transposed"])
+@pytest.mark.parametrize("mode", ["contiguous", "padded", "transposed", "segments"])
 def test_many_tensors_one_plan(ranks, mode):
     """(dp2, tp2) -> (tp4) plus assorted layouts and dtypes, 40 tensors, small buckets."""
     train = Mesh([[0, 1], [2, 3]], ("dp", "tp"))

@@ -13,6 +13,7 @@ from xfer.layout import Layout, Replicate, Shard
 from xfer.mesh import Mesh
 from xfer.plan import DEFAULT_BUCKET_BYTES, Plan, PlanStats, ReshardItem, plan_reshard
 from xfer.program import RankProgram, build_program
+from xfer.segments import Segments
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -30,6 +31,7 @@ __all__ = [
     "Replicate",
     "ReshardItem",
     "Resharder",
+    "Segments",
     "Shard",
     "Staging",
     "TorchComm",

@@ -31,6 +31,7 @@ from xfer.layout import Layout
 from xfer.mesh import Mesh
 from xfer.plan import DEFAULT_BUCKET_BYTES, Plan, ReshardItem, plan_reshard
 from xfer.program import RankProgram, build_program
+from xfer.segments import Local, Segments
 from xfer.validate import agree, check_locals
 
 __all__ = ["PATHS", "DTensorRef", "Path", "Resharder", "xferdtensor", "xferdtensors"]
@@ -43,11 +44,11 @@ PATHS: tuple[str, ...] = ("auto", "golden", "p2p", "m2n")
 class DTensorRef:
     """A local shard and the layout of the global tensor it belongs to.
 
-    `local` may be any strided view; it is None on ranks outside the layout's mesh (and may be
-    None for an empty box).
+    `local` may be any strided view, or `Segments` (views stacked along dim 0); it is None on
+    ranks outside the layout's mesh (and may be None for an empty box).
     """
 
-    local: torch.Tensor | None
+    local: torch.Tensor | Segments | None
     layout: Layout
 
     @classmethod
@@ -114,8 +115,8 @@ class Resharder:
 
     def run(
         self,
-        srcs: Sequence[torch.Tensor | None],
-        dsts: Sequence[torch.Tensor | None],
+        srcs: Sequence[Local | None],
+        dsts: Sequence[Local | None],
         *,
         stream: Any = None,
         path: Path | None = None,
@@ -151,10 +152,11 @@ class Resharder:
             return run_p2p(
                 self.program, srcs, dsts, self.comm, stream=stream, staging=staging or self.staging
             )
+        # local_reason() passed only plain tensors (or None) for these items
         m2n.run_m2n(
             [items[i] for i in use_m2n],
-            [srcs[i] for i in use_m2n],
-            [dsts[i] for i in use_m2n],
+            [_plain(srcs[i]) for i in use_m2n],
+            [_plain(dsts[i]) for i in use_m2n],
             self.comm,
             stream=stream,
         )
@@ -276,3 +278,8 @@ def xferdtensor(
     return xferdtensors(
         [src], [dst], comm, path=path, stream=stream, bucket_bytes=bucket_bytes, names=[name]
     )
+
+
+def _plain(t: Local | None) -> torch.Tensor | None:
+    assert t is None or isinstance(t, torch.Tensor)
+    return t

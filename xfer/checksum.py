@@ -16,6 +16,7 @@ import torch
 from xfer.layout import Layout
 from xfer.plan import Plan
 from xfer.program import RankProgram, as_bytes, byte_shape
+from xfer.segments import Local
 
 __all__ = ["box_checksum", "region_checksum", "sent_checksums"]
 
@@ -54,31 +55,44 @@ def _origin(layout: Layout, rank: int, itemsize: int) -> list[int]:
     return origin
 
 
-def box_checksum(local: torch.Tensor | None, layout: Layout, rank: int) -> int:
+def _local_checksum(
+    local: Local, index: tuple[slice, ...], start: list[int], full: Sequence[int]
+) -> int:
+    """Checksum of ``byte_view(local)[index]`` placed at `start` (segments piece by piece)."""
+    if isinstance(local, torch.Tensor):
+        return region_checksum(as_bytes(local.contiguous())[index], start, full)
+    total = 0
+    for off, rows in local.map(lambda p: as_bytes(p.contiguous())).pieces(index[0]):
+        part_start = [start[0] + off, *start[1:]]
+        total += region_checksum(rows[(slice(None), *index[1:])], part_start, full)
+    return total
+
+
+def box_checksum(local: Local | None, layout: Layout, rank: int) -> int:
     """Checksum of the box `rank` holds, in the whole tensor's byte view."""
     if local is None or not layout.holds(rank):
         return 0
-    full = byte_shape(layout.shape, local.element_size())
-    return region_checksum(
-        as_bytes(local.contiguous()), _origin(layout, rank, local.element_size()), full
-    )
+    size = local.element_size()
+    full = byte_shape(layout.shape, size)
+    shape = byte_shape(tuple(local.shape), size)
+    index = tuple(slice(0, n) for n in shape)
+    return _local_checksum(local, index, _origin(layout, rank, size), full)
 
 
 def sent_checksums(
-    plan: Plan, program: RankProgram, srcs: Sequence[torch.Tensor | None]
+    plan: Plan, program: RankProgram, srcs: Sequence[Local | None]
 ) -> dict[tuple[int, int], int]:
     """Per (item, receiving peer), the checksum of every byte this rank sends it."""
     out: dict[tuple[int, int], int] = {}
-    views = [None if s is None else as_bytes(s.contiguous()) for s in srcs]
     for rnd in program.rounds:
         for m in rnd.sends:
             for c in m.copies:
                 it = plan.items[c.item]
-                view = views[c.item]
-                assert view is not None
+                local = srcs[c.item]
+                assert local is not None
                 origin = _origin(it.src, program.rank, it.itemsize)
                 start = [o + s.start for o, s in zip(origin, c.index, strict=True)]
                 full = byte_shape(it.src.shape, it.itemsize)
                 key = (c.item, m.peer)
-                out[key] = out.get(key, 0) + region_checksum(view[c.index], start, full)
+                out[key] = out.get(key, 0) + _local_checksum(local, c.index, start, full)
     return out

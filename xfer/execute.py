@@ -22,6 +22,7 @@ contiguous temporary (sources are copied in first, destinations are copied back 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 from xfer.comm import Comm, Transfer, Work
 from xfer.plan import ReshardItem
 from xfer.program import RankProgram, Round, as_bytes
+from xfer.segments import Local, Segments, copy_in, copy_out
 
 __all__ = ["Staging", "XferStats", "run_golden", "run_p2p"]
 
@@ -81,36 +83,46 @@ def byte_viewable(t: torch.Tensor) -> bool:
 
 
 class _Locals:
-    """Byte views of this rank's local tensors, with temporaries for strided last dims."""
+    """Byte views of this rank's local shards (tensors or `Segments`), with contiguous
+    temporaries for parts whose last dim is strided."""
 
-    def __init__(
-        self, srcs: Sequence[torch.Tensor | None], dsts: Sequence[torch.Tensor | None]
-    ) -> None:
-        self.src: list[torch.Tensor | None] = []
-        self.dst: list[torch.Tensor | None] = []
-        self.src_bytes: list[torch.Tensor | None] = []
-        self.dst_bytes: list[torch.Tensor | None] = []
+    def __init__(self, srcs: Sequence[Local | None], dsts: Sequence[Local | None]) -> None:
+        self.src: list[Local | None] = []
+        self.dst: list[Local | None] = []
+        self.src_bytes: list[Local | None] = []
+        self.dst_bytes: list[Local | None] = []
         self._writeback: list[tuple[torch.Tensor, torch.Tensor]] = []
         for s in srcs:
-            if s is not None and not byte_viewable(s):
-                s = s.contiguous()
+            s = None if s is None else _each(s, _readable)
             self.src.append(s)
-            self.src_bytes.append(None if s is None else as_bytes(s))
+            self.src_bytes.append(None if s is None else _each(s, as_bytes))
         for d in dsts:
-            if d is not None and not byte_viewable(d):
-                tmp = torch.empty(d.shape, dtype=d.dtype, device=d.device)
-                self._writeback.append((d, tmp))
-                d = tmp
+            d = None if d is None else _each(d, self._writable)
             self.dst.append(d)
-            self.dst_bytes.append(None if d is None else as_bytes(d))
+            self.dst_bytes.append(None if d is None else _each(d, as_bytes))
+
+    def _writable(self, t: torch.Tensor) -> torch.Tensor:
+        if byte_viewable(t):
+            return t
+        tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        self._writeback.append((t, tmp))
+        return tmp
 
     def finish(self) -> None:
         for d, tmp in self._writeback:
             d.copy_(tmp)
 
 
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    return t if byte_viewable(t) else t.contiguous()
+
+
+def _each(x: Local, fn: Any) -> Local:
+    return x.map(fn) if isinstance(x, Segments) else fn(x)
+
+
 def _device_of(
-    srcs: Sequence[torch.Tensor | None], dsts: Sequence[torch.Tensor | None], comm: Comm
+    srcs: Sequence[Local | None], dsts: Sequence[Local | None], comm: Comm
 ) -> torch.device:
     for t in (*srcs, *dsts):
         if t is not None:
@@ -125,7 +137,7 @@ def _pack(rnd: Round, buf: torch.Tensor, loc: _Locals) -> None:
             src = loc.src_bytes[c.item]
             assert src is not None
             start = m.offset + c.offset
-            buf[start : start + c.nbytes].view(c.shape).copy_(src[c.index])
+            copy_out(src, c.index, buf[start : start + c.nbytes].view(c.shape))
 
 
 def _unpack(rnd: Round, buf: torch.Tensor, loc: _Locals) -> None:
@@ -134,13 +146,13 @@ def _unpack(rnd: Round, buf: torch.Tensor, loc: _Locals) -> None:
             dst = loc.dst_bytes[c.item]
             assert dst is not None
             start = m.offset + c.offset
-            dst[c.index].copy_(buf[start : start + c.nbytes].view(c.shape))
+            copy_in(dst, c.index, buf[start : start + c.nbytes].view(c.shape))
 
 
 def run_p2p(
     program: RankProgram,
-    srcs: Sequence[torch.Tensor | None],
-    dsts: Sequence[torch.Tensor | None],
+    srcs: Sequence[Local | None],
+    dsts: Sequence[Local | None],
     comm: Comm,
     *,
     stream: Any = None,
@@ -193,16 +205,21 @@ def _local_copies(program: RankProgram, loc: _Locals) -> int:
     for lc in program.local:
         src, dst = loc.src[lc.item], loc.dst[lc.item]
         assert src is not None and dst is not None
-        view = dst[lc.dst_index]
-        view.copy_(src[lc.src_index])
-        n += view.numel() * view.element_size()
+        shape = tuple(s.stop - s.start for s in lc.dst_index)
+        if isinstance(dst, torch.Tensor):
+            copy_out(src, lc.src_index, dst[lc.dst_index])
+        else:
+            tmp = torch.empty(shape, dtype=dst.dtype, device=dst.device)
+            copy_out(src, lc.src_index, tmp)
+            copy_in(dst, lc.dst_index, tmp)
+        n += math.prod(shape) * dst.element_size()
     return n
 
 
 def run_golden(
     items: Sequence[ReshardItem],
-    srcs: Sequence[torch.Tensor | None],
-    dsts: Sequence[torch.Tensor | None],
+    srcs: Sequence[Local | None],
+    dsts: Sequence[Local | None],
     comm: Comm,
     *,
     stream: Any = None,
@@ -236,7 +253,7 @@ def run_golden(
             if rank == owner:
                 src = loc.src_bytes[i]
                 assert src is not None
-                buf.view(src.shape).copy_(src)
+                copy_out(src, tuple(slice(0, n) for n in src.shape), buf.view(src.shape))
                 sent += buf.numel()
             comm.broadcast(buf, owner, stream=stream).wait()
             nbcast += 1
@@ -256,10 +273,9 @@ def run_golden(
             dst_index = tuple(
                 slice(a - d, b - d) for (a, b), (d, _) in zip(ov, dst_bounds, strict=True)
             )
-            view = dst[dst_index]
-            view.copy_(cell[cell_index])
+            copy_in(dst, dst_index, cell[cell_index])
             if rank == owner:
-                local += view.numel() * view.element_size()
+                local += math.prod(b - a for a, b in ov) * it.itemsize
     loc.finish()
     return XferStats(
         path="golden",

@@ -90,9 +90,11 @@ def unsupported_reason(item: ReshardItem, comm: Comm) -> str | None:
     return None
 
 
-def local_reason(t: torch.Tensor | None) -> str | None:
+def local_reason(t: object) -> str | None:
     if t is None:
         return None
+    if not isinstance(t, torch.Tensor):
+        return f"local shard is a {type(t).__name__}, not one tensor"
     if t.device.type != "cuda":
         return f"local tensor is on {t.device}"
     if not t.is_contiguous():

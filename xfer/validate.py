@@ -26,6 +26,7 @@ import torch
 from xfer.comm import Comm, Transfer
 from xfer.errors import XferError
 from xfer.plan import ReshardItem
+from xfer.segments import Local, Segments
 
 __all__ = ["agree", "check_locals", "exchange"]
 
@@ -33,8 +34,8 @@ __all__ = ["agree", "check_locals", "exchange"]
 def check_locals(
     items: Sequence[ReshardItem],
     rank: int,
-    srcs: Sequence[torch.Tensor | None],
-    dsts: Sequence[torch.Tensor | None],
+    srcs: Sequence[Local | None],
+    dsts: Sequence[Local | None],
 ) -> list[str]:
     """Every problem with the local tensors `rank` passes for `items`."""
     out: list[str] = []
@@ -56,7 +57,7 @@ def check_locals(
                         f"{_fmt_bounds(lay.bounds(rank))} but passed no local tensor"
                     )
                 continue
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor | Segments):
                 out.append(f"{where}: rank {rank} passed a {type(t).__name__}, not a tensor")
                 continue
             if not held:
