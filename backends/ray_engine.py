@@ -13,7 +13,7 @@ import os
 import pickle
 from typing import Any
 
-from backends.torch_trainer import RayPending
+from backends.ray_trainer import RayPending
 from refit.rpc import METHODS
 from refit.spec import EngineSpec
 

@@ -13,17 +13,18 @@ all ranks by default). The ranks' own training (optimizer steps ...) runs throug
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from backends.ray_trainer import RayPending, RayTrainerGroup, TrainerRankBase
 from refit.errors import RefitError
 from refit.hf import Role, hf_params
-from refit.rank import RankSetup, RefitRank, fault
 from refit.spec import SourceParam, TrainerSpec
 from xfer import DTensorRef, Layout, Mesh, Replicate, Shard
 from xfer.layout import Placement
+from xfer.segments import Local
 
 _ROW_SPLIT = {Role.EMBED, Role.LM_HEAD, Role.Q, Role.K, Role.V, Role.GATE, Role.UP}
 _ROW_SPLIT |= {Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.MLA_Q_B, Role.MLA_Q, Role.MLA_KV_B}
@@ -175,7 +176,7 @@ def checkpoint_shards(
     return out
 
 
-class TorchTrainerRank:
+class TorchTrainerRank(TrainerRankBase):
     """One trainer rank. `build(rank, world)` returns its HF-named parameters."""
 
     def __init__(
@@ -194,8 +195,6 @@ class TorchTrainerRank:
         self.params: dict[str, DTensorRef] = {
             k: _as_ref(v) for k, v in build(rank, world, *build_args).items()
         }
-        self._refit: RefitRank | None = None
-        self._fault: tuple[str, str] | None = None
 
     def _stage_of(self, ref: DTensorRef) -> int:
         ranks = set(ref.layout.mesh.flat)
@@ -215,120 +214,22 @@ class TorchTrainerRank:
             out.append(SourceParam(name, ref.layout.shape, dtype, self._stage_of(ref), ref.layout))
         return pickle.dumps((self.stage_ranks, out))
 
-    def local(self, name: str) -> torch.Tensor:
+    def local(self, name: str) -> Local:
         ref = self.params[name]
         assert ref.local is not None, f"rank {self.rank} holds no shard of {name}"
         return ref.local
 
-    def refit_connect(self, setup: bytes) -> None:
-        s: RankSetup = pickle.loads(setup)
-        from dataclasses import replace
-
-        self._refit = RefitRank(replace(s, rank=self.rank))
-
-    def refit_step(self, version: int, path: Any = None) -> bytes:
-        if self._refit is None:
-            raise RefitError(f"trainer rank {self.rank}: refit_step before refit_connect")
-        hook = None
-        if self._fault and self._fault[0] == "mutate":
-            hook = self._mutate_at(self._fault[1])
-        elif self._fault:
-            hook = fault(*self._fault)
-        self._refit.fault_injection = hook
-        return pickle.dumps(self._refit.trainer_step(self.local, path, version))
-
-    def set_fault(self, kind: str | None, phase: str = "") -> None:
-        """Fault injection for tests: `refit.rank.fault(kind, phase)` on every refit, or
-        ``"mutate"``: change this rank's weights in place when `phase` starts (as an optimizer
-        step racing a refit would). None clears it."""
-        self._fault = (kind, phase) if kind else None
-
-    def _mutate_at(self, at: str) -> Any:
-        def hook(phase: str) -> None:
-            if at in phase:
-                for ref in self.params.values():
-                    if ref.local is not None and ref.local.is_floating_point():
-                        ref.local.mul_(1.5)
-
-        return hook
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(self, *args)
+    def weights(self) -> Iterator[torch.Tensor]:
+        for ref in self.params.values():
+            if isinstance(ref.local, torch.Tensor):
+                yield ref.local
 
 
-class RayPending:
-    """Ray object refs of one call on every rank (`labels` name them in errors)."""
+class TorchTrainerGroup(RayTrainerGroup):
+    """A `TrainerSide` over Ray actors running `TorchTrainerRank`, one per rank.
 
-    def __init__(
-        self,
-        refs: list[Any],
-        *,
-        what: str,
-        decode: bool = False,
-        labels: Sequence[str] | None = None,
-    ) -> None:
-        self.refs = refs
-        self.what = what
-        self.decode = decode
-        self.labels = list(labels) if labels else [f"{what} [{i}]" for i in range(len(refs))]
-
-    def wait(self, timeout: float | None = None) -> list[Any]:
-        """Every result; on the first failure, give the other ranks a moment to stop too
-        and raise one error naming every rank that failed (a dead process as such)."""
-        import time
-
-        import ray
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = list(self.refs)
-        results: dict[Any, Any] = {}
-        errors: dict[Any, BaseException] = {}
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-            if not ready:
-                late = [self.labels[self.refs.index(r)] for r in pending]
-                raise RefitError(f"{self.what}: {late} did not finish within {timeout} s")
-            self._collect(ready, results, errors)
-            if errors:
-                more, _ = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-                self._collect(more, results, errors)
-                raise RefitError(
-                    [f"{self.labels[self.refs.index(r)]}: {_why(e)}" for r, e in errors.items()]
-                )
-        out = [results[r] for r in self.refs]
-        return [pickle.loads(x) for x in out] if self.decode else out
-
-    @staticmethod
-    def _collect(
-        refs: list[Any], results: dict[Any, Any], errors: dict[Any, BaseException]
-    ) -> None:
-        import ray
-
-        for ref in refs:
-            try:
-                results[ref] = ray.get(ref)
-            except Exception as e:  # report each rank's failure
-                errors[ref] = e
-
-
-def _why(e: BaseException) -> str:
-    import ray
-
-    if isinstance(e, ray.exceptions.ActorDiedError):
-        return "the rank's process died (ActorDiedError)"
-    cause = getattr(e, "cause", None)
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    return f"{type(e).__name__}: {e}"
-
-
-class TorchTrainerGroup:
-    """A `TrainerSide` over Ray actors running `TorchTrainerRank`, one per rank."""
-
-    def __init__(self, actors: Sequence[Any], launch: dict[str, Any] | None = None) -> None:
-        self.actors = list(actors)
-        self._launch = launch  # how `launch` started them, to restart one
+    `restart_rank` rebuilds a rank with the launch's build function (a real trainer restores
+    its weights from its own checkpoint)."""
 
     @classmethod
     def launch(
@@ -366,17 +267,6 @@ class TorchTrainerGroup:
             threads=launch["threads"],
         )
 
-    def restart_rank(self, rank: int) -> None:
-        """Replace trainer rank `rank` (dead or alive) by a fresh actor built the same way;
-        the next refit reconnects it. (A real trainer restores its weights from its own
-        checkpoint; this one rebuilds them with the launch's build function.)"""
-        import ray
-
-        if self._launch is None:
-            raise RefitError("restart_rank needs a group made by TorchTrainerGroup.launch")
-        ray.kill(self.actors[rank], no_restart=True)
-        self.actors[rank] = self._start(self._launch, rank)
-
     def describe(self) -> TrainerSpec:
         import ray
 
@@ -399,27 +289,3 @@ class TorchTrainerGroup:
         return TrainerSpec(
             world=len(self.actors), stage_ranks=stage_ranks, params=tuple(merged.values())
         )
-
-    def connect(self, setup: bytes) -> RayPending:
-        return RayPending(
-            [a.refit_connect.remote(setup) for a in self.actors],
-            what="trainer connect",
-            labels=self._labels(),
-        )
-
-    def step(self, version: int, path: str | None = None) -> RayPending:
-        return RayPending(
-            [a.refit_step.remote(version, path) for a in self.actors],
-            what=f"trainer refit {version}",
-            decode=True,
-            labels=self._labels(),
-        )
-
-    def _labels(self) -> list[str]:
-        return [f"trainer rank {r}" for r in range(len(self.actors))]
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """``fn(rank_object, *args)`` on every rank (e.g. a training step); waits for all."""
-        import ray
-
-        return list(ray.get([a.call.remote(fn, *args) for a in self.actors]))

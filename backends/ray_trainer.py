@@ -1,0 +1,226 @@
+"""What every trainer backend shares: a rank's refit methods and a Ray group of ranks.
+
+`TrainerRankBase` is the refit half of one trainer rank process: `refit_connect` joins the
+refit groups, `refit_step` sends the rank's shards for one refit (its subclass says where a
+shard of an HF name is, `local`), `set_fault` injects faults for tests, `call` runs any
+function with the rank object. `RayTrainerGroup` drives such ranks as Ray actors, one per
+rank, and is the `TrainerSide` a `Refitter` takes (subclasses add `describe`).
+`RayPending` waits for one call on every rank and names each rank that failed.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from refit.errors import RefitError
+from refit.rank import RankSetup, RefitRank, fault
+from xfer.segments import Local
+
+__all__ = ["RayPending", "RayTrainerGroup", "TrainerRankBase", "free_port"]
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TrainerRankBase:
+    """The refit methods of one trainer rank (mixed into the backend's rank class)."""
+
+    rank: int
+    _refit: RefitRank | None = None
+    _fault: tuple[str, str] | None = None
+
+    def local(self, name: str) -> Local:
+        """This rank's shard of HF parameter `name` (a view of its live weights)."""
+        raise NotImplementedError
+
+    def weights(self) -> Iterator[torch.Tensor]:
+        """Every tensor of the rank's live weights (the "mutate" fault changes them)."""
+        raise NotImplementedError
+
+    def before_step(self) -> None:
+        """Called before every refit's transfer (e.g. to gather misc tensors)."""
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def refit_connect(self, setup: bytes) -> None:
+        s: RankSetup = pickle.loads(setup)
+        self._refit = RefitRank(replace(s, rank=self.rank), device=self.device())
+
+    def refit_step(self, version: int, path: Any = None) -> bytes:
+        if self._refit is None:
+            raise RefitError(f"trainer rank {self.rank}: refit_step before refit_connect")
+        hook = None
+        if self._fault and self._fault[0] == "mutate":
+            hook = self._mutate_at(self._fault[1])
+        elif self._fault:
+            hook = fault(*self._fault)
+        self._refit.fault_injection = hook
+        self.before_step()
+        return pickle.dumps(self._refit.trainer_step(self.local, path, version))
+
+    def set_fault(self, kind: str | None, phase: str = "") -> None:
+        """Fault injection for tests: `refit.rank.fault(kind, phase)` on every refit, or
+        ``"mutate"``: change this rank's weights in place when `phase` starts (as an optimizer
+        step racing a refit would). None clears it."""
+        self._fault = (kind, phase) if kind else None
+
+    def _mutate_at(self, at: str) -> Callable[[str], None]:
+        def hook(phase: str) -> None:
+            if at in phase:
+                with torch.no_grad():
+                    for t in self.weights():
+                        if t.is_floating_point():
+                            t.mul_(1.5)
+
+        return hook
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self, *args)
+
+
+class RayPending:
+    """Ray object refs of one call on every rank (`labels` name them in errors)."""
+
+    def __init__(
+        self,
+        refs: list[Any],
+        *,
+        what: str,
+        decode: bool = False,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        self.refs = refs
+        self.what = what
+        self.decode = decode
+        self.labels = list(labels) if labels else [f"{what} [{i}]" for i in range(len(refs))]
+
+    def wait(self, timeout: float | None = None) -> list[Any]:
+        """Every result; on the first failure, give the other ranks a moment to stop too
+        and raise one error naming every rank that failed (a dead process as such)."""
+        import time
+
+        import ray
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(self.refs)
+        results: dict[Any, Any] = {}
+        errors: dict[Any, BaseException] = {}
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                late = [self.labels[self.refs.index(r)] for r in pending]
+                raise RefitError(f"{self.what}: {late} did not finish within {timeout} s")
+            self._collect(ready, results, errors)
+            if errors:
+                more, _ = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+                self._collect(more, results, errors)
+                raise RefitError(
+                    [f"{self.labels[self.refs.index(r)]}: {_why(e)}" for r, e in errors.items()]
+                )
+        out = [results[r] for r in self.refs]
+        return [pickle.loads(x) for x in out] if self.decode else out
+
+    @staticmethod
+    def _collect(
+        refs: list[Any], results: dict[Any, Any], errors: dict[Any, BaseException]
+    ) -> None:
+        import ray
+
+        for ref in refs:
+            try:
+                results[ref] = ray.get(ref)
+            except Exception as e:  # report each rank's failure
+                errors[ref] = e
+
+
+def _why(e: BaseException) -> str:
+    import ray
+
+    if isinstance(e, ray.exceptions.ActorDiedError):
+        if "creation task" in str(e):  # its constructor raised: say what
+            return f"the rank failed to start: {_last_exception(str(e))}"
+        return "the rank's process died (ActorDiedError)"
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _last_exception(text: str) -> str:
+    """The last exception (type, message and what follows) of a Ray traceback text."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line[:1].isalpha() and ": " in line]
+    return "\n".join(lines[starts[-1] :]) if starts else lines[-1] if lines else text
+
+
+class RayTrainerGroup:
+    """Ray actors running a `TrainerRankBase` subclass, one per trainer rank. Subclasses
+    implement `describe` and `_start` (how to start rank `r` from the launch arguments)."""
+
+    def __init__(self, actors: Sequence[Any], launch: dict[str, Any] | None = None) -> None:
+        self.actors = list(actors)
+        self._launch = launch  # how `launch` started them, to restart one
+
+    @staticmethod
+    def _start(launch: dict[str, Any], rank: int) -> Any:
+        raise NotImplementedError
+
+    def restart_rank(self, rank: int) -> None:
+        """Replace trainer rank `rank` (dead or alive) by a fresh actor started the same way;
+        the next refit reconnects it."""
+        import ray
+
+        if self._launch is None:
+            raise RefitError("restart_rank needs a group made by its class's launch()")
+        ray.kill(self.actors[rank], no_restart=True)
+        self.actors[rank] = self._start(self._launch, rank)
+
+    def connect(self, setup: bytes) -> RayPending:
+        return RayPending(
+            [a.refit_connect.remote(setup) for a in self.actors],
+            what="trainer connect",
+            labels=self._labels(),
+        )
+
+    def step(self, version: int, path: str | None = None) -> RayPending:
+        return RayPending(
+            [a.refit_step.remote(version, path) for a in self.actors],
+            what=f"trainer refit {version}",
+            decode=True,
+            labels=self._labels(),
+        )
+
+    def _labels(self) -> list[str]:
+        return [f"trainer rank {r}" for r in range(len(self.actors))]
+
+    def run(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every rank's actor; waits for all, naming ranks that fail."""
+        return RayPending(
+            [getattr(a, method).remote(*args) for a in self.actors],
+            what=method,
+            labels=self._labels(),
+        ).wait()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(rank_object, *args)`` on every rank (e.g. a training step); waits for all."""
+        return self.run("call", fn, *args)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
