@@ -5,8 +5,9 @@ refit rank ``T + i*R + j``. Pipeline stage ``s`` gets its own communication grou
 stage's trainer ranks (group ranks ``0..n-1``, in order) and then every engine rank. Group
 rank 0, the stage's first trainer rank, owns the stage's misc parameters.
 
-Classification (fail-safe). A parameter is *bulk* when the engine gives it a layout; it is
-resharded by xfer straight into the engine's storage. Otherwise it is *misc*: the stage owner
+Classification (fail-safe). A parameter is *bulk* when the engine gives it a layout and the
+trainer does not flag it (`SourceParam.reason`); it is resharded by xfer straight into the
+engine's storage. Otherwise it is *misc*: the stage owner
 sends the whole tensor in a packed broadcast and the engine loads it through its own weight
 loading. A misc parameter the owner does not hold whole is first gathered to the owner by
 the same xfer plan (a destination layout on the owner alone). Unknown never means wrong.
@@ -237,7 +238,7 @@ def plan_refit(
         misc_params: list[SourceParam] = []
         for src, dst in pairs:
             nbytes = param_bytes(src.shape, src.dtype)
-            if dst.layout is not None:
+            if dst.layout is not None and not src.reason:
                 src_l = remap(src.layout, table)
                 dmesh = dst.layout.mesh
                 stacked = replica_table[:, dmesh.ranks.reshape(-1)].reshape(n, *dmesh.shape)
@@ -250,7 +251,11 @@ def plan_refit(
                 report.append(Classified(src.name, Kind.BULK, nbytes, s, dst.target))
             else:
                 misc_params.append(src)
-                reason = dst.reason or "the engine gives it no layout"
+                reason = (
+                    f"trainer: {src.reason}"
+                    if src.reason
+                    else dst.reason or "the engine gives it no layout"
+                )
                 report.append(Classified(src.name, Kind.MISC, nbytes, s, dst.target, reason))
         items = list(bulk)
         owner = trainer.stage_ranks[s][0]

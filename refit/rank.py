@@ -48,6 +48,7 @@ from xfer import Layout, Mesh, Replicate, Resharder, Staging, TorchComm, Transfe
 from xfer.api import Path
 from xfer.checksum import box_checksum, sent_checksums
 from xfer.program import as_bytes
+from xfer.segments import Local
 
 __all__ = ["EngineHooks", "RankSetup", "RankStats", "RefitRank", "fault"]
 
@@ -95,7 +96,7 @@ class EngineHooks(Protocol):
     def finish(self, version: int) -> None: ...
 
 
-LocalShard = Callable[[str], torch.Tensor]
+LocalShard = Callable[[str], Local]  # a trainer's shard of a name: a tensor or Segments
 
 
 def fault(kind: str, at: str) -> Callable[[str], None]:
@@ -313,9 +314,7 @@ class RefitRank:
             self._staging.put(staging)
 
     # -- misc: packed broadcast from the stage owner (group rank 0) --------------------------
-    def _send_misc(
-        self, st: StagePlan, rs: Resharder, whole: dict[str, torch.Tensor | None]
-    ) -> int:
+    def _send_misc(self, st: StagePlan, rs: Resharder, whole: dict[str, Local | None]) -> int:
         """Pack the stage's misc tensors into buckets, in plan order, and broadcast them."""
         for b, size in enumerate(st.buckets):
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
@@ -356,9 +355,7 @@ class RefitRank:
         return out
 
     # -- verification: senders report per-receiver checksums, receivers compare -------------
-    def _send_checksums(
-        self, st: StagePlan, rs: Resharder, srcs: list[torch.Tensor | None]
-    ) -> None:
+    def _send_checksums(self, st: StagePlan, rs: Resharder, srcs: list[Local | None]) -> None:
         sums = sent_checksums(rs.plan, rs.program, srcs)
         engines = range(st.trainers, len(st.ranks))
         bufs = {

@@ -62,6 +62,9 @@ class SourceParam:
     dtype: torch.dtype
     stage: int
     layout: Layout  # over trainer ranks 0..T-1
+    # non-empty: the trainer's shards are not a `Layout` (why); `layout` is then a one-rank
+    # mesh on the stage's first rank, which holds the tensor whole, and it is sent as misc
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,18 @@ def test_misc_is_gathered_to_the_stage_owner_and_bucketed():
     assert st.buckets == (16, 48)  # b (16 B) fits in a 20 B bucket, c (48 B) gets its own
 
 
+def test_a_trainer_that_cannot_give_a_layout_sends_misc_even_where_the_engine_has_one():
+    trainer, engine = _tiny_sides()
+    whole = Layout(Mesh([0], ("owner",)), [Replicate()], (4, 4))
+    flagged = SourceParam("a", (4, 4), torch.float32, 0, whole, "vocab padded")
+    trainer = TrainerSpec(2, ((0, 1),), (flagged, *trainer.params[1:]))
+    plan = plan_refit(trainer, [engine])
+    a = next(c for c in plan.report if c.name == "a")
+    assert a.kind == Kind.MISC and a.reason == "trainer: vocab padded"
+    (st,) = plan.stages
+    assert st.bulk == 0 and next(m for m in st.misc if m.name == "a").gathered is None
+
+
 def test_inconsistent_sides_raise_one_error_listing_everything():
     trainer, engine = _tiny_sides()
     bad_dst = (
