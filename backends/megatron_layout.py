@@ -10,8 +10,8 @@ the final norm and the head on the last.
 Per role (TP = the tp axis; experts use ep and etp): the vocab and column-parallel weights are
 split on dim 0 over TP, row-parallel weights on dim 1, experts on dim 0 over EP and on their
 intermediate dim over ETP, norms and routers replicated. `megatron_spec` gives the whole
-`TrainerSpec` from metadata; the live Megatron worker (issue: backends.megatron_worker)
-describes the same thing from the model it holds.
+`TrainerSpec` from metadata; the live Megatron worker (`backends.megatron_worker`) describes
+the same thing from the model it holds (the end-to-end scenario checks they agree).
 """
 
 from __future__ import annotations
@@ -84,14 +84,17 @@ def stage_of(p: HFParam, num_layers: int, par: MegatronParallel) -> int:
     return (p.layer * chunks // num_layers) % par.pp
 
 
-def megatron_layout(p: HFParam, stage: int, par: MegatronParallel) -> Layout:
+def megatron_layout(p: HFParam, stage: int, par: MegatronParallel, *, te: bool = True) -> Layout:
+    """`p`'s layout. MLA's down projections are replicated with Transformer Engine's layer
+    spec (its linear layers there are "duplicated") and split on dim 0 over TP with the
+    local spec (column-parallel layers), `te` says which."""
     if p.role in _EXPERTS:
         mesh = par.expert_mesh(stage)
         inter_dim = 2 if p.role == Role.EXPERT_DOWN else 1
         return Layout(mesh, [Replicate(), Shard(0), Shard(inter_dim)], p.shape)
     mesh = par.dense_mesh(stage)
     tp: Placement = Replicate()
-    if p.role in _COLUMN:
+    if p.role in _COLUMN or (not te and p.role in (Role.MLA_Q_A, Role.MLA_KV_A)):
         tp = Shard(0)
     elif p.role in (Role.OUT, Role.DOWN):
         tp = Shard(1)
@@ -99,15 +102,22 @@ def megatron_layout(p: HFParam, stage: int, par: MegatronParallel) -> Layout:
 
 
 def megatron_spec(
-    config: Mapping[str, Any], par: MegatronParallel, *, dtype: torch.dtype = torch.bfloat16
+    config: Mapping[str, Any],
+    par: MegatronParallel,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    te: bool = True,
 ) -> TrainerSpec:
-    """What a Megatron trainer with parallelism `par` holds, from metadata only."""
+    """What a Megatron trainer with parallelism `par` holds, from metadata only (with
+    Transformer Engine's layer spec, or with the local spec: `te`)."""
     nl = config["num_hidden_layers"]
     params = []
     for p in hf_params(config):
         s = stage_of(p, nl, par)
         params.append(
-            SourceParam(p.name, p.shape, hf_dtype(p, config, dtype), s, megatron_layout(p, s, par))
+            SourceParam(
+                p.name, p.shape, hf_dtype(p, config, dtype), s, megatron_layout(p, s, par, te=te)
+            )
         )
     return TrainerSpec(
         world=par.world,
