@@ -1,4 +1,4 @@
-"""An end-to-end refit scenario on real parts: torch trainer ranks (Ray actors) -> vLLM.
+"""An end-to-end refit scenario on real parts: torch or Megatron-core trainer ranks -> vLLM.
 
     python -m backends.scenario --model qwen3 --trainer-tp 2 --engine-tp 1 --replicas 1 \\
         --steps 2 --json out.json
@@ -13,6 +13,18 @@ p2p path and with the golden path, and checks:
 * vLLM's greedy generation equals HF transformers' on the same new weights (tokens equal,
   logprobs within `--atol`), and the new weights change HF's own output (so a refit that
   silently did nothing could not pass).
+
+With ``--trainer megatron`` the trainer is real Megatron-core (`backends.megatron_worker`),
+and one engine is refitted from every layout of ``--layouts`` in turn::
+
+    python -m backends.scenario --trainer megatron --model dsv3 --engine-tp 2 \\
+        --layouts tp2,pp2vpp2,tp2ep2etp1
+
+For each layout it also checks, before refitting, that Megatron's own initial weights,
+gathered and mapped to HF, give HF transformers' logits (within ``--logits-atol``), that the
+planner's metadata-only Megatron model (`backends.megatron_layout`) describes the same
+layouts as the live ranks, and at every step that the weights gathered back from the ranks
+are exactly the ones loaded into them.
 
 Everything measured goes to ``--json``; the exit status is non-zero if any check fails.
 """
@@ -42,14 +54,6 @@ def set_step(rank_obj: Any, path: str, step: int) -> None:
         ref.local.copy_(full[name][ref.layout.box(rank_obj.rank)])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _load(raw: bytes) -> Any:
     import torch
 
@@ -73,11 +77,19 @@ def _same(a: dict, b: dict) -> list[str]:
     return bad
 
 
-def hf_generate(path: str, prompts: list[list[int]], n: int) -> list[tuple[list[int], list[float]]]:
+def hf_model(path: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_generate(
+    path_or_model: Any, prompts: list[list[int]], n: int
+) -> list[tuple[list[int], list[float]]]:
+    import torch
+
+    model = hf_model(path_or_model) if isinstance(path_or_model, str) else path_or_model
     out = []
     with torch.no_grad():
         for p in prompts:
@@ -138,17 +150,39 @@ class _Remote:
         return ray.get(self.actor.generate.remote(prompts, n))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    tp1_local = args.replicas == 1
+def start_engines(args: argparse.Namespace, path: str, config: dict[str, Any]) -> list[Any]:
+    """The engine replicas (in this process for one, as Ray actors for several)."""
+    from backends.ray_engine import engine_kwargs
+
+    kwargs = engine_kwargs(path, config, args.engine_tp)
+    if args.keep_cpu_rotary:
+        kwargs.pop("compilation_config", None)
+    replicas = (
+        [_Local(kwargs)]
+        if args.replicas == 1
+        else [_Remote(kwargs, f"engine replica {i}") for i in range(args.replicas)]
+    )
+    for r in replicas:
+        r.rpc("refit_set_options", sorted(args.workarounds), True, args.force_misc)
+    return replicas
+
+
+def _engine_env(args: argparse.Namespace) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if args.engine_tp == 1 else "1"
     if args.engine_tp > 1:
         from backends.ray_engine import cpu_bind
 
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(args.engine_tp))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.trainer == "megatron":
+        return run_megatron(args)
+    _engine_env(args)
     import ray
 
     from backends.hf_checkpoint import load_grouped, save_grouped
-    from backends.ray_engine import engine_kwargs
+    from backends.ray_trainer import free_port
     from backends.tiny_models import build, build_from_config, step_weights
     from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards, stage_meshes
     from refit.refitter import Refitter
@@ -162,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config = build(args.model, path)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     world = args.trainer_pp * args.trainer_dp * args.trainer_tp
-    port = _free_port() if args.dtensor else None
+    port = free_port() if args.dtensor else None
     trainer = TorchTrainerGroup.launch(
         world,
         checkpoint_shards,
@@ -176,16 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             m.flat for m in stage_meshes(args.trainer_pp, args.trainer_dp, args.trainer_tp)
         ],
     )
-    kwargs = engine_kwargs(path, config, args.engine_tp)
-    if args.keep_cpu_rotary:
-        kwargs.pop("compilation_config", None)
-    replicas = (
-        [_Local(kwargs)]
-        if tp1_local
-        else [_Remote(kwargs, f"engine replica {i}") for i in range(args.replicas)]
-    )
-    for r in replicas:
-        r.rpc("refit_set_options", sorted(args.workarounds), True, args.force_misc)
+    replicas = start_engines(args, path, config)
     refitter = Refitter(
         trainer,
         [r.side for r in replicas],
@@ -206,59 +231,210 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     previous = hf_generate(path, PROMPTS, args.tokens)
     for step in range(1, args.steps + 1):
         trainer.call(set_step, path, step)
-        rec: dict[str, Any] = {"step": step}
-        p2p = refitter.refit(path="p2p")
-        got = [r.generate(PROMPTS, args.tokens) for r in replicas]
-        cap_p2p = [[_load(b) for b in r.rpc("refit_captured")] for r in replicas]
-        sd_p2p = [[_load(b) for b in r.rpc("refit_state_dict")] for r in replicas]
-        golden = refitter.refit(path="golden")
-        cap_g = [[_load(b) for b in r.rpc("refit_captured")] for r in replicas]
-        sd_g = [[_load(b) for b in r.rpc("refit_state_dict")] for r in replicas]
-        rec["p2p_seconds"], rec["golden_seconds"] = p2p.seconds, golden.seconds
-        rec["peak_staging_bytes"] = p2p.peak_staging_bytes
-        rec["engine_staging_bytes"] = max(s.staging_bytes for s in p2p.ranks if s.role == "engine")
-        rec["bulk_bytes"], rec["misc_bytes"] = p2p.bulk_bytes, p2p.misc_bytes
-        rec["phases"] = p2p.phases
-        rec["received_differs"] = [
-            _same(a, b)
-            for ra, rb in zip(cap_p2p, cap_g, strict=True)
-            for a, b in zip(ra, rb, strict=True)
-        ]
-        rec["state_differs"] = [
-            _same(a, b)
-            for ra, rb in zip(sd_p2p, sd_g, strict=True)
-            for a, b in zip(ra, rb, strict=True)
-        ]
-        rec["captured_tensors"] = sum(len(c) for rc in cap_p2p for c in rc)
         step_dir = str(work / f"{Path(path).name}_step{step}")
         save_grouped(step_weights(base, step), config, step_dir)
-        ref = hf_generate(step_dir, PROMPTS, args.tokens)
-        rec["tokens_equal"] = [[g[0] == h[0] for g, h in zip(rep, ref, strict=True)] for rep in got]
-        rec["max_logprob_diff"] = max(
-            abs(a - b)
-            for rep in got
-            for g, h in zip(rep, ref, strict=True)
-            for a, b in zip(g[1], h[1], strict=False)
-        )
-        rec["hf_changed"] = (
-            any(a[0] != b[0] for a, b in zip(ref, previous, strict=True))
-            or max(
-                abs(x - y)
-                for a, b in zip(ref, previous, strict=True)
-                for x, y in zip(a[1], b[1], strict=False)
-            )
-            > 10 * args.atol
-        )
-        previous = ref
+        rec, previous = check_step(refitter, replicas, hf_model(step_dir), previous, args)
+        rec["step"] = step
         report["steps"].append(rec)
-    report["ok"] = all(
+    report["ok"] = all(step_ok(s, args.atol) for s in report["steps"])
+    ray.shutdown()
+    return report
+
+
+def step_ok(s: dict[str, Any], atol: float) -> bool:
+    return (
         not any(s["received_differs"])
         and not any(s["state_differs"])
         and all(all(t) for t in s["tokens_equal"])
-        and s["max_logprob_diff"] <= args.atol
+        and s["max_logprob_diff"] <= atol
         and s["hf_changed"]
-        for s in report["steps"]
     )
+
+
+def check_step(
+    refitter: Any, replicas: list[Any], ref_model: Any, previous: Any, args: argparse.Namespace
+) -> tuple[dict[str, Any], Any]:
+    """One training step's refits, after the trainer changed its weights to those of
+    `ref_model`: p2p then golden, each engine's received tensors and state compared between
+    the two, generation compared with HF on the same weights and with the previous step's
+    (`previous`, HF's output before). Returns the record and HF's output now."""
+    rec: dict[str, Any] = {}
+    p2p = refitter.refit(path="p2p")
+    got = [r.generate(PROMPTS, args.tokens) for r in replicas]
+    cap_p2p = [[_load(b) for b in r.rpc("refit_captured")] for r in replicas]
+    sd_p2p = [[_load(b) for b in r.rpc("refit_state_dict")] for r in replicas]
+    golden = refitter.refit(path="golden")
+    cap_g = [[_load(b) for b in r.rpc("refit_captured")] for r in replicas]
+    sd_g = [[_load(b) for b in r.rpc("refit_state_dict")] for r in replicas]
+    rec["p2p_seconds"], rec["golden_seconds"] = p2p.seconds, golden.seconds
+    rec["peak_staging_bytes"] = p2p.peak_staging_bytes
+    rec["engine_staging_bytes"] = max(s.staging_bytes for s in p2p.ranks if s.role == "engine")
+    rec["bulk_bytes"], rec["misc_bytes"] = p2p.bulk_bytes, p2p.misc_bytes
+    rec["phases"] = p2p.phases
+    rec["received_differs"] = [
+        _same(a, b)
+        for ra, rb in zip(cap_p2p, cap_g, strict=True)
+        for a, b in zip(ra, rb, strict=True)
+    ]
+    rec["state_differs"] = [
+        _same(a, b)
+        for ra, rb in zip(sd_p2p, sd_g, strict=True)
+        for a, b in zip(ra, rb, strict=True)
+    ]
+    rec["captured_tensors"] = sum(len(c) for rc in cap_p2p for c in rc)
+    ref = hf_generate(ref_model, PROMPTS, args.tokens)
+    rec["tokens_equal"] = [[g[0] == h[0] for g, h in zip(rep, ref, strict=True)] for rep in got]
+    rec["max_logprob_diff"] = max(
+        abs(a - b)
+        for rep in got
+        for g, h in zip(rep, ref, strict=True)
+        for a, b in zip(g[1], h[1], strict=False)
+    )
+    rec["hf_changed"] = (
+        any(a[0] != b[0] for a, b in zip(ref, previous, strict=True))
+        or max(
+            abs(x - y)
+            for a, b in zip(ref, previous, strict=True)
+            for x, y in zip(a[1], b[1], strict=False)
+        )
+        > 10 * args.atol
+    )
+    return rec, ref
+
+
+def parse_layout(text: str) -> tuple[Any, int]:
+    """``tp2pp2``, ``tp2ep2etp1``, ``pp2vpp2``, ``tp2vocab96`` ... -> (Parallel, world). Data
+    parallel is the smallest that fits the experts unless given (``dp2``); ``vocab<N>`` sets
+    Megatron's make-vocab-size-divisible-by (padding)."""
+    import re
+
+    from backends.megatron_model import Parallel
+
+    sizes = {k: int(v) for k, v in re.findall(r"(vocab|etp|vpp|tp|pp|ep|dp)(\d+)", text)}
+    if "".join(f"{k}{v}" for k, v in re.findall(r"([a-z]+)(\d+)", text)) != text:
+        raise ValueError(f"cannot read layout {text!r}")
+    tp, pp, ep = sizes.get("tp", 1), sizes.get("pp", 1), sizes.get("ep", 1)
+    etp = sizes.get("etp")
+    dp = sizes.get("dp", 1)
+    while "dp" not in sizes and (tp * dp) % (ep * (tp if etp is None else etp)):
+        dp += 1
+    par = Parallel(
+        tp=tp, pp=pp, vpp=sizes.get("vpp", 1), ep=ep, etp=etp,
+        vocab_divisible_by=sizes.get("vocab", 128),
+    )  # fmt: skip
+    return par, tp * pp * dp
+
+
+def reference_logits(group: Any, model: Any, vocab: int, seed: int = 0) -> tuple[float, float]:
+    """(max |Megatron logits - HF logits|, max |HF logits|) on random tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (2, 12), generator=g)
+    mine = group.forward(tokens)
+    with torch.no_grad():
+        want = model(tokens).logits
+    return float((mine - want).abs().max()), float(want.abs().max())
+
+
+def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
+    """One engine (replicas), refitted from Megatron trainers of every layout in turn."""
+    _engine_env(args)
+    import ray
+    import torch
+
+    from backends.hf_checkpoint import load_grouped, save_grouped
+    from backends.megatron_layout import MegatronParallel, megatron_spec
+    from backends.megatron_worker import MegatronTrainerGroup
+    from backends.tiny_models import build, step_weights
+    from refit.refitter import Refitter
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-scenario-"))
+    overrides: dict[str, Any] = {"num_hidden_layers": args.layers}
+    if args.model in ("qwen3", "qwen3_tied"):
+        overrides["num_key_value_heads"] = 2  # Megatron splits query groups over TP
+    path = str(work / f"{args.model}_megatron")
+    config = build(args.model, path, overrides=overrides)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    replicas = start_engines(args, path, config)
+    base = load_grouped(path)
+    previous = hf_generate(path, PROMPTS, args.tokens)
+    report: dict[str, Any] = {"args": vars(args), "layouts": []}
+    for li, text in enumerate(args.layouts):
+        par, world = parse_layout(text)
+        lay: dict[str, Any] = {"layout": text, "parallel": str(par), "world": world}
+        report["layouts"].append(lay)
+        t0 = time.perf_counter()
+        group = MegatronTrainerGroup.launch(world, config, par)
+        lay["launch_seconds"] = time.perf_counter() - t0
+        try:
+            # Megatron's own initial weights, gathered and mapped to HF, against HF itself
+            own = work / f"{args.model}_{text}_init"
+            save_grouped(group.export_hf(), config, own)
+            lay["init_logits_diff"], lay["init_logits_max"] = reference_logits(
+                group, hf_model(str(own)), config["vocab_size"]
+            )
+            spec = group.describe()
+            if par.vocab_divisible_by == 128:  # the benchmark's metadata model, unpadded
+                meta = megatron_spec(
+                    config,
+                    MegatronParallel(
+                        tp=par.tp, pp=par.pp, dp=world // (par.tp * par.pp), ep=par.ep,
+                        etp=par.tp if par.etp is None else par.etp, vpp=par.vpp,
+                    ),
+                    dtype=torch.float32,
+                    te=False,
+                )  # fmt: skip
+                lay["metadata_spec_equal"] = (
+                    sorted(spec.params, key=lambda p: p.name)
+                    == sorted(meta.params, key=lambda p: p.name)
+                    and spec.stage_ranks == meta.stage_ranks
+                )
+            refitter = Refitter(group, [r.side for r in replicas], streams=args.streams)
+            plan = refitter.prepare()
+            lay["plan"] = plan.summary()
+            lay["bulk_fraction"] = plan.bulk_fraction
+            lay["misc"] = [(c.name, c.reason) for c in plan.report if c.kind == "misc"]
+            lay["steps"] = []
+            for step in range(1, args.steps + 1):
+                k = 100 * (li + 1) + step  # every layout and step has its own weights
+                group.load_hf(path, k)
+                weights = step_weights(base, k)
+                step_dir = str(work / f"{args.model}_{text}_step{step}")
+                save_grouped(weights, config, step_dir)
+                model = hf_model(step_dir)
+                exported = group.export_hf()
+                rec: dict[str, Any] = {
+                    "step": step,
+                    "export_differs": sorted(
+                        n for n in weights if not torch.equal(weights[n], exported[n])
+                    ),
+                }
+                rec["logits_diff"], rec["logits_max"] = reference_logits(
+                    group, model, config["vocab_size"], seed=step
+                )
+                more, previous = check_step(refitter, replicas, model, previous, args)
+                rec.update(more)
+                lay["steps"].append(rec)
+        except Exception as e:  # report the layout as failed, go on with the next
+            import traceback
+
+            lay["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+        finally:
+            group.shutdown()
+        lay["ok"] = (
+            "error" not in lay
+            and lay["init_logits_diff"] <= args.logits_atol
+            and lay.get("metadata_spec_equal", True)
+            and all(
+                step_ok(s, args.atol)
+                and not s["export_differs"]
+                and s["logits_diff"] <= args.logits_atol
+                for s in lay["steps"]
+            )
+        )
+        lay["seconds"] = time.perf_counter() - t0
+    report["ok"] = all(lay["ok"] for lay in report["layouts"])
     ray.shutdown()
     return report
 
@@ -269,6 +445,22 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default="qwen3", help="tiny model: qwen3, qwen3_tied, qwen3_moe, dsv3"
     )
     ap.add_argument("--config-json", help="an HF config (JSON) to build instead of --model")
+    ap.add_argument(
+        "--trainer",
+        choices=["torch", "megatron"],
+        default="torch",
+        help="torch/DTensor ranks, or Megatron-core ranks (then see --layouts)",
+    )
+    ap.add_argument(
+        "--layouts",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["tp2"],
+        help="Megatron layouts to refit from in turn, e.g. tp2,pp2vpp2,tp2ep2etp1,tp2vocab96",
+    )
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (Megatron models)")
+    ap.add_argument(
+        "--logits-atol", type=float, default=1e-5, help="Megatron vs HF logits tolerance"
+    )
     ap.add_argument("--trainer-dp", type=int, default=1)
     ap.add_argument("--trainer-tp", type=int, default=2)
     ap.add_argument("--trainer-ep", action="store_true", help="split experts over trainer dp")
@@ -305,6 +497,26 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=1, default=str)
     if args.json:
         Path(args.json).write_text(text)
+    for lay in report.get("layouts", []):
+        if "error" in lay:
+            print(f"{lay['layout']}: ERROR {lay['error']}")
+            continue
+        print(
+            f"{lay['layout']} ({lay['world']} ranks): bulk {100 * lay['bulk_fraction']:.1f}%, "
+            f"init logits diff {lay['init_logits_diff']:.1e}, "
+            f"metadata spec equal {lay.get('metadata_spec_equal', '-')}, "
+            f"{lay['seconds']:.1f} s, {'OK' if lay['ok'] else 'FAILED'}"
+        )
+        for s in lay["steps"]:
+            print(
+                f"  step {s['step']}: p2p {s['p2p_seconds']:.3f} s, golden "
+                f"{s['golden_seconds']:.3f} s, logits diff {s['logits_diff']:.1e}, tokens equal "
+                f"{s['tokens_equal']}, max logprob diff {s['max_logprob_diff']:.2e}, p2p==golden "
+                f"{not any(s['received_differs']) and not any(s['state_differs'])}"
+            )
+    if "layouts" in report:
+        print("OK" if report["ok"] else "FAILED")
+        return 0 if report["ok"] else 1
     for s in report["steps"]:
         print(
             f"step {s['step']}: p2p {s['p2p_seconds']:.3f} s, golden {s['golden_seconds']:.3f} s, "

@@ -36,21 +36,21 @@ KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "dsv3")
 _COMMON = dict(vocab_size=256, hidden_size=128, max_position_embeddings=256, num_hidden_layers=2)
 
 
-def _config(kind: str) -> Any:
+def _config(kind: str, overrides: dict[str, Any]) -> Any:
     from transformers import DeepseekV3Config, Qwen3Config, Qwen3MoeConfig
 
     if kind in ("qwen3", "qwen3_tied"):
-        return Qwen3Config(
-            **_COMMON,
+        cls: Any = Qwen3Config
+        fields: dict[str, Any] = dict(
             intermediate_size=128,
             num_attention_heads=4,
             num_key_value_heads=1,
             head_dim=32,
             tie_word_embeddings=kind == "qwen3_tied",
         )
-    if kind == "qwen3_moe":
-        return Qwen3MoeConfig(
-            **_COMMON,
+    elif kind == "qwen3_moe":
+        cls = Qwen3MoeConfig
+        fields = dict(
             intermediate_size=128,
             moe_intermediate_size=32,
             num_experts=4,
@@ -61,9 +61,9 @@ def _config(kind: str) -> Any:
             mlp_only_layers=[0],
             norm_topk_prob=True,
         )
-    if kind == "dsv3":
-        return DeepseekV3Config(
-            **_COMMON,
+    elif kind == "dsv3":
+        cls = DeepseekV3Config
+        fields = dict(
             intermediate_size=128,
             moe_intermediate_size=32,
             n_routed_experts=4,
@@ -81,11 +81,16 @@ def _config(kind: str) -> Any:
             topk_group=1,
             rope_scaling=None,
         )
-    raise ValueError(f"unknown tiny model {kind!r}; choose from {KINDS}")
+    else:
+        raise ValueError(f"unknown tiny model {kind!r}; choose from {KINDS}")
+    return cls(**{**_COMMON, **fields, **overrides})
 
 
-def build(kind: str, path: str | Path, *, seed: int = 0) -> dict[str, Any]:
-    """Write a random float32 checkpoint of `kind` to `path` (once); return its config."""
+def build(
+    kind: str, path: str | Path, *, seed: int = 0, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write a random float32 checkpoint of `kind` to `path` (once); return its config.
+    `overrides` change config fields (e.g. ``num_hidden_layers``)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if cfg_file.exists():
@@ -93,7 +98,7 @@ def build(kind: str, path: str | Path, *, seed: int = 0) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(kind), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(_config(kind, overrides or {}), dtype=torch.float32)
     model.save_pretrained(path)
     config = json.loads(cfg_file.read_text())
     if kind == "dsv3":
