@@ -54,13 +54,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from refit.errors import RefitError
 from refit.hf import architecture, hf_params
+from refit.spec import SourceParam, TrainerSpec
 from xfer import Layout, Mesh, Replicate, Segments, Shard
 from xfer.layout import Placement
 from xfer.segments import Local
@@ -195,7 +196,7 @@ class _Mapper:
             self.problems.append(f"maps to {name!r}, which the HF model does not have")
         return shape
 
-    def _split(self, p: MegatronParam, hf_dim: int) -> tuple[str, int, int] | None:
+    def _split(self, p: MegatronParam) -> tuple[str, int, int] | None:
         """(axis, size, index) that splits `p`, or None if it is replicated."""
         if not p.tp_split:
             return None
@@ -209,7 +210,7 @@ class _Mapper:
         local extent there is `rows`."""
         box = [(0, n) for n in shape]
         split: tuple[tuple[int, str], ...] = ()
-        s = self._split(p, dim)
+        s = self._split(p)
         if s is not None:
             axis, size, idx = s
             box[dim] = _chunk(shape[dim], size, idx)
@@ -422,15 +423,20 @@ class _Mapper:
             groups // tp,
         )
 
-    def gate_up(self, p: MegatronParam, gate: str, up: str) -> None:
+    def _fc1_half(self, p: MegatronParam) -> int | None:
+        """Rows of gate (and of up) in a gated MLP's fc1 shard `p`, if it is [gate; up]."""
         if p.tp_split and p.stride != 2:
             self.problems.append(
                 f"{p.name}: partition_stride {p.stride}; a gated MLP's fc1 shard is "
                 "[gate; up] (stride 2), anything else is not known"
             )
-            return
-        half = p.shape[0] // 2
-        self.fused(p, [(gate, half), (up, half)], 1)
+            return None
+        return p.shape[0] // 2
+
+    def gate_up(self, p: MegatronParam, gate: str, up: str) -> None:
+        half = self._fc1_half(p)
+        if half is not None:
+            self.fused(p, [(gate, half), (up, half)], 1)
 
     _TE_GROUPED = re.compile(r"^linear_fc([12])\.weight(\d+)$")
     _LOCAL = re.compile(r"^local_experts\.(\d+)\.linear_fc([12])\.weight$")
@@ -442,10 +448,9 @@ class _Mapper:
         if hit or m:
             j, fc = (int(hit.group(1)), hit.group(2)) if hit else (int(m.group(2)), m.group(1))  # type: ignore[union-attr]
             if fc == "1":
-                if p.tp_split and p.stride != 2:
-                    self.problems.append(f"{p.name}: partition_stride {p.stride}, expected 2")
+                half = self._fc1_half(p)
+                if half is None:
                     return
-                half = p.shape[0] // 2
                 self.expert(p, names["gate"], j, _narrow(p.key, 0, 0, half), 0)
                 self.expert(p, names["up"], j, _narrow(p.key, 0, half, half), 0)
             else:
@@ -581,12 +586,10 @@ def stage_meshes(coords: Sequence[Coords]) -> list[StageMeshes]:
 
 def trainer_spec(
     parts: Sequence[tuple[Coords, Sequence[HFShard]]], config: Mapping[str, Any]
-) -> Any:
+) -> TrainerSpec:
     """The `TrainerSpec` of a Megatron trainer from every rank's coordinates and shards (in
     rank order). Checks that the ranks agree on every parameter, that each bulk shard's box
     is exactly what its layout gives the rank, and that every HF parameter is held."""
-    from refit.spec import SourceParam, TrainerSpec
-
     coords = [c for c, _ in parts]
     if [c.rank for c in coords] != list(range(len(coords))):
         raise RefitError(f"ranks must be described in order 0..{len(coords) - 1}")
@@ -601,9 +604,9 @@ def trainer_spec(
     for name, held in holders.items():
         c0, s0 = held[0]
         st = stages[c0.pp]
-        same = [c.rank for c, s in held if s.public() != replace_box(s0.public(), s.box)]
-        if same:
-            problems.append(f"{name!r}: ranks {same} describe it unlike rank {c0.rank}")
+        unlike = [c.rank for c, s in held if s.public() != replace(s0.public(), box=s.box)]
+        if unlike:
+            problems.append(f"{name!r}: ranks {unlike} describe it unlike rank {c0.rank}")
             continue
         other = sorted({c.pp for c, _ in held} - {c0.pp})
         if other:
@@ -638,9 +641,3 @@ def trainer_spec(
         stage_ranks=tuple(st.ranks for st in stages),
         params=tuple(params),
     )
-
-
-def replace_box(s: HFShard, box: tuple[tuple[int, int], ...]) -> HFShard:
-    from dataclasses import replace
-
-    return replace(s, box=box)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from backends.megatron_layout import MegatronParallel
 from refit.errors import RefitError
 from refit.hf import architecture
 
@@ -45,14 +46,22 @@ class Parallel:
     etp: int | None = None  # None: Megatron's default (= tp)
     vocab_divisible_by: int = 128  # Megatron pads the vocab to a multiple of this * tp
 
-    def world_ok(self, world: int) -> str | None:
-        etp = self.tp if self.etp is None else self.etp
+    def sizes(self, world: int) -> MegatronParallel:
+        """Every size of this layout on `world` ranks (data parallel: what is left), as the
+        planner's metadata model of Megatron; one `RefitError` naming the layout if it does
+        not fit."""
+        problems = []
         if world % (self.tp * self.pp):
-            return f"world {world} is not a multiple of tp {self.tp} * pp {self.pp}"
-        dp = world // (self.tp * self.pp)
-        if (self.tp * dp) % (self.ep * etp):
-            return f"ep {self.ep} * etp {etp} does not divide tp {self.tp} * dp {dp}"
-        return None
+            problems.append(f"world {world} is not a multiple of tp {self.tp} * pp {self.pp}")
+        else:
+            try:
+                return MegatronParallel(
+                    tp=self.tp, pp=self.pp, dp=world // (self.tp * self.pp), ep=self.ep,
+                    etp=self.tp if self.etp is None else self.etp, vpp=self.vpp,
+                )  # fmt: skip
+            except RefitError as e:
+                problems += e.violations
+        raise RefitError([f"parallel layout {self}: {p}" for p in problems])
 
     def __str__(self) -> str:
         parts = [f"TP{self.tp}", f"PP{self.pp}"]
@@ -246,9 +255,7 @@ def build(
 
     if not dist.is_initialized():
         raise RefitError("megatron_model.build needs torch.distributed initialized first")
-    why = par.world_ok(dist.get_world_size())
-    if why:
-        raise RefitError(f"parallel layout {par}: {why}")
+    par.sizes(dist.get_world_size())  # raises if the layout does not fit
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(
@@ -319,24 +326,19 @@ def forward_logits(
     hidden = chunks[0].config.hidden_size
     dtype = next(chunks[0].parameters()).dtype
     out = None
-    for v, chunk in enumerate(chunks):
-        for stage in range(pp):
-            if stage != pp_rank:
-                continue
-            first = v == 0 and stage == 0
-            last = v == len(chunks) - 1 and stage == pp - 1
-            if not first:
-                h = torch.empty(s, b, hidden, dtype=dtype, device=device)
-                dist.recv(h, src=mpu.get_pipeline_model_parallel_prev_rank())
-                chunk.set_input_tensor(h)  # type: ignore[operator]
-            with torch.no_grad():
-                y = chunk(
-                    input_ids=tokens if first else None, position_ids=pos, attention_mask=mask
-                )
-            if last:
-                out = y
-            else:
-                dist.send(y.contiguous(), dst=mpu.get_pipeline_model_parallel_next_rank())
+    for v, chunk in enumerate(chunks):  # virtual stage v of this rank's stage
+        first = v == 0 and pp_rank == 0
+        last = v == len(chunks) - 1 and pp_rank == pp - 1
+        if not first:
+            h = torch.empty(s, b, hidden, dtype=dtype, device=device)
+            dist.recv(h, src=mpu.get_pipeline_model_parallel_prev_rank())
+            chunk.set_input_tensor(h)  # type: ignore[operator]
+        with torch.no_grad():
+            y = chunk(input_ids=tokens if first else None, position_ids=pos, attention_mask=mask)
+        if last:
+            out = y
+        else:
+            dist.send(y.contiguous(), dst=mpu.get_pipeline_model_parallel_next_rank())
     if out is None:
         return None
     tp = mpu.get_tensor_model_parallel_world_size()

@@ -39,6 +39,7 @@ from backends.megatron_map import Coords, MegatronParam, hf_shards, trainer_spec
 from backends.megatron_model import Parallel
 from backends.ray_trainer import RayTrainerGroup, TrainerRankBase, free_port
 from refit.errors import RefitError
+from refit.hf import hf_params
 from refit.spec import TrainerSpec
 from xfer.segments import Local, copy_in
 
@@ -128,6 +129,23 @@ def read_coords() -> Coords:
     )
 
 
+class _Detached(Mapping[tuple[int, str], torch.Tensor]):
+    """The rank's parameters, each detached when looked up (a view asks for one or two of
+    them, once per refit and name)."""
+
+    def __init__(self, tensors: Mapping[tuple[int, str], torch.Tensor]) -> None:
+        self._tensors = tensors
+
+    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+        return self._tensors[key].detach()
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 class MegatronRefit:
     """The refit side of one Megatron rank (see the module docstring)."""
 
@@ -135,7 +153,8 @@ class MegatronRefit:
         self.chunks = list(chunks)
         self.config = dict(hf_config)
         self.coords = read_coords()
-        facts, self._tensors = read_params(self.chunks)
+        facts, tensors = read_params(self.chunks)
+        self._params = _Detached(tensors)
         shards = hf_shards(facts, self.config, self.coords)
         self.shards = {s.name: s for s in shards if not s.mirror}
         self.mirrors = [s for s in shards if s.mirror]
@@ -144,9 +163,6 @@ class MegatronRefit:
     def describe(self) -> bytes:
         return pickle.dumps((self.coords, [s.public() for s in self.shards.values()]))
 
-    def _live(self) -> dict[tuple[int, str], torch.Tensor]:
-        return {k: t.detach() for k, t in self._tensors.items()}
-
     def local(self, name: str) -> Local:
         """This rank's shard of `name`: a view of its live weights (the whole gathered tensor
         for a misc shard on the stage's first rank)."""
@@ -154,7 +170,7 @@ class MegatronRefit:
             return self._whole[name]
         view = self.shards[name].view
         assert view is not None
-        return view(self._live())
+        return view(self._params)
 
     def gather_misc(self) -> None:
         """All-gather every misc shard to the stage's first rank (dp 0, tp 0), before a refit.
@@ -165,13 +181,12 @@ class MegatronRefit:
         c = self.coords
         if c.dp != 0 or c.cp != 0:
             return
-        live = self._live()
         for s in self.shards.values():
             if s.gather is None:
                 continue
             axis, dim, key = s.gather
             assert axis == "tp"
-            part = live[key].contiguous()
+            part = self._params[key].contiguous()
             parts = [torch.empty_like(part) for _ in range(c.size("tp"))]
             dist.all_gather(parts, part, group=mpu.get_tensor_model_parallel_group())
             if c.tp == 0:
@@ -179,29 +194,27 @@ class MegatronRefit:
 
     def export(self) -> list[tuple[str, tuple[tuple[int, int], ...], torch.Tensor]]:
         """(HF name, box, values) of every shard this rank holds, on the CPU."""
-        live = self._live()
         out = []
         for s in self.shards.values():
             assert s.view is not None
-            v = s.view(live)
+            v = s.view(self._params)
             out.append((s.name, s.box, v.contiguous().cpu()))
         return out
 
     def load(self, full: Mapping[str, torch.Tensor]) -> None:
         """Set the rank's weights from whole HF tensors (experts grouped `[E, ...]`)."""
-        live = self._live()
         missing = [s.name for s in self.shards.values() if s.name not in full]
         if missing:
             raise RefitError(f"rank {self.coords.rank}: load is missing {missing[:8]}")
         with torch.no_grad():
             for s in [*self.shards.values(), *self.mirrors]:
                 assert s.view is not None
-                dst = s.view(live)
+                dst = s.view(self._params)
                 src = full[s.name][tuple(slice(a, b) for a, b in s.box)]
                 copy_in(dst, tuple(slice(0, n) for n in s.local_shape), src.to(dst.device))
 
     def weights(self) -> Iterator[torch.Tensor]:
-        yield from self._live().values()
+        yield from self._params.values()
 
 
 class MegatronTrainerRank(TrainerRankBase):
@@ -294,6 +307,7 @@ class MegatronTrainerGroup(RayTrainerGroup):
     ) -> None:
         super().__init__(actors, launch)
         self.config = dict(hf_config)
+        self._shapes = {p.name: p.shape for p in hf_params(self.config)}
 
     @classmethod
     def launch(
@@ -309,9 +323,7 @@ class MegatronTrainerGroup(RayTrainerGroup):
         threads: int = 1,
     ) -> MegatronTrainerGroup:
         """Start `world` `MegatronTrainerRank` actors (one GPU each where there is CUDA)."""
-        why = parallel.world_ok(world)
-        if why:
-            raise RefitError(f"parallel layout {parallel}: {why}")
+        parallel.sizes(world)  # raises if the layout does not fit
         launch = dict(
             world=world,
             port=free_port(),
@@ -365,7 +377,7 @@ class MegatronTrainerGroup(RayTrainerGroup):
             for name, box, values in shards:
                 index = tuple(slice(a, b) for a, b in box)
                 if name not in full:
-                    shape = self._shape(name)
+                    shape = self._shapes[name]
                     full[name] = torch.zeros(shape, dtype=values.dtype)
                     filled[name] = torch.zeros(shape, dtype=torch.bool)
                 seen = filled[name][index]
@@ -382,13 +394,6 @@ class MegatronTrainerGroup(RayTrainerGroup):
         if problems:
             raise RefitError(problems)
         return full
-
-    def _shape(self, name: str) -> tuple[int, ...]:
-        from refit.hf import hf_params
-
-        if not hasattr(self, "_shapes"):
-            self._shapes = {p.name: p.shape for p in hf_params(self.config)}
-        return self._shapes[name]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Megatron's own logits for `tokens` ``[batch, seq]`` (from the last stage)."""

@@ -344,7 +344,7 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from backends.hf_checkpoint import load_grouped, save_grouped
-    from backends.megatron_layout import MegatronParallel, megatron_spec
+    from backends.megatron_layout import megatron_spec
     from backends.megatron_worker import MegatronTrainerGroup
     from backends.tiny_models import build, step_weights
     from refit.refitter import Refitter
@@ -376,15 +376,7 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
             )
             spec = group.describe()
             if par.vocab_divisible_by == 128:  # the benchmark's metadata model, unpadded
-                meta = megatron_spec(
-                    config,
-                    MegatronParallel(
-                        tp=par.tp, pp=par.pp, dp=world // (par.tp * par.pp), ep=par.ep,
-                        etp=par.tp if par.etp is None else par.etp, vpp=par.vpp,
-                    ),
-                    dtype=torch.float32,
-                    te=False,
-                )  # fmt: skip
+                meta = megatron_spec(config, par.sizes(world), dtype=torch.float32, te=False)
                 lay["metadata_spec_equal"] = (
                     sorted(spec.params, key=lambda p: p.name)
                     == sorted(meta.params, key=lambda p: p.name)
