@@ -32,6 +32,7 @@ from xfer import Layout, Mesh, Replicate, ReshardItem
 __all__ = ["Classified", "MiscEntry", "RefitPlan", "StagePlan", "plan_refit"]
 
 DEFAULT_MISC_BUCKET_BYTES = 64 << 20
+MISC_ALIGN = 16  # bytes; a multiple of every element size
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,11 @@ def _check(trainer: TrainerSpec, engines: Sequence[EngineSpec]) -> list[str]:
     return out
 
 
+def owner_layout(shape: tuple[int, ...]) -> Layout:
+    """A whole tensor on group rank 0 (the stage owner): a misc tensor's gather target."""
+    return Layout(Mesh([0], ("owner",)), [Replicate()], shape)
+
+
 def plan_refit(
     trainer: TrainerSpec,
     engines: Sequence[EngineSpec],
@@ -268,18 +274,21 @@ def plan_refit(
                 items.append(
                     ReshardItem(
                         remap(src.layout, table),
-                        Layout(Mesh([0], ("owner",)), [Replicate()], src.shape),
+                        owner_layout(src.shape),
                         src.dtype,
                         src.name,
                     )
                 )
             nbytes = param_bytes(src.shape, src.dtype)
-            if not buckets or (buckets[-1] and buckets[-1] + nbytes > misc_bucket_bytes):
+            # each tensor starts MISC_ALIGN-aligned, so a receiver can view its bytes as dtype
+            start = -(-buckets[-1] // MISC_ALIGN) * MISC_ALIGN if buckets else 0
+            if not buckets or (buckets[-1] and start + nbytes > misc_bucket_bytes):
                 buckets.append(0)
+                start = 0
             misc.append(
-                MiscEntry(src.name, src.shape, src.dtype, len(buckets) - 1, buckets[-1], gathered)
+                MiscEntry(src.name, src.shape, src.dtype, len(buckets) - 1, start, gathered)
             )
-            buckets[-1] += nbytes
+            buckets[-1] = start + nbytes
         stages.append(
             StagePlan(
                 stage=s,

@@ -148,6 +148,21 @@ def test_misc_is_gathered_to_the_stage_owner_and_bucketed():
     assert st.buckets == (16, 48)  # b (16 B) fits in a 20 B bucket, c (48 B) gets its own
 
 
+def test_misc_tensors_start_aligned_so_receivers_can_view_their_bytes():
+    # 3 bf16 (6 B) then float32, bool, float64: unaligned offsets could not be viewed
+    shapes = {"a": ((3,), torch.bfloat16), "b": ((5,), torch.float32),
+              "c": ((3,), torch.bool), "d": ((2,), torch.float64)}  # fmt: skip
+    one = Mesh([0], ("tp",))
+    src = [SourceParam(n, s, d, 0, Layout(one, [Replicate()], s)) for n, (s, d) in shapes.items()]
+    dst = [DestParam(n, s, d, f"x.{n}", None, "test") for n, (s, d) in shapes.items()]
+    plan = plan_refit(TrainerSpec(1, ((0,),), tuple(src)), [EngineSpec(1, tuple(dst))])
+    (st,) = plan.stages
+    assert [m.offset for m in st.misc] == [0, 16, 48, 64] and st.buckets == (80,)
+    buf = torch.zeros(st.buckets[0], dtype=torch.uint8)
+    for m in st.misc:
+        assert buf[m.offset : m.offset + m.nbytes].view(m.dtype).view(m.shape).shape == m.shape
+
+
 def test_a_trainer_that_cannot_give_a_layout_sends_misc_even_where_the_engine_has_one():
     trainer, engine = _tiny_sides()
     whole = Layout(Mesh([0], ("owner",)), [Replicate()], (4, 4))
