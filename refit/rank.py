@@ -35,20 +35,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from refit.errors import RefitError
-from refit.planner import RefitPlan, StagePlan
+from refit.planner import RefitPlan, StagePlan, owner_layout
 from refit.watch import Failure, FailureBoard, RefitFailed
-from xfer import Layout, Mesh, Replicate, Resharder, Staging, TorchComm, Transfer, tcp_store
+from xfer import Resharder, Staging, TorchComm, Transfer, tcp_store
 from xfer.api import Path
 from xfer.checksum import box_checksum, sent_checksums
-from xfer.program import as_bytes
-from xfer.segments import Local
+from xfer.segments import Local, copy_out
 
 __all__ = ["EngineHooks", "RankSetup", "RankStats", "RefitRank", "fault"]
 
@@ -116,10 +115,6 @@ def fault(kind: str, at: str) -> Callable[[str], None]:
             time.sleep(float(kind.split(":", 1)[1]))
 
     return hook
-
-
-def _whole(shape: tuple[int, ...]) -> Layout:
-    return Layout(Mesh([0], ("whole",)), [Replicate()], shape)
 
 
 class RefitRank:
@@ -234,7 +229,8 @@ class RefitRank:
                 }
                 stats.misc_bytes += self._send_misc(st, rs, whole)
             else:
-                stats.misc_bytes += sum(t.numel() for _, t in self._recv_misc(st, rs))
+                self._recv_misc(st, rs)
+                stats.misc_bytes += sum(st.buckets)
             stats.phases[f"stage{st.stage}.bulk"] = t1 - t0
             stats.phases[f"stage{st.stage}.misc"] = time.perf_counter() - t1
         stats.seconds = time.perf_counter() - t0
@@ -255,10 +251,9 @@ class RefitRank:
             parts = list(pool.map(lambda s: self._engine_stage(s, hooks, path), self.stages))
         t2 = time.perf_counter()
         misc: list[tuple[str, torch.Tensor]] = []
-        for received, sent, staging, tensors in parts:
+        for received, sent, tensors in parts:
             stats.bulk_received += received
             stats.bulk_sent += sent
-            stats.staging_bytes = max(stats.staging_bytes, staging)
             misc += tensors
         stats.misc_bytes = sum(t.numel() * t.element_size() for _, t in misc)
         stats.staging_bytes = sum(s.nbytes for s in list(self._staging.queue))
@@ -279,7 +274,7 @@ class RefitRank:
 
     def _engine_stage(
         self, stage: tuple[StagePlan, int, Resharder], hooks: EngineHooks, path: Path | None
-    ) -> tuple[int, int, int, list[tuple[str, torch.Tensor]]]:
+    ) -> tuple[int, int, list[tuple[str, torch.Tensor]]]:
         try:
             return self._engine_stage_inner(stage, hooks, path)
         except BaseException:
@@ -289,14 +284,13 @@ class RefitRank:
 
     def _engine_stage_inner(
         self, stage: tuple[StagePlan, int, Resharder], hooks: EngineHooks, path: Path | None
-    ) -> tuple[int, int, int, list[tuple[str, torch.Tensor]]]:
+    ) -> tuple[int, int, list[tuple[str, torch.Tensor]]]:
         st, g, rs = stage
         self._enter(f"stage {st.stage} bulk")
         staging = self._staging.get()
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
-            ctx = torch.cuda.stream(stream) if stream is not None else _Nothing()
-            with ctx:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 dsts = [
                     hooks.view(it.name) if i < st.bulk and it.dst.holds(g) else None
                     for i, it in enumerate(st.items)
@@ -309,7 +303,7 @@ class RefitRank:
                 tensors = self._recv_misc(st, rs)
             if stream is not None:
                 stream.synchronize()
-            return x.bytes_received, x.bytes_sent, staging.nbytes, tensors
+            return x.bytes_received, x.bytes_sent, tensors
         finally:
             self._staging.put(staging)
 
@@ -322,10 +316,11 @@ class RefitRank:
                 if e.bucket == b:
                     t = whole[e.name]
                     assert t is not None, f"stage owner has no whole {e.name}"
-                    buf[e.offset : e.offset + e.nbytes].copy_(as_bytes(t.contiguous()).reshape(-1))
+                    out = buf[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
+                    copy_out(t, tuple(slice(0, n) for n in e.shape), out)
             rs.comm.broadcast(buf, 0).wait()
         if self.setup.verify and st.misc:
-            sums = [box_checksum(whole[e.name], _whole(e.shape), 0) for e in st.misc]
+            sums = [box_checksum(whole[e.name], owner_layout(e.shape), 0) for e in st.misc]
             rs.comm.broadcast(torch.tensor(sums, dtype=torch.int64, device=self.device), 0).wait()
         return sum(st.buckets)
 
@@ -345,7 +340,7 @@ class RefitRank:
             if self.is_engine:
                 bad = []
                 for e, want, (_, t) in zip(st.misc, sums.tolist(), out, strict=True):
-                    got = box_checksum(t, _whole(e.shape), 0)
+                    got = box_checksum(t, owner_layout(e.shape), 0)
                     if got != want:
                         bad.append(f"{e.name} (expected {int(want)}, got {got})")
                 if bad:
@@ -379,11 +374,3 @@ class RefitRank:
                 bad.append(f"{it.name} (expected {int(want[i])}, got {got})")
         if bad:
             raise RefitError([f"engine rank {self.rank}: checksum mismatch: {b}" for b in bad[:20]])
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
