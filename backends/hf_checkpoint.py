@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from refit.hf import expert_name, split_expert_name
+from refit.hf import split_expert_name, ungroup
 
 __all__ = ["load_grouped", "save_grouped"]
 
@@ -46,12 +46,6 @@ def save_grouped(
 ) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    flat: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if name.count(".experts.") == 1 and split_expert_name(name) is None and t.dim() == 3:
-            for e in range(t.shape[0]):
-                flat[expert_name(name, e)] = t[e].contiguous()
-        else:
-            flat[name] = t.contiguous()
+    flat = {n: x.contiguous() for name, t in tensors.items() for n, x in ungroup(name, t)}
     save_file(flat, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(dict(config), indent=1))

@@ -43,7 +43,7 @@ from refit.spec import DestParam, EngineSpec
 from xfer import Layout, Mesh, Replicate, Shard
 from xfer.layout import Placement
 
-__all__ = ["VllmDest", "engine_spec", "vllm_dests"]
+__all__ = ["VllmDest", "engine_spec", "mtp_prefixes", "vllm_dests"]
 
 VOCAB_PADDING = 64
 
@@ -106,8 +106,6 @@ def vllm_dests(
             )
         return VllmDest(p, target, (0, 0), lay([Shard(0)], p.shape))
 
-    names = {p.name for p in hf_params(c)}
-    tied = bool(c.get("tie_word_embeddings")) and "lm_head.weight" not in names
     targets: dict[str, str] = {}  # weight name -> its vLLM target, for FP8 scales
     for p in hf_params(c):
         n, r = p.name, p.role
@@ -153,8 +151,7 @@ def vllm_dests(
         else:  # pragma: no cover - every Role is handled above
             raise AssertionError(r)
         targets[n] = out[-1].target
-    if tied:
-        pass  # lm_head aliases model.embed_tokens.weight; the HF inventory lists only the embedding
+    # tied: lm_head aliases model.embed_tokens.weight; the HF inventory lists only the embedding
     return out
 
 
@@ -172,11 +169,15 @@ def engine_spec(
         )
         for d in vllm_dests(config, tp, expert_parallel=expert_parallel)
     )
+    return EngineSpec(world=tp, params=params, ignored=mtp_prefixes(config))
+
+
+def mtp_prefixes(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """Name prefixes of multi-token-prediction layers: in the checkpoint, not in the engine."""
     nl = config["num_hidden_layers"]
-    ignored = tuple(
+    return tuple(
         f"model.layers.{nl + i}." for i in range(config.get("num_nextn_predict_layers") or 0)
     )
-    return EngineSpec(world=tp, params=params, ignored=ignored)
 
 
 def _qkv(

@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from backends.vllm_layout import VllmDest, vllm_dests
+from backends.vllm_layout import VllmDest, mtp_prefixes, vllm_dests
 from refit.errors import RefitError
-from refit.hf import Role, expert_name
+from refit.hf import Role, ungroup
 from refit.rank import RankSetup, RefitRank, fault
 from refit.spec import DestParam, EngineSpec
 
@@ -245,11 +245,7 @@ class RefitWorkerExtension:
             )
             for d in dests
         ]
-        ignored = tuple(
-            f"model.layers.{config['num_hidden_layers'] + i}."
-            for i in range(config.get("num_nextn_predict_layers") or 0)
-        )
-        return pickle.dumps(EngineSpec(world=tp, params=tuple(out), ignored=ignored))
+        return pickle.dumps(EngineSpec(world=tp, params=tuple(out), ignored=mtp_prefixes(config)))
 
     # -- connect and step ------------------------------------------------------------------
     def refit_connect(self, setup: bytes) -> None:
@@ -257,7 +253,10 @@ class RefitWorkerExtension:
         s: RankSetup = pickle.loads(setup)
         rank, _ = self._refit_tp()
         _, bulk, misc, targets = self._refit_plan_targets()
-        st["bulk"], st["misc"], st["targets"] = bulk, misc, targets
+        st["bulk"], st["misc"] = bulk, misc
+        st["modules"] = {}  # module -> its targets, in first-target order
+        for t in targets.values():
+            st["modules"].setdefault(t.module, []).append(t)
         st["rank"] = RefitRank(replace(s, rank=s.rank + rank), device=self.device)  # type: ignore[attr-defined]
 
     def refit_step(self, version: int, path: Any = None) -> bytes:
@@ -268,8 +267,7 @@ class RefitWorkerExtension:
         status: EngineStatus = st["status"]
         status.attempted = version
         rank: RefitRank = st["rank"]
-        if st["fault"] is not None:
-            rank.fault_injection = fault(*st["fault"])
+        rank.fault_injection = fault(*st["fault"]) if st["fault"] is not None else None
         try:
             stats = rank.engine_step(hooks, version, path)
         except BaseException as e:
@@ -350,38 +348,34 @@ class _VllmInstall:
         with self._ctx(), torch.no_grad():
             self._begun = True
             initialize_layerwise_reload(self.model)
-            done: set[str] = set()
-            for tgt in self.st["targets"].values():
-                module = self.model.get_submodule(tgt.module)
+            for mod, tgts in self.st["modules"].items():
+                module = self.model.get_submodule(mod)
                 info = get_layerwise_info(module)
-                if tgt.module not in done:
-                    materialize_layer(module, info)
-                    # misc tensors for this module load through the original loaders, into
-                    # the materialized storage (processing waits for `finish`)
-                    for t in list(module.parameters(recurse=False)):
-                        if hasattr(t, "weight_loader"):
-                            t.weight_loader = _get_original_loader(t)
-                    kernel = info.kernel_tensors or ({}, {})
-                    written = {
-                        x.tensor for x in self.st["targets"].values() if x.module == tgt.module
-                    }
-                    for name, t in (kernel[0] | kernel[1]).items():
-                        if name in written or not hasattr(module, name):
-                            continue
-                        cur = getattr(module, name)
-                        if isinstance(cur, torch.Tensor) and cur.shape == t.shape:
-                            cur.data.copy_(t)
-                    done.add(tgt.module)
-                tensor = getattr(module, tgt.tensor)
-                if any(d.hf.role in (Role.EMBED, Role.LM_HEAD) for d in tgt.dests):
-                    tensor.data.zero_()  # vocab padding rows stay zero, as vLLM loads them
-                for d in tgt.dests:
-                    if d.hf.name not in self.st["bulk"]:
+                materialize_layer(module, info)
+                # misc tensors for this module load through the original loaders, into
+                # the materialized storage (processing waits for `finish`)
+                for t in list(module.parameters(recurse=False)):
+                    if hasattr(t, "weight_loader"):
+                        t.weight_loader = _get_original_loader(t)
+                kernel = info.kernel_tensors or ({}, {})
+                written = {x.tensor for x in tgts}
+                for name, t in (kernel[0] | kernel[1]).items():
+                    if name in written or not hasattr(module, name):
                         continue
-                    assert d.layout is not None
-                    local = d.layout.local_shape(rank)
-                    index = tuple(slice(o, o + n) for o, n in zip(d.offset, local, strict=True))
-                    self.views[d.hf.name] = tensor.data[index]
+                    cur = getattr(module, name)
+                    if isinstance(cur, torch.Tensor) and cur.shape == t.shape:
+                        cur.data.copy_(t)
+                for tgt in tgts:
+                    tensor = getattr(module, tgt.tensor)
+                    if any(d.hf.role in (Role.EMBED, Role.LM_HEAD) for d in tgt.dests):
+                        tensor.data.zero_()  # vocab padding rows stay zero, as vLLM loads them
+                    for d in tgt.dests:
+                        if d.hf.name not in self.st["bulk"]:
+                            continue
+                        assert d.layout is not None
+                        local = d.layout.local_shape(rank)
+                        index = tuple(slice(o, o + n) for o, n in zip(d.offset, local, strict=True))
+                        self.views[d.hf.name] = tensor.data[index]
 
     def view(self, name: str) -> torch.Tensor:
         return self.views[name]
@@ -393,16 +387,11 @@ class _VllmInstall:
             self.st["captured"] = cap
         if not tensors:
             return
-        hf: list[tuple[str, torch.Tensor]] = []
-        for name, t in tensors:
-            if ".experts." in name and t.dim() == 3 and name.count(".experts.") == 1:
-                hf += [(expert_name(name, e), t[e]) for e in range(t.shape[0])]
-            else:
-                hf.append((name, t))
+        hf = [pair for name, t in tensors for pair in ungroup(name, t)]
         with self._ctx(), torch.no_grad():
             self._touched = True  # misc-only modules are processed into the running weights
             self.model.load_weights(iter(hf))
-        direct = {t.module for t in self.st["targets"].values()}
+        direct = self.st["modules"]
         for name, _ in tensors:
             if ".experts." in name:
                 m = name.rsplit(".experts.", 1)[0] + ".experts.routed_experts"
@@ -424,7 +413,7 @@ class _VllmInstall:
         self._touched = True
         rank: RefitRank = self.st["rank"]
         with self._ctx(), torch.no_grad():
-            for i, mod in enumerate(sorted({t.module for t in self.st["targets"].values()})):
+            for i, mod in enumerate(sorted(self.st["modules"])):
                 if i == 1:  # the first module already runs its new weights
                     rank._enter("finish install: processing modules")
                 layer = self.model.get_submodule(mod)
@@ -478,7 +467,7 @@ class _VllmInstall:
         )
 
         with self._ctx(), torch.no_grad():
-            for mod in {t.module for t in self.st["targets"].values()}:
+            for mod in self.st["modules"]:
                 layer = self.model.get_submodule(mod)
                 info = get_layerwise_info(layer)
                 if info.kernel_tensors is not None:

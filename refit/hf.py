@@ -37,6 +37,7 @@ __all__ = [
     "hf_dtype",
     "hf_params",
     "split_expert_name",
+    "ungroup",
 ]
 
 
@@ -95,6 +96,13 @@ def split_expert_name(name: str) -> tuple[str, int] | None:
     if m is None:
         return None
     return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+
+
+def ungroup(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A grouped expert tensor ``[E, ...]`` as its per-expert HF tensors; others as they are."""
+    if name.count(".experts.") == 1 and split_expert_name(name) is None and t.dim() == 3:
+        return [(expert_name(name, e), t[e]) for e in range(t.shape[0])]
+    return [(name, t)]
 
 
 _QUANTIZED = {
