@@ -128,7 +128,8 @@ def synthetic_plan(
 # Two synthetic refits: many tiny tensors (latency-bound) and 4 MiB tensors (bandwidth-bound).
 TINY = {"tensors": 32, "shape": (16, 64)}
 LARGE = {"tensors": 16, "shape": (1024, 2048)}
-_PATHS = (("p2p", "p2p"), ("golden", "golden"), ("gather+bcast", "baseline"))
+# each measured path and the simulator's figure that predicts it
+PATHS = (("p2p", "p2p"), ("golden", "golden"), ("gather+bcast", "baseline"))
 
 
 def fit(

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from backends.megatron_layout import MegatronParallel
@@ -55,10 +54,6 @@ class BenchConfig:
     local: Side
     cluster: Cluster
     published: list[dict[str, Any]]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.bfloat16
 
 
 def _side(section: str, model: dict, trainer: dict, engine: dict, refit: dict) -> Side:

@@ -19,6 +19,7 @@ Everything goes to ``<out>/<config>.json`` and a plot ``<out>/<config>.png``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -41,28 +42,39 @@ from xfer.local import RankPool
 GB = 1e9
 
 
-def build_plans(side: Side) -> tuple[RefitPlan, list[Plan], dict[str, float]]:
-    """The refit plan and every stage's xfer plan, with build time (one core) and memory."""
-    tracemalloc.start()
-    t0 = time.process_time()
+def stage_plans(plan: RefitPlan, bucket_bytes: int) -> list[Plan]:
+    """Every stage's xfer plan."""
+    return [
+        plan_reshard(st.items, world_size=len(st.ranks), bucket_bytes=bucket_bytes)
+        for st in plan.stages
+    ]
+
+
+def _plan(side: Side) -> tuple[RefitPlan, list[Plan]]:
     trainer = megatron_spec(side.model, side.trainer)
     engine = engine_spec(side.model, side.engine_tp, expert_parallel=side.expert_parallel)
     plan = plan_refit(trainer, [engine] * side.replicas)
-    stage_plans = [
-        plan_reshard(st.items, world_size=len(st.ranks), bucket_bytes=side.bucket_bytes)
-        for st in plan.stages
-    ]
+    return plan, stage_plans(plan, side.bucket_bytes)
+
+
+def build_plans(side: Side) -> tuple[RefitPlan, list[Plan], dict[str, float]]:
+    """The refit plan and every stage's xfer plan, with build time (one core) and memory:
+    timed in one build and traced in another (tracing slows the build about twofold)."""
+    t0 = time.process_time()
+    plan, plans = _plan(side)
     cpu = time.process_time() - t0
+    tracemalloc.start()
+    _plan(side)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return plan, stage_plans, {"plan_seconds_cpu": cpu, "plan_peak_mib": peak / 2**20}
+    return plan, plans, {"plan_seconds_cpu": cpu, "plan_peak_mib": peak / 2**20}
 
 
-def plan_figures(plan: RefitPlan, stage_plans: list[Plan]) -> dict[str, Any]:
+def plan_figures(plan: RefitPlan, plans: list[Plan]) -> dict[str, Any]:
     world, t = plan.world, plan.trainer_world
     bytes_in, bytes_out = np.zeros(world), np.zeros(world)
     messages = rounds = chunks = 0
-    for st, p in zip(plan.stages, stage_plans, strict=True):
+    for st, p in zip(plan.stages, plans, strict=True):
         s = p.stats
         g2r = np.asarray(st.ranks)
         np.add.at(bytes_in, g2r, s.bytes_in)
@@ -99,44 +111,33 @@ def run_local(
     cfg: BenchConfig, reps: int, engines: bool, progress: Any, backend: str = "gloo"
 ) -> dict[str, Any]:
     side = cfg.local
-    plan, stage_plans, build = build_plans(side)
+    plan, plans, build = build_plans(side)
     pool = RankPool(side.world)
+    run = functools.partial(
+        localrun.execute,
+        streams=side.streams,
+        bucket_bytes=side.bucket_bytes,
+        reps=reps,
+        pool=pool,
+        backend=backend,
+    )
     try:
         progress.set_description("calibrating local links")
         figures = pool.run(calibrate.calibrate_rank, side.world, timeout=600)[0]
         runs = []
         for kind in (calibrate.TINY, calibrate.LARGE):
             synth = calibrate.synthetic_plan(side.trainer, side.engine_tp, side.replicas, **kind)
-            synth_plans = [
-                plan_reshard(st.items, world_size=len(st.ranks), bucket_bytes=side.bucket_bytes)
-                for st in synth.stages
-            ]
-            measured_synth = localrun.execute(
-                synth,
-                streams=side.streams,
-                bucket_bytes=side.bucket_bytes,
-                reps=reps,
-                pool=pool,
-                backend=backend,
-            )
-            runs.append((synth, synth_plans, measured_synth))
+            runs.append((synth, stage_plans(synth, side.bucket_bytes), run(synth)))
         figures = calibrate.fit(figures, side.world, side.streams, runs[0], runs[1])
         progress.update(1)
         progress.set_description("executing the scaled-down copy")
-        measured = localrun.execute(
-            plan,
-            streams=side.streams,
-            bucket_bytes=side.bucket_bytes,
-            reps=reps,
-            pool=pool,
-            backend=backend,
-        )
+        measured = run(plan)
         progress.update(1)
     finally:
         pool.close()
     cluster = calibrate.local_cluster(figures, side.world)
     nodes = np.zeros(plan.world, dtype=np.int64)
-    predicted = simulate(plan, stage_plans, cluster, streams=side.streams, nodes=nodes)
+    predicted = simulate(plan, plans, cluster, streams=side.streams, nodes=nodes)
     out = {
         "backend": backend,
         "layout": f"trainer {side.trainer} -> engine TP{side.engine_tp} x {side.replicas}",
@@ -225,7 +226,7 @@ def print_report(cfg: BenchConfig, full: dict[str, Any], local: dict[str, Any] |
     )
     base = m["paths"]["p2p"]["seconds"]
     print(f"   {'path':<16}{'measured':>10}{'predicted':>11}{'error':>8}{'x p2p':>8}  identical")
-    for path, key in (("p2p", "p2p"), ("golden", "golden"), ("gather+bcast", "baseline")):
+    for path, key in calibrate.PATHS:
         s = m["paths"][path]["seconds"]
         p = pr[key]
         print(
@@ -273,7 +274,7 @@ def plot(cfg: BenchConfig, full: dict[str, Any], local: dict[str, Any] | None, p
         ax.legend()
     if local:
         ax = axes[2]
-        paths = [("p2p", "p2p"), ("golden", "golden"), ("gather+bcast", "baseline")]
+        paths = calibrate.PATHS
         x = np.arange(len(paths))
         ax.bar(
             x - 0.2,
@@ -312,15 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = 2 + (0 if args.skip_local else 3)
     with tqdm(total=steps, desc="planning at full scale", leave=False) as bar:
-        plan, stage_plans, build = build_plans(cfg.full)
-        figures = plan_figures(plan, stage_plans)
+        plan, plans, build = build_plans(cfg.full)
+        figures = plan_figures(plan, plans)
         bar.update(1)
         bar.set_description("simulating")
-        sim: SimResult = simulate(plan, stage_plans, cfg.cluster, streams=cfg.full.streams)
+        sim: SimResult = simulate(plan, plans, cfg.cluster, streams=cfg.full.streams)
         sweep = {}
         k = 1
         while k <= len(plan.stages):
-            sweep[k] = simulate(plan, stage_plans, cfg.cluster, streams=k).p2p
+            same = k == cfg.full.streams
+            sweep[k] = sim.p2p if same else simulate(plan, plans, cfg.cluster, streams=k).p2p
             k *= 2
         bar.update(1)
         full = {
