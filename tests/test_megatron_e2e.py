@@ -37,7 +37,8 @@ def check(report: dict, layouts: list[str]) -> dict[str, dict]:
     for name, lay in by.items():
         assert "error" not in lay, (name, lay.get("error"))
         assert lay["init_logits_diff"] <= 1e-5 and lay["init_logits_max"] > 0.1, name
-        assert lay.get("metadata_spec_equal", True), name
+        if "vocab" not in name:  # the metadata model knows only the default vocab padding
+            assert lay["metadata_spec_equal"], name
         assert len(lay["steps"]) == 2, name
         for s in lay["steps"]:
             assert s["export_differs"] == [], (name, s["export_differs"])

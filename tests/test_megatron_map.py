@@ -8,6 +8,8 @@ The real-model tests (test_megatron_e2e) hold the local format against megatron-
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -171,7 +173,11 @@ def test_views_are_the_hf_boxes_and_the_layouts_agree(layout, fmt):
             want = full[s.name][tuple(slice(a, b) for a, b in s.box)]
             assert torch.equal(got.contiguous(), want), (r, s.name)
             assert not s.misc
-            if fmt == "local" and s.name.endswith("q_proj.weight") and tp < groups():
+            if (
+                fmt == "local"
+                and s.name.endswith("q_proj.weight")
+                and tp < CONFIG["num_key_value_heads"]
+            ):
                 assert isinstance(got, Segments)  # several query groups: one view each
         parts.append((c, [s.public() for s in shards]))
     spec = trainer_spec(parts, CONFIG)
@@ -179,10 +185,6 @@ def test_views_are_the_hf_boxes_and_the_layouts_agree(layout, fmt):
     assert len(spec.stage_ranks) == pp and not any(p.reason for p in spec.params)
     experts = next(p for p in spec.params if p.name.endswith("experts.down_proj.weight"))
     assert experts.layout.mesh.axes == ("edp", "ep", "etp")
-
-
-def groups() -> int:
-    return CONFIG["num_key_value_heads"]
 
 
 def test_a_padded_vocab_is_misc_and_named_why():
@@ -228,9 +230,7 @@ def test_unknown_modules_and_bad_attributes_are_named():
             0, "decoder.layers.0.self_attention.mystery.weight", (4, 4), torch.float32, layer=0
         ),
         *[
-            MegatronParam(f.chunk, f.name, f.shape, f.dtype, f.tp_split, f.dim, 1, f.layer)
-            if f.name == "decoder.layers.0.mlp.linear_fc1.weight"
-            else f
+            replace(f, stride=1) if f.name == "decoder.layers.0.mlp.linear_fc1.weight" else f
             for f in facts
         ],
     ]
@@ -244,21 +244,7 @@ def test_unknown_modules_and_bad_attributes_are_named():
 def test_expert_numbering_that_is_not_an_ep_split_is_refused():
     c = coords(1, 1, 1, 2, 2, 1)  # EP rank 1 of 2: experts 2 and 3
     facts, _ = megatron_rank(full_weights(CONFIG), CONFIG, c, "local", divisible_by=4)
-    wrong = [
-        MegatronParam(
-            f.chunk,
-            f.name,
-            f.shape,
-            f.dtype,
-            f.tp_split,
-            f.dim,
-            f.stride,
-            f.layer,
-            f.expert,
-            (0, 1) if f.experts else (),
-        )
-        for f in facts
-    ]
+    wrong = [replace(f, experts=(0, 1) if f.experts else ()) for f in facts]
     with pytest.raises(RefitError, match=r"EP rank 1 holds experts \[0, 1\].*gives 2..3"):
         hf_shards(wrong, CONFIG, c)
 
@@ -273,7 +259,7 @@ def test_ranks_that_disagree_or_miss_parameters_fail_the_description():
         if r == 1:
             shards = [s for s in shards if s.name != "model.norm.weight"]
             shards = [
-                type(s)(s.name, s.shape, torch.bfloat16, s.box, s.split)
+                replace(s, dtype=torch.bfloat16)
                 if s.name == "model.layers.0.mlp.up_proj.weight"
                 else s
                 for s in shards
