@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7]]
+from backends.scenario import long_prompt
+
+PROMPTS = [long_prompt(130, 1), [9, 8, 7]]
 
 
 def _cast(rank_obj: Any, name: str, dtype: str) -> None:

@@ -14,7 +14,7 @@ import pickle
 from typing import Any
 
 from backends.ray_trainer import RayPending
-from refit.rpc import METHODS
+from refit.rpc import METHODS, invalidate_caches
 from refit.spec import EngineSpec
 
 __all__ = [
@@ -64,6 +64,9 @@ def engine_kwargs(model: str, config: dict[str, Any], tp: int = 1, **extra: Any)
         enforce_eager=True,
         max_model_len=256,
         kv_cache_memory_bytes=32 << 20,
+        # prefix caching on, in small blocks, so tests see a cache that survives a refit
+        enable_prefix_caching=True,
+        block_size=32,
         worker_extension_cls=EXTENSION,
         skip_tokenizer_init=True,
         tensor_parallel_size=tp,
@@ -89,6 +92,12 @@ class VllmEngineActor:
 
     def rpc(self, method: str, *args: Any) -> list[Any]:
         return list(self.llm.collective_rpc(method, args=args))
+
+    def refit_step(self, version: int, path: str | None) -> list[Any]:
+        """Install refit `version` on every rank, then drop the caches of the old weights."""
+        stats = self.rpc(METHODS["step"], version, path)
+        invalidate_caches(self.llm)
+        return stats
 
     def generate(
         self, prompts: list[list[int]], max_tokens: int, allow_stale: bool = False
@@ -129,7 +138,7 @@ class RayEngine:
         )
 
     def step(self, version: int, path: str | None = None) -> Any:
-        ref = self.actor.rpc.remote(METHODS["step"], version, path)
+        ref = self.actor.refit_step.remote(version, path)
         return _Flatten(RayPending([ref], what=f"{self.name} refit {version}"))
 
     def status(self) -> list[Any]:

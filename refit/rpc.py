@@ -4,6 +4,12 @@ The engine's workers run the project's worker extension (`backends.vllm_worker`)
 implements the methods named in `METHODS`; everything crossing the call is bytes (pickled
 records), so it works in single-process and multiprocess engines alike. Duck-typed: any object
 with ``collective_rpc(method, args=...)`` works, and nothing here imports vLLM.
+
+After its ranks installed a refit, an engine still holds caches computed with the old weights:
+vLLM's prefix cache serves KV blocks of earlier prompts, and its multimodal and encoder caches
+keep outputs of the old encoder. `invalidate_caches` drops them all (running requests' KV
+included, so a request in flight recomputes its prefix on the new weights); `RpcEngine.step`
+calls it on every completed refit, before the refit counts as done.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from refit.errors import RefitError
 from refit.pending import Threaded
 from refit.spec import EngineSpec, Pending
 
-__all__ = ["METHODS", "RpcEngine"]
+__all__ = ["METHODS", "RpcEngine", "invalidate_caches"]
 
 METHODS = {
     "describe": "refit_describe",
@@ -23,6 +29,23 @@ METHODS = {
     "step": "refit_step",
     "status": "refit_status",
 }
+
+
+def invalidate_caches(llm: Any, *, name: str = "engine") -> None:
+    """Drop every cache `llm` (a vLLM ``LLM`` or ``LLMEngine``) derived from its weights."""
+    reset = getattr(llm, "reset_prefix_cache", None)
+    if reset is None:
+        raise RefitError(f"{name}: {type(llm).__name__} has no reset_prefix_cache")
+    if reset(reset_running_requests=True) is False:
+        raise RefitError(
+            f"{name}: vLLM refused to reset its prefix cache after the refit; its KV cache may "
+            "hold blocks computed with the old weights"
+        )
+    for owner in (llm, getattr(llm, "llm_engine", None)):
+        for method in ("reset_mm_cache", "reset_encoder_cache"):
+            fn = getattr(owner, method, None)
+            if fn is not None:
+                fn()
 
 
 class RpcEngine:
@@ -52,10 +75,12 @@ class RpcEngine:
         return Threaded(lambda: self._call("connect", setup), what=f"{self.name} connect")
 
     def step(self, version: int, path: str | None = None) -> Pending:
-        return Threaded(
-            lambda: [pickle.loads(b) for b in self._call("step", version, path)],
-            what=f"{self.name} refit {version}",
-        )
+        def run() -> list[Any]:
+            stats = [pickle.loads(b) for b in self._call("step", version, path)]
+            invalidate_caches(self.llm, name=self.name)
+            return stats
+
+        return Threaded(run, what=f"{self.name} refit {version}")
 
     def status(self) -> list[Any]:
         return [pickle.loads(b) for b in self._call("status")]

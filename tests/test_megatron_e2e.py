@@ -32,6 +32,7 @@ MOE = ["tp2", "pp2", "tp2pp2", "ep2", "tp2ep2etp1", "tp2ep2etp2", "pp2vpp2"]
 
 
 def check(report: dict, layouts: list[str]) -> dict[str, dict]:
+    assert all(map(all, report["initial_tokens_equal"])), report["initial_tokens_equal"]
     by = {lay["layout"]: lay for lay in report["layouts"]}
     assert list(by) == layouts
     for name, lay in by.items():
