@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from refit.watch import Failure, FailureBoard, RefitFailed
 from tests.strategies import full_tensor, items
 from xfer import Segments, Transfer, build_program, plan_reshard, tcp_store
-from xfer.checksum import box_checksum, region_checksum, sent_checksums
+from xfer.checksum import Checksum, box_checksum, region_checksum, sent_checksums
 from xfer.program import as_bytes, byte_shape
 
 
@@ -32,7 +32,7 @@ def _split_rows(t: torch.Tensor | None):
 def test_senders_checksums_add_up_to_each_receivers_box(its, bucket, segments):
     plan = plan_reshard(its, bucket_bytes=bucket, world_size=8)
     fulls = [full_tensor(it.src.shape, it.dtype, i) for i, it in enumerate(its)]
-    sent: dict[tuple[int, int], int] = {}
+    sent: dict[tuple[int, int], Checksum] = {}
     for r in range(8):
         srcs = [
             f[it.src.box(r)] if it.src.holds(r) else None for it, f in zip(its, fulls, strict=True)
@@ -40,13 +40,13 @@ def test_senders_checksums_add_up_to_each_receivers_box(its, bucket, segments):
         if segments:
             srcs = [_split_rows(t) for t in srcs]
         for key, v in sent_checksums(plan, build_program(plan, r), srcs).items():
-            sent[key] = sent.get(key, 0) + v
+            sent[key] = sent.get(key, Checksum()) + v
     for r in range(8):
         for i, (it, f) in enumerate(zip(its, fulls, strict=True)):
             if not it.dst.holds(r):
                 continue
             # what the rank gets from others plus what it copies from itself
-            local = 0
+            local = Checksum()
             if it.src.holds(r):
                 prog = build_program(plan, r)
                 for lc in prog.local:
@@ -63,7 +63,7 @@ def test_senders_checksums_add_up_to_each_receivers_box(its, bucket, segments):
                         )
             box = f[it.dst.box(r)]
             want = box_checksum(box, it.dst, r)
-            assert sent.get((i, r), 0) + local == want
+            assert sent.get((i, r), Checksum()) + local == want
             assert box_checksum(_split_rows(box), it.dst, r) == want
 
 
@@ -80,6 +80,26 @@ def test_a_changed_byte_changes_the_checksum():
     v = u.clone()
     v[[0, 1]] = v[[1, 0]]
     assert box_checksum(u, lay, 0) != box_checksum(v, lay, 0)
+
+
+def test_checksum_catches_swaps_at_any_distance_and_every_single_bit_flip():
+    from xfer import Layout, Mesh, Replicate
+
+    n = 3 * 65521 + 17
+    lay = Layout(Mesh([0], ("x",)), [Replicate()], (n,))
+    u = torch.randn(n)
+    want = box_checksum(u, lay, 0)
+    # blocks 65521 elements apart: the modulus of the position weights of a simpler checksum
+    for a, b in ((0, 65521), (5, 5 + 2 * 65521), (100, 101), (7, n - 1)):
+        v = u.clone()
+        v[[a, b]] = v[[b, a]]
+        assert box_checksum(v, lay, 0) != want, (a, b)
+    raw = u.view(torch.uint8)
+    for byte in (0, 1, 4 * 65521, raw.numel() - 1):
+        for bit in range(8):
+            w = raw.clone()
+            w[byte] ^= 1 << bit
+            assert box_checksum(w.view(torch.float32), lay, 0) != want, (byte, bit)
 
 
 def blocked_until_told(comm, port, who_fails):

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from xfer import m2n
+from xfer import m2n, wire
 from xfer.comm import Comm
 from xfer.errors import XferError
 from xfer.execute import Staging, XferStats, run_golden, run_p2p
@@ -97,7 +97,7 @@ class Resharder:
         self._bucket_bytes = bucket_bytes
         self._node_of = node_of
         self._program: RankProgram | None = None
-        self._m2n_meta: list[str | None] | None = None
+        self._m2n_meta: list[str | None] | None = None  # per item, from metadata
         self._rest: dict[tuple[int, ...], tuple[Plan, RankProgram]] = {}
         self.staging = Staging()  # p2p staging (may be replaced per run to share it)
         self._golden = Staging()  # the golden path's scratch, outside any staging budget
@@ -129,25 +129,9 @@ class Resharder:
         t0 = time.perf_counter()
         items = self.plan.items
         problems = check_locals(items, self.comm.rank, srcs, dsts)
-        want_m2n = path in ("auto", "m2n")
-        local_why = (
-            [m2n.local_reason(s) or m2n.local_reason(d) for s, d in zip(srcs, dsts, strict=False)]
-            if want_m2n and not problems
-            else []
-        )
-        # only a rank that cannot take m2n for some item sends its reasons (the slow exchange)
-        flags = agree(
-            self.comm, problems, self.plan.fingerprint, local_why if any(local_why) else None
-        )
+        use_m2n = self._m2n_items(path, srcs, dsts, problems)
         if path == "golden":
             return run_golden(items, srcs, dsts, self.comm, stream=stream, staging=self._golden)
-        use_m2n: list[int] = []
-        if want_m2n:
-            reasons = self._m2n_reasons(flags)
-            if path == "m2n" and any(reasons):
-                bad = [f"{items[i].label!r}: {r}" for i, r in enumerate(reasons) if r]
-                raise XferError([f"path='m2n' does not apply to {b}" for b in bad[:20]])
-            use_m2n = [i for i, r in enumerate(reasons) if r is None]
         if not use_m2n:
             return run_p2p(
                 self.program, srcs, dsts, self.comm, stream=stream, staging=staging or self.staging
@@ -179,15 +163,48 @@ class Resharder:
         self.staging.release()
         self._golden.release()
 
-    def _m2n_reasons(self, flags: list[Any]) -> list[str | None]:
-        if self._m2n_meta is None:
-            self._m2n_meta = [m2n.unsupported_reason(it, self.comm) for it in self.plan.items]
-        out = list(self._m2n_meta)
+    def _m2n_items(
+        self,
+        path: str,
+        srcs: Sequence[Local | None],
+        dsts: Sequence[Local | None],
+        problems: list[str],
+    ) -> list[int]:
+        """Agree with every rank on the inputs, the plan and the path (raising the same
+        `XferError` everywhere if anything is wrong), and return the items taking m2n.
+
+        Only items m2n fits by metadata (the same on every rank) are candidates; a rank
+        sends reasons (the slow exchange) only when it cannot run some candidate itself, so
+        with no candidate (any comm but an `NcclComm`) the agreement is the 18-byte one."""
+        candidates: list[int] = []
+        if path in ("auto", "m2n"):
+            if self._m2n_meta is None:
+                self._m2n_meta = [m2n.unsupported_reason(it, self.comm) for it in self.items]
+            candidates = [i for i, r in enumerate(self._m2n_meta) if r is None]
+            if path == "m2n" and len(candidates) < len(self.items):
+                bad = [
+                    f"path='m2n' does not apply to {self.items[i].label!r}: {r}"
+                    for i, r in enumerate(self._m2n_meta)
+                    if r is not None
+                ]
+                problems = [*problems, *bad[:20]]
+        local_why: list[str | None] | None = None
+        if candidates and not problems:
+            mine = m2n.rank_reason()
+            why: list[str | None] = [None] * len(self.items)
+            for i in candidates:
+                why[i] = mine or m2n.local_reason(srcs[i]) or m2n.local_reason(dsts[i])
+            local_why = why if any(why) else None
+        flags = agree(self.comm, problems, f"{self.plan.fingerprint}|{path}", local_why)
+        rejected: dict[int, str] = {}
         for rank, rank_flags in enumerate(flags):
-            for i, why in enumerate(rank_flags or []):
-                if why and out[i] is None:
-                    out[i] = f"rank {rank}: {why}"
-        return out
+            for i, w in enumerate(rank_flags or []):
+                if w and i not in rejected:
+                    rejected[i] = f"rank {rank}: {w}"
+        if path == "m2n" and rejected:
+            bad = [f"{self.items[i].label!r}: {w}" for i, w in sorted(rejected.items())]
+            raise XferError([f"path='m2n' does not apply to {b}" for b in bad[:20]])
+        return [i for i in candidates if i not in rejected]
 
     def _rest_plan(self, rest: tuple[int, ...]) -> tuple[Plan, RankProgram]:
         if rest not in self._rest:
@@ -218,10 +235,15 @@ def xferdtensors(
         raise XferError(f"{len(srcs)} source refs but {len(dsts)} destination refs")
     names = list(names) if names is not None else [f"tensor {i}" for i in range(len(srcs))]
     mine = [
-        tuple(
-            None if r is None else (r.layout, None if r.local is None else r.local.dtype)
+        [
+            None
+            if r is None
+            else [
+                wire.layout_to_json(r.layout),
+                None if r.local is None else wire.dtype_name(r.local.dtype),
+            ]
             for r in (s, d)
-        )
+        ]
         for s, d in zip(srcs, dsts, strict=True)
     ]
     shared = agree(comm, [], f"{len(srcs)} tensors", mine)
@@ -233,12 +255,18 @@ def xferdtensors(
         for side, k in (("source", 0), ("destination", 1)):
             seen: dict[Layout, list[int]] = {}
             for rank, per_rank in enumerate(shared):
-                entry = per_rank[i][k]
-                if entry is None:
+                try:
+                    entry = per_rank[i][k]
+                    if entry is None:
+                        continue
+                    layout = wire.layout_from_json(entry[0], f"rank {rank} {side} layout")
+                    dtype = None if entry[1] is None else wire.dtype_from_name(entry[1])
+                except (wire.WireError, IndexError, TypeError, KeyError) as e:
+                    problems.append(f"tensor {name!r}: rank {rank} sent an unreadable {side}: {e}")
                     continue
-                seen.setdefault(entry[0], []).append(rank)
-                if entry[1] is not None:
-                    dtypes.setdefault(entry[1], []).append(rank)
+                seen.setdefault(layout, []).append(rank)
+                if dtype is not None:
+                    dtypes.setdefault(dtype, []).append(rank)
             if not seen:
                 problems.append(f"tensor {name!r}: no rank passed a {side} layout")
             elif len(seen) > 1:

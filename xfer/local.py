@@ -49,13 +49,16 @@ def _worker(rank: int, conn: Any, port: int, threads: int) -> None:
         if task is None:
             return
         fn, args, world, prefix, timeout_s = task
+        comm = None
         try:
             comm = TorchComm.create(store, rank, world, prefix=prefix, timeout_s=timeout_s)
             result = fn(comm, *args)
-            del comm
             conn.send(("ok", result))
         except BaseException as e:  # report everything, including assertion errors
             conn.send(("err", (e, "".join(traceback.format_exception(e)))))
+        finally:
+            if comm is not None:
+                comm.close()
 
 
 class RankPool:

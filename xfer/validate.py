@@ -1,28 +1,34 @@
 """Checks on this rank's local tensors, and the agreement that makes every rank fail together.
 
-`check_locals` lists what is wrong with the tensors one rank passes for a list of items. Such
-problems are local (only that rank can see them), so before any data moves the ranks run
-`agree`: every rank contributes its problems and the fingerprint of the plan it built, every
-rank gets every contribution, and every rank raises the same `XferError` if anything is wrong
-anywhere (including ranks that built different plans, which would otherwise hang).
+`check_locals` lists what is wrong with the tensors one rank passes for a list of items:
+shapes, dtypes, devices, tensors that cannot be read or written as plain memory (``meta``,
+conjugate or negative-bit views, destinations with stride 0), and memory that two items share
+in a way that would corrupt data (a destination overlapping another destination, or any
+item's source). Such problems are local (only that rank can see them), so before any data
+moves the ranks run `agree`: every rank contributes its problems and the fingerprint of what
+it is about to do, every rank gets every contribution, and every rank raises the same
+`XferError` if anything is wrong anywhere (including ranks that built different plans, or
+chose different paths, which would otherwise hang).
 
 In the common case (no problems anywhere) the agreement costs one gather of an 18-byte
-status per rank (a problem flag, an extra-data flag, a 16-byte digest of the plan) and one
-broadcast of all statuses. Only when some rank reports something do the ranks exchange their
-full messages (`exchange`: rank 0 gathers lengths, then payloads, then broadcasts the
-collection). Both use only the `Comm` protocol.
+status per rank (a problem flag, an extra-data flag, a 16-byte digest) and one broadcast of
+all statuses. Only when some rank reports something do the ranks exchange their full messages
+(`exchange`: rank 0 gathers lengths, then payloads, then broadcasts the lengths and the
+concatenation). Messages are JSON (`xfer.wire`), never pickles. Both use only the `Comm`
+protocol, on the comm's device.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
-import pickle
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from xfer import wire
 from xfer.comm import Comm, Transfer
 from xfer.errors import XferError
 from xfer.plan import ReshardItem
@@ -77,11 +83,112 @@ def check_locals(
                     f"{where}: rank {rank} local dtype {t.dtype} differs from the "
                     f"tensor's dtype {it.dtype}"
                 )
+            for part in _parts(t):
+                why = _unusable(part, side)
+                if why:
+                    out.append(f"{where}: rank {rank}: {why}")
+                    break
             devices.setdefault(str(t.device), []).append(f"{it.label!r} {side}")
     if len(devices) > 1:
         desc = "; ".join(f"{d}: {', '.join(v[:3])}" for d, v in devices.items())
         out.append(f"rank {rank}: local tensors are on several devices ({desc})")
+    if not out:
+        out += [f"rank {rank}: {p}" for p in _aliasing(items, srcs, dsts)]
     return out
+
+
+def _parts(t: Local) -> list[torch.Tensor]:
+    return list(t.parts) if isinstance(t, Segments) else [t]
+
+
+def _unusable(t: torch.Tensor, side: str) -> str:
+    if t.device.type == "meta":
+        return "the local tensor is on the meta device (it has no data)"
+    if t.is_conj() or t.is_neg():
+        return (
+            "the local tensor is a lazy conjugate/negative view; call resolve_conj() / "
+            "resolve_neg() first"
+        )
+    if side == "destination" and any(
+        s == 0 and n > 1 for s, n in zip(t.stride(), t.shape, strict=True)
+    ):
+        return (
+            f"the destination has stride 0 (an expanded view of shape {list(t.shape)}, strides "
+            f"{list(t.stride())}): several elements share memory"
+        )
+    return ""
+
+
+# -- memory shared between items ---------------------------------------------------------------
+def _extent(t: torch.Tensor) -> tuple[int, int, int]:
+    """(storage id, first byte, one past the last byte) of the memory `t` can touch."""
+    size = t.element_size()
+    start = t.data_ptr()
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True) if n > 0)
+    return t.untyped_storage().data_ptr(), start, start + (span + 1) * size
+
+
+def _box_in_base(t: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
+    """The element box `t` covers in the row-major base tensor its strides imply, when its
+    strides are nested (each divides the one before, the last is 1); else None."""
+    strides = t.stride()
+    if not strides or strides[-1] != 1:
+        return None
+    if any(a % b for a, b in itertools.pairwise(strides) if b):
+        return None
+    if any(b == 0 for b in strides):
+        return None
+    rest = int(t.storage_offset())
+    box = []
+    for s, n in zip(strides, t.shape, strict=True):
+        start, rest = divmod(rest, s)
+        box.append((start, start + n))
+    return tuple(box)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    sa, a0, a1 = _extent(a)
+    sb, b0, b1 = _extent(b)
+    if sa != sb or a1 <= b0 or b1 <= a0:
+        return False
+    if a.stride() == b.stride() and a.element_size() == b.element_size():
+        ba, bb = _box_in_base(a), _box_in_base(b)
+        if ba is not None and bb is not None:  # exact: boxes of one base tensor
+            return all(x0 < y1 and y0 < x1 for (x0, x1), (y0, y1) in zip(ba, bb, strict=True))
+    return True  # the byte ranges meet: assume the worst
+
+
+def _aliasing(
+    items: Sequence[ReshardItem], srcs: Sequence[Local | None], dsts: Sequence[Local | None]
+) -> list[str]:
+    """Destinations that overlap another destination, or a source of another item."""
+    views: list[tuple[str, int, torch.Tensor]] = []
+    for i, (s, d) in enumerate(zip(srcs, dsts, strict=True)):
+        for side, x in (("destination", d), ("source", s)):
+            if isinstance(x, torch.Tensor | Segments):
+                views += [(side, i, p) for p in _parts(x) if p.numel()]
+    if sum(1 for side, _, _ in views if side == "destination") == 0:
+        return []
+    views.sort(key=lambda v: _extent(v[2])[1:])
+    out = []
+    active: list[tuple[str, int, torch.Tensor]] = []
+    for v in views:
+        start = _extent(v[2])[1]
+        active = [a for a in active if _extent(a[2])[2] > start]
+        for a in active:
+            if "destination" not in (a[0], v[0]):
+                continue
+            if _overlap(a[2], v[2]):
+                first, second = sorted([a, v], key=lambda z: z[1])
+                out.append(
+                    f"the {first[0]} of {items[first[1]].label!r} and the {second[0]} of "
+                    f"{items[second[1]].label!r} share memory; a reshard would overwrite data "
+                    "it still reads or writes twice"
+                )
+        active.append(v)
+    return out[:20]
 
 
 def _fmt_bounds(b: Sequence[tuple[int, int]] | None) -> str:
@@ -90,41 +197,45 @@ def _fmt_bounds(b: Sequence[tuple[int, int]] | None) -> str:
     return "[" + ", ".join(f"{a}:{z}" for a, z in b) + "]"
 
 
-def exchange(comm: Comm, payload: bytes, *, device: torch.device | None = None) -> list[bytes]:
+# -- agreement -------------------------------------------------------------------------------------
+def exchange(comm: Comm, payload: bytes) -> list[bytes]:
     """Every rank's `payload`, on every rank (an all-gather built from p2p + broadcast)."""
-    n, rank = comm.size, comm.rank
+    n, rank, dev = comm.size, comm.rank, comm.device
     if n == 1:
         return [payload]
-    dev = device or getattr(comm, "device", None) or torch.device("cpu")
     mine = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(dev) if payload else None
-    length = torch.tensor([len(payload)], dtype=torch.int64, device=dev)
+    lens = torch.zeros(n, dtype=torch.int64, device=dev)
     if rank == 0:
-        lens = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(n)]
-        comm.send_recv([], [Transfer(p, lens[p]) for p in range(1, n)]).wait()
-        sizes = [len(payload)] + [int(t.item()) for t in lens[1:]]
+        comm.send_recv([], [Transfer(p, lens[p : p + 1]) for p in range(1, n)]).wait()
+        lens[0] = len(payload)
+        sizes = lens.tolist()
         bufs = [torch.empty(s, dtype=torch.uint8, device=dev) for s in sizes]
         comm.send_recv([], [Transfer(p, bufs[p]) for p in range(1, n) if sizes[p]]).wait()
-        parts = [payload] + [bytes(b.cpu().numpy().tobytes()) for b in bufs[1:]]
-        blob = pickle.dumps(parts)
-        total = torch.tensor([len(blob)], dtype=torch.int64, device=dev)
-        comm.broadcast(total, 0).wait()
-        data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(dev)
+        if mine is not None:
+            bufs[0].copy_(mine)
+        comm.broadcast(lens, 0).wait()
+        data = torch.cat(bufs)
         comm.broadcast(data, 0).wait()
-        return parts
-    comm.send_recv([Transfer(0, length)], []).wait()
-    if mine is not None:
-        comm.send_recv([Transfer(0, mine)], []).wait()
-    total = torch.zeros(1, dtype=torch.int64, device=dev)
-    comm.broadcast(total, 0).wait()
-    data = torch.empty(int(total.item()), dtype=torch.uint8, device=dev)
-    comm.broadcast(data, 0).wait()
-    parts = pickle.loads(data.cpu().numpy().tobytes())
-    return list(parts)
+    else:
+        length = torch.tensor([len(payload)], dtype=torch.int64, device=dev)
+        comm.send_recv([Transfer(0, length)], []).wait()
+        if mine is not None:
+            comm.send_recv([Transfer(0, mine)], []).wait()
+        comm.broadcast(lens, 0).wait()
+        sizes = lens.tolist()
+        data = torch.empty(sum(sizes), dtype=torch.uint8, device=dev)
+        comm.broadcast(data, 0).wait()
+    raw = data.cpu().numpy().tobytes()
+    out, at = [], 0
+    for s in sizes:
+        out.append(raw[at : at + s])
+        at += s
+    return out
 
 
-def _statuses(comm: Comm, status: bytes, dev: torch.device) -> list[bytes]:
+def _statuses(comm: Comm, status: bytes) -> list[bytes]:
     """Every rank's fixed-size `status`: one grouped gather to rank 0, one broadcast."""
-    n, width = comm.size, len(status)
+    n, width, dev = comm.size, len(status), comm.device
     table = torch.zeros((n, width), dtype=torch.uint8, device=dev)
     mine = torch.frombuffer(bytearray(status), dtype=torch.uint8).to(dev)
     if comm.rank == 0:
@@ -137,29 +248,34 @@ def _statuses(comm: Comm, status: bytes, dev: torch.device) -> list[bytes]:
     return [bytes(raw[r].tobytes()) for r in range(n)]
 
 
-def agree(
-    comm: Comm,
-    problems: Sequence[str],
-    fingerprint: str,
-    extra: Any = None,
-    *,
-    device: torch.device | None = None,
-) -> list[Any]:
+def _decode(raw: bytes, rank: int) -> tuple[list[str], str, Any]:
+    try:
+        rec = wire.loads(raw, what=f"rank {rank}'s agreement record")
+        probs = rec["problems"]
+        fp = wire.as_str(rec["fingerprint"], "fingerprint")
+        if not isinstance(probs, list) or not all(isinstance(p, str) for p in probs):
+            raise wire.WireError("problems: expected a list of strings")
+        return probs, fp, rec["extra"]
+    except (wire.WireError, KeyError, TypeError) as e:
+        return [f"rank {rank} sent an unreadable agreement record ({e})"], "?", None
+
+
+def agree(comm: Comm, problems: Sequence[str], fingerprint: str, extra: Any = None) -> list[Any]:
     """Raise the same `XferError` on every rank if any rank has problems or a different
-    fingerprint; otherwise return every rank's `extra`, indexed by rank (None where a rank
-    passed None, the cheap case)."""
+    fingerprint; otherwise return every rank's `extra` (JSON data), indexed by rank (None
+    where a rank passed None, the cheap case)."""
     if comm.size == 1:
         if problems:
             raise XferError([p if p.startswith("rank 0") else f"rank 0: {p}" for p in problems])
         return [extra]
-    dev = device or getattr(comm, "device", None) or torch.device("cpu")
     digest = hashlib.sha256(fingerprint.encode()).digest()[:16]
     status = bytes([1 if problems else 0, 0 if extra is None else 1]) + digest
-    statuses = _statuses(comm, status, dev)
+    statuses = _statuses(comm, status)
     if all(st[0] == 0 and st[1] == 0 and st[2:] == digest for st in statuses):
         return [None] * comm.size
-    parts = exchange(comm, pickle.dumps((list(problems), fingerprint, extra)), device=dev)
-    decoded = [pickle.loads(p) for p in parts]
+    record = {"problems": list(problems), "fingerprint": fingerprint, "extra": extra}
+    parts = exchange(comm, wire.dumps(record))
+    decoded = [_decode(p, r) for r, p in enumerate(parts)]
     violations: list[str] = []
     for r, (probs, _, _) in enumerate(decoded):
         violations += [p if p.startswith(f"rank {r}") else f"rank {r}: {p}" for p in probs]
@@ -169,8 +285,8 @@ def agree(
     if len(prints) > 1:
         groups = "; ".join(f"ranks {rs} built {fp}" for fp, rs in prints.items())
         violations.append(
-            "ranks disagree on what to move (every rank must pass the same items, layouts "
-            f"and options in the same order): {groups}"
+            "ranks disagree on what to move (every rank must pass the same items, layouts, "
+            f"options and path in the same order): {groups}"
         )
     if violations:
         raise XferError(violations)
