@@ -93,6 +93,9 @@ def test_values_pickle_and_hash():
         (lambda: Layout(Mesh([0, 1], ("tp",)), [Partial()], [4]), "is not supported"),
         (lambda: Layout(Mesh([0, 1], ("tp",)), [], [4]), "needs 1 placements"),
         (lambda: Layout(Mesh([0, 1], ("tp",)), [Replicate()], [-1]), "negative size"),
+        (lambda: Mesh([0.0, 1.5], ("tp",)), "Mesh ranks must be integers"),
+        (lambda: Mesh([True, False], ("tp",)), "Mesh ranks must be integers"),
+        (lambda: Layout(Mesh([0, 1], ("tp",)), [Replicate()], [4.7]), "sequence of ints"),
     ],
 )
 def test_bad_input_is_named(build, needle):

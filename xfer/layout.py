@@ -126,8 +126,10 @@ class Layout:
         if not isinstance(mesh, Mesh):
             raise XferError(f"Layout mesh must be an xfer.Mesh, got {type(mesh).__name__}")
         try:
+            if any(isinstance(n, bool) or not isinstance(n, int | np.integer) for n in shape):
+                raise TypeError
             shape_t = tuple(int(n) for n in shape)
-        except (TypeError, ValueError):
+        except TypeError:
             raise XferError(f"Layout shape must be a sequence of ints, got {shape!r}") from None
         if any(n < 0 for n in shape_t):
             problems.append(f"Layout shape {list(shape_t)} has a negative size")

@@ -26,7 +26,12 @@ class Mesh:
     __slots__ = ("_axes", "_flat", "_hash", "_max", "_pos", "_ranks", "_shape")
 
     def __init__(self, ranks: Any, axes: Sequence[str]) -> None:
-        arr = np.array(ranks, dtype=np.int64)
+        raw = np.array(ranks)
+        if raw.size and raw.dtype.kind not in "iu":
+            raise XferError(
+                f"Mesh ranks must be integers, got {raw.dtype} values {raw.reshape(-1)[:8].tolist()}"
+            )
+        arr = raw.astype(np.int64)
         axes = tuple(str(a) for a in axes)
         problems = []
         if arr.ndim == 0:
