@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from backends import fault_injection
 from backends.scenario import long_prompt
 
 PROMPTS = [long_prompt(130, 1), [9, 8, 7]]
@@ -36,11 +37,6 @@ def _cast(rank_obj: Any, name: str, dtype: str) -> None:
         from xfer import DTensorRef
 
         rank_obj.params[name] = DTensorRef(ref.local.to(getattr(torch, dtype)), ref.layout)
-
-
-def _drop(rank_obj: Any, name: str, keep: dict) -> None:
-    if name in rank_obj.params:
-        keep[rank_obj.rank] = rank_obj.params.pop(name)
 
 
 def _reshape(rank_obj: Any, name: str, undo: bool) -> None:
@@ -68,7 +64,13 @@ class Campaign:
         self.work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-faults-"))
         self.path = str(self.work / "qwen3_moe")
         self.config = build("qwen3_moe", self.path)
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {fault_injection.ENV: "1"}},  # arm the test hooks
+        )
         self.stage_ranks = [m.flat for m in stage_meshes(1, 1, 2)]
         self.trainer = TorchTrainerGroup.launch(
             2, checkpoint_shards, self.path, 1, 2, False, 1, None, stage_ranks=self.stage_ranks
@@ -133,7 +135,9 @@ class Campaign:
             "version": s.version,
             "attempted": s.attempted,
             "stale": s.stale,
-            "rolled_back": s.consistent,
+            "holds": s.holds,
+            "described": s.describe(),
+            "rolled_back": s.holds == s.version,
             "generate_refused": refused,
         }
 
@@ -197,12 +201,12 @@ class Campaign:
 
         self.case(
             "trainer rank raises during the transfer",
-            lambda: ray.get(t[1].set_fault.remote("raise", "stage 0 bulk")),
+            lambda: ray.get(t[1].set_fault.remote("raise", "transfer")),
             lambda: ray.get(t[1].set_fault.remote(None)),
         )
         self.case(
             f"trainer rank stalls past the {timeout:g} s timeout",
-            lambda: ray.get(t[0].set_fault.remote(f"sleep:{2.5 * timeout}", "stage 0 bulk")),
+            lambda: ray.get(t[0].set_fault.remote(f"sleep:{2.5 * timeout}", "transfer")),
             lambda: ray.get(t[0].set_fault.remote(None)),
         )
         self.case(
@@ -217,17 +221,17 @@ class Campaign:
         )
         self.case(
             "trainer changes its weights during the refit (verify=True)",
-            lambda: ray.get(t[0].set_fault.remote("mutate", "stage 0 verify")),
+            lambda: ray.get(t[0].set_fault.remote("mutate", "verify")),
             self._undo_mutation,
         )
         self.case(
             "trainer rank process dies during the transfer",
-            lambda: ray.get(t[1].set_fault.remote("exit", "stage 0 bulk")),
+            lambda: ray.get(t[1].set_fault.remote("exit", "transfer")),
             self._restart_trainer_rank,
         )
         self.case(
             "engine process dies during the transfer",
-            lambda: self.engine_options(("exit", "stage 0 bulk")),
+            lambda: self.engine_options(("exit", "transfer")),
             self._restart_engine,
         )
         name = "model.layers.0.mlp.gate_proj.weight"
@@ -342,8 +346,15 @@ def markdown(records: list[dict[str, Any]]) -> str:
         elif not st.get("alive"):
             after = "dead (restarted)"
         else:
+            held = (
+                "rolled back"
+                if st["rolled_back"]
+                else "partly new"
+                if st["holds"] is None
+                else "holds the new weights"
+            )
             after = (
-                f"stale, {'rolled back' if st['rolled_back'] else 'partly new'}, "
+                f"{'stale' if st['stale'] else 'fresh'}, {held}, "
                 f"{'refuses' if st['generate_refused'] else 'serves'} generate"
             )
         nxt = "recovered, matches HF" if r.get("recovered") else "did not recover"

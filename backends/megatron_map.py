@@ -585,7 +585,10 @@ def stage_meshes(coords: Sequence[Coords]) -> list[StageMeshes]:
 
 
 def trainer_spec(
-    parts: Sequence[tuple[Coords, Sequence[HFShard]]], config: Mapping[str, Any]
+    parts: Sequence[tuple[Coords, Sequence[HFShard]]],
+    config: Mapping[str, Any],
+    *,
+    device: str = "cpu",
 ) -> TrainerSpec:
     """The `TrainerSpec` of a Megatron trainer from every rank's coordinates and shards (in
     rank order). Checks that the ranks agree on every parameter, that each bulk shard's box
@@ -640,4 +643,5 @@ def trainer_spec(
         world=len(coords),
         stage_ranks=tuple(st.ranks for st in stages),
         params=tuple(params),
+        device=device,
     )

@@ -28,19 +28,18 @@ config (`backends.megatron_model`), and adds forward, export and load of HF weig
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from backends.megatron_map import Coords, MegatronParam, hf_shards, trainer_spec
+from backends.megatron_map import Coords, HFShard, MegatronParam, hf_shards, trainer_spec
 from backends.megatron_model import Parallel
 from backends.ray_trainer import RayTrainerGroup, TrainerRankBase, free_port
 from refit.errors import RefitError
 from refit.hf import hf_params
-from refit.spec import TrainerSpec
+from refit.spec import TrainerSpec, device_kind
 from xfer.segments import Local, copy_in
 
 __all__ = [
@@ -160,8 +159,12 @@ class MegatronRefit:
         self.mirrors = [s for s in shards if s.mirror]
         self._whole: dict[str, torch.Tensor] = {}
 
-    def describe(self) -> bytes:
-        return pickle.dumps((self.coords, [s.public() for s in self.shards.values()]))
+    def describe(self) -> tuple[Coords, list[HFShard], str]:
+        """This rank's coordinates, its HF shards and its device kind (``"cpu"``/``"cuda"``),
+        for `MegatronTrainerGroup.describe` (through the framework's own actor calls)."""
+        params = (p for chunk in self.chunks for p in chunk.parameters())
+        device = next(params).device
+        return self.coords, [s.public() for s in self.shards.values()], device_kind(device)
 
     def local(self, name: str) -> Local:
         """This rank's shard of `name`: a view of its live weights (the whole gathered tensor
@@ -263,9 +266,11 @@ class MegatronTrainerRank(TrainerRankBase):
         return self._side
 
     def device(self) -> torch.device:
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
-    def describe(self) -> bytes:
+    def describe(self) -> tuple[Coords, list[HFShard], str]:
         return self.side.describe()
 
     def local(self, name: str) -> Local:
@@ -364,8 +369,11 @@ class MegatronTrainerGroup(RayTrainerGroup):
         )
 
     def describe(self) -> TrainerSpec:
-        parts = [pickle.loads(b) for b in self.run("describe")]
-        return trainer_spec(parts, self.config)
+        parts = self.run("describe")
+        devices = sorted({d for _, _, d in parts})
+        if len(devices) > 1:
+            raise RefitError(f"the trainer's ranks hold their weights on {devices}")
+        return trainer_spec([(c, s) for c, s, _ in parts], self.config, device=devices[0])
 
     def export_hf(self) -> dict[str, torch.Tensor]:
         """Every HF parameter assembled from the ranks' shards (each element from every rank

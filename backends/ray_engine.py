@@ -10,12 +10,11 @@ TP 1 and with vLLM's own worker processes at TP > 1.
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any
 
 from backends.ray_trainer import RayPending
-from refit.rpc import METHODS, invalidate_caches
-from refit.spec import EngineSpec
+from refit.rpc import METHODS, decode_spec, decode_stats, decode_status, invalidate_caches
+from refit.spec import EngineSpec, EngineStatus
 
 __all__ = [
     "RayEngine",
@@ -36,14 +35,12 @@ def check_fresh(llm: Any, *, allow_stale: bool = False) -> None:
     `allow_stale`). Engines that were never refit hold the weights they were loaded with."""
     if allow_stale:
         return
-    statuses = [pickle.loads(b) for b in llm.collective_rpc(METHODS["status"])]
+    statuses = [decode_status(b) for b in llm.collective_rpc(METHODS["status"])]
     stale = [(r, s) for r, s in enumerate(statuses) if s.stale]
     if stale:
         r, s = stale[0]
-        state = "rolled back" if s.consistent else "partly installed"
         raise StaleWeights(
-            f"engine rank {r} holds the weights of refit {s.version} but refit {s.attempted} "
-            f"did not complete ({state}: {s.last_error}); refit again, or pass allow_stale=True"
+            f"engine rank {r} is {s.describe()}; refit again, or pass allow_stale=True"
         )
 
 
@@ -125,26 +122,28 @@ class RayEngine:
     def __init__(self, actor: Any, *, name: str = "engine") -> None:
         self.actor = actor
         self.name = name
+        # the same actor twice is refused (`Refitter`); handles to one actor share its id
+        self.key = getattr(actor, "_actor_id", actor)
 
     def describe(self) -> EngineSpec:
         import ray
 
-        raw = ray.get(self.actor.rpc.remote(METHODS["describe"]))
-        return pickle.loads(raw[0])
+        return decode_spec(ray.get(self.actor.rpc.remote(METHODS["describe"])), self.name)
 
-    def connect(self, setup: bytes) -> RayPending:
+    def connect(self, setup: bytes, installed: int = 0) -> RayPending:
         return RayPending(
-            [self.actor.rpc.remote(METHODS["connect"], setup)], what=f"{self.name} connect"
+            [self.actor.rpc.remote(METHODS["connect"], setup, installed)],
+            what=f"{self.name} connect",
         )
 
     def step(self, version: int, path: str | None = None) -> Any:
         ref = self.actor.refit_step.remote(version, path)
         return _Flatten(RayPending([ref], what=f"{self.name} refit {version}"))
 
-    def status(self) -> list[Any]:
+    def status(self) -> list[EngineStatus]:
         import ray
 
-        return [pickle.loads(b) for b in ray.get(self.actor.rpc.remote(METHODS["status"]))]
+        return [decode_status(b) for b in ray.get(self.actor.rpc.remote(METHODS["status"]))]
 
 
 class _Flatten:
@@ -155,4 +154,4 @@ class _Flatten:
         self.what = inner.what
 
     def wait(self, timeout: float | None = None) -> list[Any]:
-        return [pickle.loads(b) for group in self.inner.wait(timeout) for b in group]
+        return [decode_stats(b) for group in self.inner.wait(timeout) for b in group]

@@ -1,25 +1,27 @@
 """What every trainer backend shares: a rank's refit methods and a Ray group of ranks.
 
 `TrainerRankBase` is the refit half of one trainer rank process: `refit_connect` joins the
-refit groups, `refit_step` sends the rank's shards for one refit (its subclass says where a
-shard of an HF name is, `local`), `set_fault` injects faults for tests, `call` runs any
-function with the rank object. `RayTrainerGroup` drives such ranks as Ray actors, one per
+refit's communicator, `refit_step` sends the rank's shards for one refit (its subclass says
+where a shard of an HF name is, `local`), `set_fault` injects faults in test processes
+(`backends.fault_injection`), `call` runs any function with the rank object. `RayTrainerGroup` drives such ranks as Ray actors, one per
 rank, and is the `TrainerSide` a `Refitter` takes (subclasses add `describe`).
 `RayPending` waits for one call on every rank and names each rank that failed.
 """
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
+from backends import fault_injection
 from refit.errors import RefitError
-from refit.rank import RankSetup, RefitRank, fault
+from refit.rank import RankSetup, RefitRank
+from refit.rpc import decode_stats
 from xfer.segments import Local
+from xfer.wire import dumps
 
 __all__ = ["RayPending", "RayTrainerGroup", "TrainerRankBase", "free_port"]
 
@@ -55,8 +57,11 @@ class TrainerRankBase:
         return torch.device("cpu")
 
     def refit_connect(self, setup: bytes) -> None:
-        s: RankSetup = pickle.loads(setup)
-        self._refit = RefitRank(replace(s, rank=self.rank), device=self.device())
+        if self._refit is not None:
+            self._refit.close()
+            self._refit = None
+        s = RankSetup.from_json(setup)
+        self._refit = RefitRank(s.for_rank(self.rank), device=self.device())
 
     def refit_step(self, version: int, path: Any = None) -> bytes:
         if self._refit is None:
@@ -65,15 +70,21 @@ class TrainerRankBase:
         if self._fault and self._fault[0] == "mutate":
             hook = self._mutate_at(self._fault[1])
         elif self._fault:
-            hook = fault(*self._fault)
-        self._refit.fault_injection = hook
+            hook = fault_injection.hook(*self._fault)
+        self._refit.on_phase = hook
         self.before_step()
-        return pickle.dumps(self._refit.trainer_step(self.local, path, version))
+        return dumps(asdict(self._refit.trainer_step(self.local, path, version)))
 
     def set_fault(self, kind: str | None, phase: str = "") -> None:
-        """Fault injection for tests: `refit.rank.fault(kind, phase)` on every refit, or
-        ``"mutate"``: change this rank's weights in place when `phase` starts (as an optimizer
-        step racing a refit would). None clears it."""
+        """Fault injection for tests (processes started with ``REFIT_FAULT_INJECTION=1``;
+        refused otherwise): `backends.fault_injection.hook(kind, phase)` on every refit, or
+        ``"mutate"``: change this rank's weights in place when `phase` starts (as an
+        optimizer step racing a refit would). None clears it."""
+        if kind and not fault_injection.enabled():
+            raise RefitError(
+                f"trainer rank {self.rank}: fault injection is disabled in this process (set "
+                f"{fault_injection.ENV}=1 in test processes)"
+            )
         self._fault = (kind, phase) if kind else None
 
     def _mutate_at(self, at: str) -> Callable[[str], None]:
@@ -131,7 +142,7 @@ class RayPending:
                     [f"{self.labels[self.refs.index(r)]}: {_why(e)}" for r, e in errors.items()]
                 )
         out = [results[r] for r in self.refs]
-        return [pickle.loads(x) for x in out] if self.decode else out
+        return [decode_stats(x) for x in out] if self.decode else out
 
     @staticmethod
     def _collect(

@@ -223,7 +223,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     refitter = Refitter(
         trainer,
         [r.side for r in replicas],
-        streams=args.streams,
         staging_bytes=args.staging_bytes,
     )
     t0 = time.perf_counter()
@@ -291,6 +290,8 @@ def check_step(
     rec["p2p_seconds"], rec["golden_seconds"] = p2p.seconds, golden.seconds
     rec["peak_staging_bytes"] = p2p.peak_staging_bytes
     rec["engine_staging_bytes"] = max(s.staging_bytes for s in p2p.ranks if s.role == "engine")
+    rec["engine_extra_bytes"] = p2p.engine_extra_bytes
+    rec["trainer_extra_bytes"] = p2p.trainer_extra_bytes
     rec["bulk_bytes"], rec["misc_bytes"] = p2p.bulk_bytes, p2p.misc_bytes
     rec["phases"] = p2p.phases
     rec["received_differs"] = [
@@ -405,7 +406,7 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
                     == sorted(meta.params, key=lambda p: p.name)
                     and spec.stage_ranks == meta.stage_ranks
                 )
-            refitter = Refitter(group, [r.side for r in replicas], streams=args.streams)
+            refitter = Refitter(group, [r.side for r in replicas])
             plan = refitter.prepare()
             lay["plan"] = plan.summary()
             lay["bulk_fraction"] = plan.bulk_fraction
@@ -492,7 +493,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--engine-tp", type=int, default=1)
     ap.add_argument("--replicas", type=int, default=1)
-    ap.add_argument("--streams", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--atol", type=float, default=1e-4)

@@ -12,7 +12,6 @@ all ranks by default). The ranks' own training (optimizer steps ...) runs throug
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from backends.ray_trainer import RayPending, RayTrainerGroup, TrainerRankBase
 from refit.errors import RefitError
 from refit.hf import Role, hf_params
-from refit.spec import SourceParam, TrainerSpec
+from refit.spec import SourceParam, TrainerSpec, device_kind
 from xfer import DTensorRef, Layout, Mesh, Replicate, Shard
 from xfer.layout import Placement
 from xfer.segments import Local
@@ -129,11 +128,13 @@ def checkpoint_shards(
     ep: bool = False,
     pp: int = 1,
     dtensor_port: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """A `TorchTrainerRank` build function: this rank's shards of the checkpoint at `path`,
     on `pp` stages of ``(dp, tp)`` meshes (`parallel_layouts`; with `ep`, experts are split
-    over the dp axis). With `dtensor_port`, the ranks form a gloo default group on that
-    loopback port and the shards are torch `DTensor`s (what FSDP2/torchtitan ranks hold)."""
+    over the dp axis), on `device` (``"cuda"``: the rank's current CUDA device). With
+    `dtensor_port`, the ranks form a gloo default group on that loopback port and the shards
+    are torch `DTensor`s (what FSDP2/torchtitan ranks hold)."""
     import json
     from pathlib import Path
 
@@ -144,8 +145,9 @@ def checkpoint_shards(
     config = json.loads((Path(path) / "config.json").read_text())
     layouts = parallel_layouts(config, stage_meshes(pp, dp, tp), ep="dp" if ep else None)
     full = load_grouped(path)
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
     shards = {
-        name: DTensorRef(full[name][lay.box(rank)].clone(), lay)
+        name: DTensorRef(full[name][lay.box(rank)].to(dev, copy=True), lay)
         for name, lay in layouts.items()
         if lay.holds(rank)
     }
@@ -206,13 +208,22 @@ class TorchTrainerRank(TrainerRankBase):
             f"{self.stage_ranks}"
         )
 
-    def describe(self) -> bytes:
+    def device(self) -> torch.device:
+        devices = {ref.local.device for ref in self.params.values() if ref.local is not None}
+        if len(devices) > 1:
+            raise RefitError(
+                f"trainer rank {self.rank} holds its shards on {sorted(map(str, devices))}"
+            )
+        return devices.pop() if devices else torch.device("cpu")
+
+    def describe(self) -> tuple[tuple[tuple[int, ...], ...], list[SourceParam], str]:
+        """(stage ranks, this rank's parameters, device kind), for `TorchTrainerGroup`."""
         out = []
         for name, ref in self.params.items():
             local = ref.local
             dtype = local.dtype if local is not None else torch.float32
             out.append(SourceParam(name, ref.layout.shape, dtype, self._stage_of(ref), ref.layout))
-        return pickle.dumps((self.stage_ranks, out))
+        return self.stage_ranks, out, device_kind(self.device())
 
     def local(self, name: str) -> Local:
         ref = self.params[name]
@@ -270,11 +281,14 @@ class TorchTrainerGroup(RayTrainerGroup):
     def describe(self) -> TrainerSpec:
         import ray
 
-        parts = [pickle.loads(b) for b in ray.get([a.describe.remote() for a in self.actors])]
+        parts = ray.get([a.describe.remote() for a in self.actors])
         stage_ranks = parts[0][0]
         merged: dict[str, SourceParam] = {}
         problems = []
-        for rank, (stages, params) in enumerate(parts):
+        devices = sorted({d for _, _, d in parts})
+        if len(devices) > 1:
+            problems.append(f"the trainer's ranks hold their shards on {devices}")
+        for rank, (stages, params, _) in enumerate(parts):
             if stages != stage_ranks:
                 problems.append(f"trainer rank {rank} has stages {stages}, rank 0 {stage_ranks}")
             for p in params:
@@ -287,5 +301,8 @@ class TorchTrainerGroup(RayTrainerGroup):
         if problems:
             raise RefitError(problems)
         return TrainerSpec(
-            world=len(self.actors), stage_ranks=stage_ranks, params=tuple(merged.values())
+            world=len(self.actors),
+            stage_ranks=stage_ranks,
+            params=tuple(merged.values()),
+            device=devices[0],
         )

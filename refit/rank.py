@@ -1,70 +1,161 @@
 """`RefitRank`: one rank's part of every refit, inside a trainer or engine process.
 
-Built once per rank from a `RankSetup` (the plan, this rank's refit rank, where the store is):
-it joins every stage group it belongs to (a trainer rank: its own stage; an engine rank: all
-of them, in stage order, so group creation cannot deadlock) and builds one `Resharder` per
-group. Then every step:
+Built once per rank (and again after a failure) from a `RankSetup`, the JSON record the
+driver hands every rank over its trusted control channel: where the refit's store is, the
+per-refit token, both sides' descriptions and the options. Every rank computes the same
+`RefitPlan` from it (pure), joins the refit's one communicator (every trainer rank and every
+engine rank) and builds one `xfer.Resharder` for all parameters, bulk and misc. Every step:
 
 trainer rank
-    runs its stage's plan with its local shards as sources (the stage owner also receives the
-    misc parameters it must gather), then the owner broadcasts the misc buckets.
+    runs the plan with its local shards as sources.
 engine rank
-    ``hooks.begin`` makes the destination storage writable; the stages run on at most
-    `streams` workers at once (threads, each with its own CUDA stream on GPU) sharing
-    `streams` sets of staging buffers, so peak staging is bounded by ``streams`` sets whatever
-    the number of stages; the misc buckets are unpacked and handed to ``hooks.load``;
-    ``hooks.finish`` runs the engine's post-load processing.
+    ``hooks.begin`` makes the destination storage writable; the plan runs into the engine's
+    bulk destinations and into one buffer per misc parameter; ``hooks.load`` hands the misc
+    tensors to the engine's own weight loading; ``hooks.finish`` runs its post-load
+    processing.
 
 The backend supplies the hooks: where a trainer's local shard of a name is, where an engine's
 destination view of a name is, how the engine loads misc tensors and finishes an install.
 
-Failures. Each step runs against a deadline (`RankSetup.timeout_s`) and a `FailureBoard` in
-the refit's store: the rank's communicators poll it while they wait, so when any rank (or the
-driver) posts a failure, or the deadline passes, every rank stops within a fraction of a
-second and raises `RefitFailed` naming every failing rank and its phase. A rank whose step
-raised posts its own failure first. After a failure the rank's communicators are broken
-(`broken`); the driver reconnects the ranks (a new generation of groups) before the next
-refit. `fault_injection`, when set (tests only), is called with each phase's name as the
-phase starts, to cause a real failure at a precise point.
+GPUs. The transfer runs on a side stream of the rank's device (made once), which first waits
+for the caller's current stream (the trainer's optimizer step, vLLM's own stream: the weights
+and the storage `begin` prepared are ready) and which the caller's stream waits for at the
+end (the trainer may change its weights, the engine may load and run them). NCCL works are
+waited on that side stream, where the unpacking copies run.
+
+Failures. Each step runs against a deadline (`RankOptions.timeout_s`) and a `FailureBoard` in
+the refit's store: the communicator polls it while it waits, so when any rank (or the driver)
+posts a failure, or the deadline passes, every rank stops within a fraction of a second and
+raises `RefitFailed` naming every failing rank and its phase. A rank whose step raised posts
+its own failure first. A rank that failed aborts its communicator (NCCL kernels waiting on a
+dead peer end) and releases it at once (so failed refits leak no threads or sockets); the
+driver connects the ranks again (a new generation) before the next refit. `on_phase`, when
+set, is called with each phase's name as the phase starts (tests inject faults through it;
+nothing in this module injects any).
 """
 
 from __future__ import annotations
 
-import queue
+import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 
 from refit.errors import RefitError
-from refit.planner import RefitPlan, StagePlan, owner_layout
+from refit.planner import RefitPlan, plan_refit
+from refit.spec import EngineSpec, TrainerSpec
 from refit.watch import Failure, FailureBoard, RefitFailed
-from xfer import Resharder, Staging, TorchComm, Transfer, tcp_store
-from xfer.api import Path
-from xfer.checksum import box_checksum, sent_checksums
-from xfer.segments import Local, copy_out
+from xfer import DEFAULT_BUCKET_BYTES, Comm, Resharder, TorchComm, Transfer, tcp_store
+from xfer.api import PATHS, Path
+from xfer.checksum import Checksum, box_checksum, sent_checksums
+from xfer.segments import Local
+from xfer.strict import StrictComm
+from xfer.wire import WireError, as_int, as_str, dumps, loads
 
-__all__ = ["EngineHooks", "RankSetup", "RankStats", "RefitRank", "fault"]
+__all__ = ["EngineHooks", "RankOptions", "RankSetup", "RankStats", "RefitRank"]
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    path: Path = "auto"
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    backend: str = "gloo"  # "gloo" (CPU tensors) or "nccl" (CUDA tensors)
+    timeout_s: float = 600.0
+    verify: bool = False  # checksum every received tensor (see `xfer.checksum`)
+    strict: bool = False  # hold every rank to NCCL's rules on any backend (`xfer.strict`)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "bucket_bytes": self.bucket_bytes,
+            "backend": self.backend,
+            "timeout_s": self.timeout_s,
+            "verify": self.verify,
+            "strict": self.strict,
+        }
+
+    @classmethod
+    def from_json(cls, x: Any) -> RankOptions:
+        if not isinstance(x, dict):
+            raise WireError("options: expected an object")
+        path = as_str(x.get("path"), "path")
+        backend = as_str(x.get("backend"), "backend")
+        timeout = x.get("timeout_s")
+        if path not in PATHS or backend not in ("gloo", "nccl"):
+            raise WireError(f"options: path {path!r} or backend {backend!r} unknown")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise WireError(f"options: timeout_s {timeout!r} is not a positive number")
+        return cls(
+            path,  # type: ignore[arg-type]
+            as_int(x.get("bucket_bytes"), "bucket_bytes", lo=1),
+            backend,
+            float(timeout),
+            bool(x.get("verify")),
+            bool(x.get("strict")),
+        )
 
 
 @dataclass(frozen=True)
 class RankSetup:
+    """Everything a rank needs to join a refit generation; crosses processes as JSON."""
+
     host: str
     port: int
-    prefix: str
+    prefix: str  # store keys of this generation
+    token: str  # hex: authenticates every record in the store (`refit.watch`)
     rank: int  # refit rank
-    plan: RefitPlan
-    path: Path = "auto"
-    bucket_bytes: int = 256 << 20
-    streams: int = 2
-    backend: str = "gloo"
-    timeout_s: float = 600.0
-    verify: bool = False  # checksum every bulk shard and misc tensor (see `xfer.checksum`)
+    trainer: TrainerSpec
+    engine: EngineSpec  # one replica's description (all replicas describe the same)
+    replicas: int
+    options: RankOptions = RankOptions()
+
+    def plan(self) -> RefitPlan:
+        return plan_refit(self.trainer, [self.engine] * self.replicas)
+
+    def for_rank(self, rank: int) -> RankSetup:
+        return replace(self, rank=rank)
+
+    def to_json(self) -> bytes:
+        return dumps(
+            {
+                "host": self.host,
+                "port": self.port,
+                "prefix": self.prefix,
+                "token": self.token,
+                "rank": self.rank,
+                "trainer": self.trainer.to_json(),
+                "engine": self.engine.to_json(),
+                "replicas": self.replicas,
+                "options": self.options.to_json(),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> RankSetup:
+        x = loads(raw, what="refit setup")
+        if not isinstance(x, dict):
+            raise WireError("refit setup: expected an object")
+        token = as_str(x.get("token"), "token")
+        try:
+            bytes.fromhex(token)
+        except ValueError:
+            raise WireError("refit setup: token is not hex") from None
+        return cls(
+            as_str(x.get("host"), "host"),
+            as_int(x.get("port"), "port", lo=0),
+            as_str(x.get("prefix"), "prefix"),
+            token,
+            as_int(x.get("rank"), "rank", lo=0),
+            TrainerSpec.from_json(x.get("trainer")),
+            EngineSpec.from_json(x.get("engine")),
+            as_int(x.get("replicas"), "replicas", lo=1),
+            RankOptions.from_json(x.get("options")),
+        )
 
 
 @dataclass
@@ -74,8 +165,9 @@ class RankStats:
     seconds: float = 0.0
     bulk_sent: int = 0
     bulk_received: int = 0
-    misc_bytes: int = 0
-    staging_bytes: int = 0
+    misc_bytes: int = 0  # misc tensors received (engine ranks)
+    staging_bytes: int = 0  # staging buffers held
+    extra_bytes: int = 0  # peak memory this rank allocated for the refit (staging + misc)
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -98,143 +190,136 @@ class EngineHooks(Protocol):
 LocalShard = Callable[[str], Local]  # a trainer's shard of a name: a tensor or Segments
 
 
-def fault(kind: str, at: str) -> Callable[[str], None]:
-    """A `RefitRank.fault_injection` hook (tests): when a phase whose name contains `at`
-    starts, ``"raise"`` raises, ``"exit"`` ends the process, ``"sleep:S"`` sleeps S seconds."""
-
-    def hook(phase: str) -> None:
-        if at not in phase:
-            return
-        if kind == "raise":
-            raise RuntimeError(f"injected fault in {phase}")
-        if kind == "exit":
-            import os
-
-            os._exit(17)
-        if kind.startswith("sleep:"):
-            time.sleep(float(kind.split(":", 1)[1]))
-
-    return hook
-
-
 class RefitRank:
     def __init__(self, setup: RankSetup, *, device: torch.device | None = None) -> None:
         self.setup = setup
+        self.options = setup.options
         self.rank = setup.rank
-        self.plan = setup.plan
+        self.plan = setup.plan()
         self.device = device or torch.device("cpu")
-        self.is_engine = setup.rank >= setup.plan.trainer_world
+        if not 0 <= self.rank < self.plan.world:
+            raise RefitError(f"refit rank {self.rank} outside 0..{self.plan.world - 1}")
+        self.is_engine = self.rank >= self.plan.trainer_world
         self.role = "engine" if self.is_engine else "trainer"
         self.broken = False
-        self.fault_injection: Callable[[str], None] | None = None
+        self.on_phase: Callable[[str], None] | None = None
         self._interrupt: Callable[[], None] | None = None
-        self._phases: dict[int, str] = {}
-        self._failed_phase: str | None = None
-        store = tcp_store(setup.host, setup.port, is_master=False, timeout_s=setup.timeout_s)
-        self.board = FailureBoard(store, setup.prefix)
-        self.stages: list[tuple[StagePlan, int, Resharder]] = []
-        for st in self.plan.stages:
-            g = st.group_rank(self.rank)
-            if g is None:
-                continue
-            comm = TorchComm.create(
-                store,
-                g,
-                len(st.ranks),
-                prefix=f"{setup.prefix}/stage{st.stage}",
-                backend=setup.backend,
-                timeout_s=setup.timeout_s,
-                device=self.device if setup.backend == "nccl" else None,
-                interrupt=self._check,
-            )
-            rs = Resharder(st.items, comm, path=setup.path, bucket_bytes=setup.bucket_bytes)
-            self.stages.append((st, g, rs))
-        self._staging: queue.LifoQueue[Staging] = queue.LifoQueue()
-        for _ in range(max(1, setup.streams)):
-            self._staging.put(Staging())
+        self._phase = "setup"
+        store = tcp_store(setup.host, setup.port, is_master=False, timeout_s=self.options.timeout_s)
+        self.board = FailureBoard(store, f"{setup.prefix}/board", bytes.fromhex(setup.token))
+        comm: Comm = TorchComm.create(
+            store,
+            self.rank,
+            self.plan.world,
+            prefix=f"{setup.prefix}/group",
+            backend=self.options.backend,
+            timeout_s=self.options.timeout_s,
+            device=self.device if self.options.backend == "nccl" else None,
+            interrupt=self._check,
+        )
+        if self.options.strict:
+            comm = StrictComm(comm, name="refit")
+        self.comm: Comm | None = comm
+        self.resharder = Resharder(
+            self.plan.items,
+            self.comm,
+            path=self.options.path,
+            bucket_bytes=self.options.bucket_bytes,
+        )
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._lock = threading.Lock()
 
     # -- failures --------------------------------------------------------------------------
     def _check(self) -> None:
         if self._interrupt is not None:
             self._interrupt()
 
-    def _phase(self) -> str:
-        return self._phases.get(threading.get_ident(), "setup")
+    def enter(self, phase: str) -> None:
+        """Mark the start of `phase` (failures name it; `on_phase` sees it)."""
+        self._phase = phase
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
-    def _enter(self, phase: str) -> None:
-        self._phases[threading.get_ident()] = phase
-        if self.fault_injection is not None:
-            self.fault_injection(phase)
-
-    @contextmanager
+    @contextlib.contextmanager
     def _armed(self, version: int) -> Iterator[None]:
         """Run one step against the deadline and the failure board."""
-        if self.broken:
-            raise RefitFailed(
-                version, [], note=f"{self.role} rank {self.rank} must reconnect first"
-            )
-        me = Failure(self.rank, self.role, "", "")
-        deadline = time.monotonic() + self.setup.timeout_s
-        self._interrupt = self.board.interrupt(version, deadline, me, self._phase)
+        if not self._lock.acquire(blocking=False):
+            raise RefitError(f"{self.role} rank {self.rank}: a refit is already running here")
         try:
-            yield
-            self._enter("commit")
-            self.board.commit(version, self.plan.world, deadline, me)
-        except RefitFailed:
-            self.broken = True
-            raise
-        except BaseException as e:
-            self.broken = True
-            phase = self._failed_phase or self._phase()
-            self.board.post(
-                version, Failure(self.rank, self.role, phase, f"{type(e).__name__}: {e}")
-            )
-            raise RefitFailed(version, self.board.read(version)) from e
+            if self.broken:
+                raise RefitFailed(
+                    version, [], note=f"{self.role} rank {self.rank} must reconnect first"
+                )
+            me = Failure(self.rank, self.role, "", "")
+            deadline = time.monotonic() + self.options.timeout_s
+            self._interrupt = self.board.interrupt(version, deadline, me, lambda: self._phase)
+            try:
+                yield
+                if isinstance(self.comm, StrictComm):
+                    self.enter("check order")
+                    self.comm.check_order()
+                self.enter("commit")
+                self.board.commit(version, self.rank, self.plan.world, deadline, me)
+            except RefitFailed:
+                self._fail()
+                raise
+            except BaseException as e:
+                # post first: peers stop on the board, not on a connection this rank closes
+                self.board.post(
+                    version, Failure(self.rank, self.role, self._phase, f"{type(e).__name__}: {e}")
+                )
+                self._fail()
+                raise RefitFailed(version, self.board.read(version)) from e
+            finally:
+                self._interrupt = None
+                self._phase = "setup"
         finally:
-            self._interrupt = None
-            self._phases.clear()
-            self._failed_phase = None
+            self._lock.release()
+
+    def _fail(self) -> None:
+        """Abort and release the communicator: its operations may never complete."""
+        self.broken = True
+        self.close()
+
+    def close(self) -> None:
+        comm, self.comm = self.comm, None
+        if comm is not None:
+            comm.abort()
+            comm.close()
+        self.resharder.release_staging()
+
+    # -- streams -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transfer_stream(self) -> Iterator[None]:
+        """Run the transfer on the side stream, joined with the caller's stream both ways."""
+        if self.stream is None:
+            yield
+            return
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            yield
+        main.wait_stream(self.stream)
 
     # -- trainer ---------------------------------------------------------------------------
     def trainer_step(
         self, local: LocalShard, path: Path | None = None, version: int = 0
     ) -> RankStats:
         with self._armed(version):
-            return self._trainer_step(local, path)
-
-    def _trainer_step(self, local: LocalShard, path: Path | None) -> RankStats:
-        t0 = time.perf_counter()
-        stats = RankStats(self.rank, "trainer")
-        for st, g, rs in self.stages:
-            self._enter(f"stage {st.stage} bulk")
-            srcs = [local(it.name) if it.src.holds(g) else None for it in st.items]
-            dsts: list[torch.Tensor | None] = [None] * len(st.items)
-            for i in range(st.bulk, len(st.items)):
-                if st.items[i].dst.holds(g):
-                    it = st.items[i]
-                    dsts[i] = torch.empty(it.dst.shape, dtype=it.dtype, device=self.device)
-            x = rs.run(srcs, dsts, path=path)
-            if self.setup.verify:
-                self._enter(f"stage {st.stage} verify")
-                self._send_checksums(st, rs, srcs)
-            stats.bulk_sent += x.bytes_sent
-            stats.bulk_received += x.bytes_received
-            stats.staging_bytes = max(stats.staging_bytes, rs.staging.nbytes)
-            t1 = time.perf_counter()
-            self._enter(f"stage {st.stage} misc")
-            if g == 0:  # the stage owner: gathered misc tensors, or its own whole ones
-                whole = {
-                    e.name: dsts[e.gathered] if e.gathered is not None else local(e.name)
-                    for e in st.misc
-                }
-                stats.misc_bytes += self._send_misc(st, rs, whole)
-            else:
-                self._recv_misc(st, rs)
-                stats.misc_bytes += sum(st.buckets)
-            stats.phases[f"stage{st.stage}.bulk"] = t1 - t0
-            stats.phases[f"stage{st.stage}.misc"] = time.perf_counter() - t1
-        stats.seconds = time.perf_counter() - t0
-        return stats
+            t0 = time.perf_counter()
+            stats = RankStats(self.rank, "trainer")
+            self.enter("transfer")
+            srcs = [local(it.name) if it.src.holds(self.rank) else None for it in self.plan.items]
+            with self._transfer_stream():
+                x = self.resharder.run(srcs, [None] * len(srcs), path=path)
+                if self.options.verify:
+                    self.enter("verify")
+                    self._send_checksums(srcs)
+            stats.bulk_sent = x.bytes_sent
+            stats.staging_bytes = stats.extra_bytes = self.resharder.staging.nbytes
+            stats.phases["transfer"] = time.perf_counter() - t0
+            stats.seconds = time.perf_counter() - t0
+            return stats
 
     # -- engine ----------------------------------------------------------------------------
     def engine_step(self, hooks: EngineHooks, version: int, path: Path | None = None) -> RankStats:
@@ -242,25 +327,38 @@ class RefitRank:
             return self._engine_step(hooks, version, path)
 
     def _engine_step(self, hooks: EngineHooks, version: int, path: Path | None) -> RankStats:
+        plan, rank = self.plan, self.rank
         t0 = time.perf_counter()
-        stats = RankStats(self.rank, "engine")
-        self._enter("begin install")
+        stats = RankStats(rank, "engine")
+        self.enter("begin install")
         hooks.begin(version)
         t1 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=max(1, self.setup.streams)) as pool:
-            parts = list(pool.map(lambda s: self._engine_stage(s, hooks, path), self.stages))
+        self.enter("transfer")
+        dsts: list[Local | None] = [
+            hooks.view(it.name) if i < plan.bulk and it.dst.holds(rank) else None
+            for i, it in enumerate(plan.items)
+        ]
+        misc = []
+        for e in plan.misc:
+            buf = torch.empty(e.shape, dtype=e.dtype, device=self.device)
+            dsts[e.item] = buf
+            misc.append((e.name, buf))
+        with self._transfer_stream():
+            self.resharder.run([None] * len(dsts), dsts, path=path)
+            if self.options.verify:
+                self.enter("verify")
+                self._check_checksums(dsts)
         t2 = time.perf_counter()
-        misc: list[tuple[str, torch.Tensor]] = []
-        for received, sent, tensors in parts:
-            stats.bulk_received += received
-            stats.bulk_sent += sent
-            misc += tensors
-        stats.misc_bytes = sum(t.numel() * t.element_size() for _, t in misc)
-        stats.staging_bytes = sum(s.nbytes for s in list(self._staging.queue))
-        self._enter("load misc")
+        stats.bulk_received = sum(
+            math.prod(it.dst.local_shape(rank)) * it.itemsize for it in plan.items[: plan.bulk]
+        )
+        stats.misc_bytes = sum(e.nbytes for e in plan.misc)
+        stats.staging_bytes = self.resharder.staging.nbytes
+        stats.extra_bytes = stats.staging_bytes + stats.misc_bytes
+        self.enter("load misc")
         hooks.load(misc)
         t3 = time.perf_counter()
-        self._enter("finish install")
+        self.enter("finish install")
         hooks.finish(version)
         t4 = time.perf_counter()
         stats.phases = {
@@ -272,105 +370,33 @@ class RefitRank:
         stats.seconds = t4 - t0
         return stats
 
-    def _engine_stage(
-        self, stage: tuple[StagePlan, int, Resharder], hooks: EngineHooks, path: Path | None
-    ) -> tuple[int, int, list[tuple[str, torch.Tensor]]]:
-        try:
-            return self._engine_stage_inner(stage, hooks, path)
-        except BaseException:
-            if self._failed_phase is None:  # the first failing thread names the phase
-                self._failed_phase = self._phase()
-            raise
-
-    def _engine_stage_inner(
-        self, stage: tuple[StagePlan, int, Resharder], hooks: EngineHooks, path: Path | None
-    ) -> tuple[int, int, list[tuple[str, torch.Tensor]]]:
-        st, g, rs = stage
-        self._enter(f"stage {st.stage} bulk")
-        staging = self._staging.get()
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        try:
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                dsts = [
-                    hooks.view(it.name) if i < st.bulk and it.dst.holds(g) else None
-                    for i, it in enumerate(st.items)
-                ]
-                x = rs.run([None] * len(st.items), dsts, stream=stream, staging=staging, path=path)
-                if self.setup.verify:
-                    self._enter(f"stage {st.stage} verify")
-                    self._check_checksums(st, g, rs, dsts)
-                self._enter(f"stage {st.stage} misc")
-                tensors = self._recv_misc(st, rs)
-            if stream is not None:
-                stream.synchronize()
-            return x.bytes_received, x.bytes_sent, tensors
-        finally:
-            self._staging.put(staging)
-
-    # -- misc: packed broadcast from the stage owner (group rank 0) --------------------------
-    def _send_misc(self, st: StagePlan, rs: Resharder, whole: dict[str, Local | None]) -> int:
-        """Pack the stage's misc tensors into buckets, in plan order, and broadcast them."""
-        for b, size in enumerate(st.buckets):
-            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-            for e in st.misc:
-                if e.bucket == b:
-                    t = whole[e.name]
-                    assert t is not None, f"stage owner has no whole {e.name}"
-                    out = buf[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
-                    copy_out(t, tuple(slice(0, n) for n in e.shape), out)
-            rs.comm.broadcast(buf, 0).wait()
-        if self.setup.verify and st.misc:
-            sums = [box_checksum(whole[e.name], owner_layout(e.shape), 0) for e in st.misc]
-            rs.comm.broadcast(torch.tensor(sums, dtype=torch.int64, device=self.device), 0).wait()
-        return sum(st.buckets)
-
-    def _recv_misc(self, st: StagePlan, rs: Resharder) -> list[tuple[str, torch.Tensor]]:
-        """Receive the stage's misc buckets; the tensors are views of the received buffers."""
-        out: list[tuple[str, torch.Tensor]] = []
-        for b, size in enumerate(st.buckets):
-            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-            rs.comm.broadcast(buf, 0).wait()
-            for e in st.misc:
-                if e.bucket == b:
-                    raw = buf[e.offset : e.offset + e.nbytes]
-                    out.append((e.name, raw.view(e.dtype).view(e.shape)))
-        if self.setup.verify and st.misc:
-            sums = torch.zeros(len(st.misc), dtype=torch.int64, device=self.device)
-            rs.comm.broadcast(sums, 0).wait()
-            if self.is_engine:
-                bad = []
-                for e, want, (_, t) in zip(st.misc, sums.tolist(), out, strict=True):
-                    got = box_checksum(t, owner_layout(e.shape), 0)
-                    if got != want:
-                        bad.append(f"{e.name} (expected {int(want)}, got {got})")
-                if bad:
-                    raise RefitError(
-                        [f"engine rank {self.rank}: misc checksum mismatch: {b}" for b in bad]
-                    )
-        return out
-
     # -- verification: senders report per-receiver checksums, receivers compare -------------
-    def _send_checksums(self, st: StagePlan, rs: Resharder, srcs: list[Local | None]) -> None:
-        sums = sent_checksums(rs.plan, rs.program, srcs)
-        engines = range(st.trainers, len(st.ranks))
-        bufs = {
-            e: torch.tensor([sums.get((i, e), 0) for i in range(st.bulk)], dtype=torch.int64)
-            for e in engines
-        }
-        rs.comm.send_recv([Transfer(e, bufs[e].to(self.device)) for e in engines], []).wait()
+    def _peers(self, side: str) -> list[int]:
+        prog = self.resharder.program
+        msgs = (m for r in prog.rounds for m in (r.sends if side == "send" else r.recvs))
+        return sorted({m.peer for m in msgs})
 
-    def _check_checksums(
-        self, st: StagePlan, g: int, rs: Resharder, dsts: list[torch.Tensor | None]
-    ) -> None:
-        bufs = [
-            torch.zeros(st.bulk, dtype=torch.int64, device=self.device) for _ in range(st.trainers)
-        ]
-        rs.comm.send_recv([], [Transfer(t, bufs[t]) for t in range(st.trainers)]).wait()
-        want = torch.stack(bufs).sum(0).tolist() if bufs else []
+    def _send_checksums(self, srcs: list[Local | None]) -> None:
+        assert self.comm is not None
+        sums = sent_checksums(self.resharder.plan, self.resharder.program, srcs)
+        n = len(self.plan.items)
+        sends = []
+        for peer in self._peers("send"):
+            rows = [sums.get((i, peer), Checksum()).as_list() for i in range(n)]
+            sends.append(Transfer(peer, torch.tensor(rows, dtype=torch.int64, device=self.device)))
+        self.comm.send_recv(sends, []).wait()
+
+    def _check_checksums(self, dsts: list[Local | None]) -> None:
+        assert self.comm is not None
+        n, peers = len(self.plan.items), self._peers("recv")
+        bufs = [torch.zeros((n, 2), dtype=torch.int64, device=self.device) for _ in peers]
+        self.comm.send_recv([], [Transfer(p, b) for p, b in zip(peers, bufs, strict=True)]).wait()
+        want = Checksum.total(torch.stack(bufs)) if bufs else [Checksum()] * n
         bad = []
-        for i, it in enumerate(st.items[: st.bulk]):
-            got = box_checksum(dsts[i], it.dst, g)
+        for i, it in enumerate(self.plan.items):
+            got = box_checksum(dsts[i], it.dst, self.rank)
             if got != want[i]:
-                bad.append(f"{it.name} (expected {int(want[i])}, got {got})")
+                kind = "misc" if i >= self.plan.bulk else "bulk"
+                bad.append(f"{kind} {it.name} (expected {want[i]}, got {got})")
         if bad:
             raise RefitError([f"engine rank {self.rank}: checksum mismatch: {b}" for b in bad[:20]])

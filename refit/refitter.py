@@ -1,48 +1,61 @@
 """`Refitter`: the product. ``Refitter(train_worker, vllm_engine).refit()`` every RL step.
 
 `prepare` (run by the first `refit`, or explicitly) asks both sides to describe their
-parameters, plans (`plan_refit`, pure), starts a store on this machine, and has every rank
-join the refit groups and build its xfer plans. Every `refit` then bumps the version, starts
-both sides at once and waits for both; it returns `RefitStats`.
+parameters, plans (`plan_refit`, pure), picks the backend from where the two sides' tensors
+live, starts the refit's store on `host`, and has every rank join the refit's communicator and
+build its xfer plan. Every `refit` then bumps the version, starts both sides at once and waits
+for both; it returns `RefitStats`.
 
 `vllm_engine` may be an `EngineSide`, anything with ``collective_rpc`` (a vLLM ``LLM``
 created with the project's worker extension), or a list of either (engine replicas).
 
-Failures: every rank runs a refit against a deadline (`timeout_s`) and a failure board in
-the refit's store (`refit.watch`). When a rank fails, a rank process dies, or the deadline
-passes, every rank stops within a fraction of a second and `refit` raises `RefitFailed`
-naming each failing rank and its phase. The groups of that generation are then dropped; the
-next `refit` reconnects every rank (a new generation, same plan, engines keep running). An
-engine whose install did not complete keeps, or rolls back to, its previous weights and is
-marked stale until a refit completes (`status`). With ``verify=True`` every engine rank also
-checks each received shard and misc tensor against checksums from its senders before it
-installs anything.
+Trust. The store and the ranks' communicator are reachable by anyone on the network who can
+reach `host`; the refit never deserializes code from them. Descriptions and setups travel over
+the trusted control channel (Ray, ``collective_rpc``) as JSON; everything the ranks read from
+the store is JSON sealed with a fresh random token per `Refitter` (`refit.watch`); tensor bytes
+are not authenticated or encrypted (``verify=True`` checks them against corruption). See the
+README's trust model.
 
-Memory: an engine rank receives the pipeline stages on `streams` workers at once, each with
-two receive buffers of at most `bucket_bytes`; `staging_bytes` caps the total (it lowers the
-bucket to ``staging_bytes / (2 * streams)``). More streams keep more trainer stages sending
-at once: with ``streams >= PP`` every trainer rank sends concurrently.
+Failures: every rank runs a refit against a deadline (`timeout_s`) and a failure board in the
+refit's store (`refit.watch`). When a rank fails, a rank process dies, or the deadline passes,
+every rank stops within a fraction of a second and `refit` raises `RefitFailed` naming each
+failing rank and its phase. The ranks release that generation's communicator; the next
+`refit` reconnects every rank (a new generation, same plan, engines keep running). An engine
+whose install did not complete keeps, or rolls back to, its previous weights and is marked
+stale until a refit completes (`status`). With ``verify=True`` every engine rank also checks
+each received tensor against checksums from its senders before it installs anything. One
+refit runs at a time: a second concurrent call raises at once. ``strict=True`` (tests,
+debugging) holds every rank to NCCL's completion and ordering rules on any backend
+(`xfer.strict`), at the cost of copies and digests of every buffer.
+
+Memory: a rank keeps two send and two receive staging buffers of at most `bucket_bytes`
+(per round, a rank sends and receives at most that); `staging_bytes` caps what an engine rank
+stages (the bucket becomes ``staging_bytes // 2``). Engine ranks also hold each misc tensor
+whole while they load it.
 """
 
 from __future__ import annotations
 
-import pickle
+import secrets
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from refit.errors import RefitError
 from refit.pending import wait_all
-from refit.planner import DEFAULT_MISC_BUCKET_BYTES, RefitPlan, plan_refit
-from refit.rank import RankSetup, RankStats
+from refit.planner import RefitPlan, plan_refit
+from refit.rank import RankOptions, RankSetup, RankStats
 from refit.rpc import RpcEngine
-from refit.spec import EngineSide, TrainerSide
+from refit.spec import EngineSide, EngineSpec, EngineStatus, TrainerSide
 from refit.watch import Failure, FailureBoard, RefitFailed
 from xfer import DEFAULT_BUCKET_BYTES, tcp_store
 from xfer.api import PATHS, Path
 
-__all__ = ["RefitStats", "Refitter"]
+__all__ = ["BACKENDS", "RefitStats", "Refitter", "choose_backend"]
+
+BACKENDS = ("auto", "gloo", "nccl")
 
 
 @dataclass(frozen=True)
@@ -50,9 +63,11 @@ class RefitStats:
     version: int
     seconds: float
     bulk_bytes: int  # received by all engine ranks
-    misc_bytes: int  # broadcast per stage, counted once per stage
+    misc_bytes: int  # misc tensors received by all engine ranks
     phases: dict[str, float]  # slowest engine rank's phases
     peak_staging_bytes: int  # largest staging held by any rank
+    engine_extra_bytes: int  # most memory an engine rank allocated for the refit
+    trainer_extra_bytes: int  # most memory a trainer rank allocated for the refit
     ranks: tuple[RankStats, ...] = field(repr=False)
 
     @property
@@ -63,17 +78,50 @@ class RefitStats:
     def summary(self) -> str:
         return (
             f"refit {self.version}: {self.seconds:.3f} s, {self.bulk_bytes / 2**20:.1f} MiB bulk "
-            f"+ {self.misc_bytes / 2**20:.2f} MiB misc, {self.gbps:.2f} GB/s, peak staging "
-            f"{self.peak_staging_bytes / 2**20:.1f} MiB"
+            f"+ {self.misc_bytes / 2**20:.2f} MiB misc, {self.gbps:.2f} GB/s; extra memory per "
+            f"engine rank {self.engine_extra_bytes / 2**20:.1f} MiB, per trainer rank "
+            f"{self.trainer_extra_bytes / 2**20:.1f} MiB"
         )
+
+
+def choose_backend(requested: str, trainer: str, engine: str) -> str:
+    """The communicator backend for a trainer and engines whose tensors live on the given
+    device types; `RefitError` for combinations no backend moves."""
+    if requested not in BACKENDS:
+        raise RefitError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if trainer != engine:
+        raise RefitError(
+            f"the trainer's tensors are on {trainer} but the engine's on {engine}: neither gloo "
+            "(CPU tensors) nor NCCL (CUDA tensors) moves between them; put both on the same "
+            "kind of device"
+        )
+    need = "nccl" if trainer == "cuda" else "gloo"
+    if requested not in ("auto", need):
+        raise RefitError(
+            f"backend={requested!r} cannot move {trainer} tensors ("
+            + ("gloo send/recv does not take CUDA tensors" if need == "nccl" else "NCCL needs CUDA")
+            + f"); use backend='auto' or {need!r}"
+        )
+    return need
 
 
 def _engine_sides(engines: Any) -> list[EngineSide]:
     if isinstance(engines, EngineSide):
-        return [engines]
-    if isinstance(engines, Sequence) and not isinstance(engines, str | bytes):
-        return [e for i, x in enumerate(engines) for e in [_one_engine(x, i)]]
-    return [_one_engine(engines, 0)]
+        sides = [engines]
+    elif isinstance(engines, Sequence) and not isinstance(engines, str | bytes):
+        sides = [_one_engine(x, i) for i, x in enumerate(engines)]
+    else:
+        sides = [_one_engine(engines, 0)]
+    if not sides:
+        raise RefitError("no engine replicas given")
+    keys = [getattr(s, "key", s) for s in sides]
+    dup = [i for i, k in enumerate(keys) if any(k is o or k == o for o in keys[:i])]
+    if dup:
+        raise RefitError(
+            f"engine replicas {dup} repeat an earlier replica (the same engine listed twice); "
+            "each replica must be a different engine"
+        )
+    return sides
 
 
 def _one_engine(x: Any, i: int) -> EngineSide:
@@ -91,38 +139,43 @@ class Refitter:
         vllm_engine: Any,
         *,
         path: Path = "auto",
-        streams: int = 2,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         staging_bytes: int | None = None,
-        misc_bucket_bytes: int = DEFAULT_MISC_BUCKET_BYTES,
         host: str = "127.0.0.1",
-        backend: str = "gloo",
+        backend: str = "auto",
         timeout_s: float = 600.0,
         verify: bool = False,
+        strict: bool = False,
     ) -> None:
+        problems = []
         if path not in PATHS:
-            raise RefitError(f"path must be one of {PATHS}, got {path!r}")
-        if streams < 1:
-            raise RefitError(f"streams must be >= 1, got {streams}")
+            problems.append(f"path must be one of {PATHS}, got {path!r}")
+        if backend not in BACKENDS:
+            problems.append(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
+            problems.append(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 1 << 16:
+            problems.append(f"bucket_bytes must be an int >= 65536, got {bucket_bytes!r}")
+        # an engine rank holds two receive buffers of one bucket
+        if staging_bytes is not None:
+            bucket_bytes = min(bucket_bytes, staging_bytes // 2)
+            if bucket_bytes < 1 << 16:
+                problems.append(
+                    f"staging_bytes={staging_bytes} leaves buckets of {bucket_bytes} B; allow at "
+                    f"least {2 << 16} B"
+                )
+        if problems:
+            raise RefitError(problems)
         self.trainer = train_worker
         self.engines = _engine_sides(vllm_engine)
         self.path: Path = path
-        self.streams = streams
-        # an engine rank holds `streams` staging sets of two receive buffers of one bucket
-        if staging_bytes is not None:
-            bucket_bytes = min(bucket_bytes, staging_bytes // (2 * streams))
-            if bucket_bytes < 1 << 16:
-                raise RefitError(
-                    f"staging_bytes={staging_bytes} leaves buckets of {bucket_bytes} B for "
-                    f"{streams} streams; allow at least {2 * streams << 16} B"
-                )
         self.staging_bytes = staging_bytes
         self.bucket_bytes = bucket_bytes
-        self.misc_bucket_bytes = misc_bucket_bytes
         self.host = host
         self.backend = backend
-        self.timeout_s = timeout_s
+        self.timeout_s = float(timeout_s)
         self.verify = verify
+        self.strict = strict
         self.plan: RefitPlan | None = None
         self.version = 0  # the last refit attempted
         self.installed = 0  # the last refit that completed on every engine
@@ -130,8 +183,11 @@ class Refitter:
         self._connected = False
         self._store: Any = None
         self._board: FailureBoard | None = None
-        self._engine_specs: list[Any] = []
+        self._token = secrets.token_bytes(32)
+        self._session = secrets.token_hex(8)
+        self._specs: tuple[Any, list[EngineSpec]] | None = None
         self._prepare_seconds = 0.0
+        self._lock = threading.Lock()
 
     def prepare(self) -> RefitPlan:
         """Describe, validate and plan (once); connect every rank (again after a failure).
@@ -142,42 +198,57 @@ class Refitter:
         if self.plan is None:
             trainer_spec = self.trainer.describe()
             engine_specs = [e.describe() for e in self.engines]
-            self._engine_specs = engine_specs
-            self.plan = plan_refit(
-                trainer_spec, engine_specs, misc_bucket_bytes=self.misc_bucket_bytes
-            )
-            self._store = tcp_store(self.host, 0, is_master=True, timeout_s=self.timeout_s)
+            plan = plan_refit(trainer_spec, engine_specs)
+            self.backend = choose_backend(self.backend, trainer_spec.device, engine_specs[0].device)
+            try:
+                self._store = tcp_store(self.host, 0, is_master=True, timeout_s=self.timeout_s)
+            except (OSError, RuntimeError) as e:
+                raise RefitError(
+                    f"cannot start the refit's store on host {self.host!r}: {e}; pass a host "
+                    "(an address of this machine) every rank can reach"
+                ) from None
+            self._specs = (trainer_spec, engine_specs)
+            self.plan = plan
         if not self._connected:
-            self._connect(self.plan)
+            self._connect()
         self._prepare_seconds += time.perf_counter() - t0
+        assert self.plan is not None
         return self.plan
 
-    def _connect(self, plan: RefitPlan) -> None:
+    def _connect(self) -> None:
+        assert self._specs is not None and self.plan is not None
         self.generation += 1
-        prefix = f"refit{id(self)}/gen{self.generation}"
+        prefix = f"refit/{self._session}/gen{self.generation}"
+        trainer_spec, engine_specs = self._specs
         base = RankSetup(
             host=self.host,
             port=self._store.port,
             prefix=prefix,
+            token=self._token.hex(),
             rank=0,
-            plan=plan,
-            path=self.path,
-            bucket_bytes=self.bucket_bytes,
-            streams=self.streams,
-            backend=self.backend,
-            timeout_s=self.timeout_s,
-            verify=self.verify,
+            trainer=trainer_spec,
+            engine=engine_specs[0],
+            replicas=len(engine_specs),
+            options=RankOptions(
+                path=self.path,
+                bucket_bytes=self.bucket_bytes,
+                backend=self.backend,
+                timeout_s=self.timeout_s,
+                verify=self.verify,
+                strict=self.strict,
+            ),
         )
-        pendings = [self.trainer.connect(pickle.dumps(base))]
+        pendings = [self.trainer.connect(base.to_json())]
         for i, e in enumerate(self.engines):
-            pendings.append(e.connect(pickle.dumps(replace(base, rank=plan.engine_rank(i, 0)))))
+            setup = base.for_rank(self.plan.engine_rank(i, 0)).to_json()
+            pendings.append(e.connect(setup, self.installed))
         try:
-            wait_all(pendings, timeout=self.timeout_s)
+            wait_all(pendings, timeout=self.timeout_s + 5)
         except RefitError as e:
             raise RefitError(
                 [f"could not connect the ranks (generation {self.generation}):", *e.violations]
             ) from e
-        self._board = FailureBoard(self._store, prefix)
+        self._board = FailureBoard(self._store, f"{prefix}/board", self._token)
         self._connected = True
 
     def refit(self, *, path: Path | None = None) -> RefitStats:
@@ -185,7 +256,18 @@ class Refitter:
         the configured xfer path for this refit (e.g. ``"golden"`` to debug)."""
         if path is not None and path not in PATHS:
             raise RefitError(f"path must be one of {PATHS}, got {path!r}")
-        plan = self.prepare()
+        if not self._lock.acquire(blocking=False):
+            raise RefitError(
+                "a refit is already running on this Refitter; refits of one Refitter run one at "
+                "a time"
+            )
+        try:
+            return self._refit(path)
+        finally:
+            self._lock.release()
+
+    def _refit(self, path: Path | None) -> RefitStats:
+        self.prepare()
         assert self._board is not None
         board = self._board
         self.version += 1
@@ -201,18 +283,19 @@ class Refitter:
             # ranks stop at their own deadline; the driver waits a little longer
             results = wait_all(pendings, timeout=self.timeout_s + 5, on_failure=stop_everyone)
         except RefitError as e:
-            self._connected = False  # this generation's groups are broken
+            self._connected = False  # this generation's communicator is gone
             failures = board.read(version)
             raise RefitFailed(
                 version,
                 failures,
-                note=f"the engines keep the weights of refit {self.installed}; "
-                "the next refit reconnects every rank",
+                note=f"the engines keep the weights of refit {self.installed} or are marked "
+                "stale (see status()); the next refit reconnects every rank",
             ) from e
         self.installed = version
         seconds = time.perf_counter() - t0
         ranks = tuple(s for group in results for s in group)
         engine = [s for s in ranks if s.role == "engine"]
+        trainer = [s for s in ranks if s.role == "trainer"]
         phases: dict[str, float] = {}
         for s in engine:
             for k, v in s.phases.items():
@@ -221,9 +304,11 @@ class Refitter:
             version=self.version,
             seconds=seconds,
             bulk_bytes=sum(s.bulk_received for s in engine),
-            misc_bytes=sum(st_bytes for st in plan.stages for st_bytes in st.buckets),
+            misc_bytes=sum(s.misc_bytes for s in engine),
             phases=phases,
             peak_staging_bytes=max((s.staging_bytes for s in ranks), default=0),
+            engine_extra_bytes=max((s.extra_bytes for s in engine), default=0),
+            trainer_extra_bytes=max((s.extra_bytes for s in trainer), default=0),
             ranks=ranks,
         )
 
@@ -234,9 +319,11 @@ class Refitter:
     def replace_engine(self, replica: int, engine: Any) -> None:
         """Swap engine replica `replica` (e.g. one whose process died) for a new one of the
         same model and layout; the next refit checks it describes the same parameters and
-        reconnects every rank."""
+        reconnects every rank. Until a refit completes, the new engine is not counted fresh."""
         new = _one_engine(engine, replica)
-        if self._engine_specs and new.describe() != self._engine_specs[replica]:
+        others = [e for i, e in enumerate(self.engines) if i != replica]
+        _engine_sides([*others, new])  # refuses an engine listed twice
+        if self._specs is not None and new.describe() != self._specs[1][replica]:
             raise RefitError(
                 f"the new engine replica {replica} does not describe the same parameters as "
                 "the one it replaces"
@@ -244,6 +331,6 @@ class Refitter:
         self.engines[replica] = new
         self._connected = False
 
-    def status(self) -> list[list[Any]]:
-        """Each engine replica's per-rank install status (version, stale, consistent)."""
-        return [e.status() for e in self.engines]  # type: ignore[attr-defined]
+    def status(self) -> list[list[EngineStatus]]:
+        """Each engine replica's per-rank `EngineStatus` (version, stale, what it holds)."""
+        return [e.status() for e in self.engines]

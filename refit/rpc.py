@@ -1,8 +1,8 @@
 """`RpcEngine`: an engine replica driven through ``collective_rpc`` (a vLLM ``LLM``).
 
 The engine's workers run the project's worker extension (`backends.vllm_worker`), which
-implements the methods named in `METHODS`; everything crossing the call is bytes (pickled
-records), so it works in single-process and multiprocess engines alike. Duck-typed: any object
+implements the methods named in `METHODS`; everything crossing the call is JSON bytes
+(`xfer.wire`), so it works in single-process and multiprocess engines alike. Duck-typed: any object
 with ``collective_rpc(method, args=...)`` works, and nothing here imports vLLM.
 
 After its ranks installed a refit, an engine still holds caches computed with the old weights:
@@ -14,14 +14,22 @@ calls it on every completed refit, before the refit counts as done.
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 from refit.errors import RefitError
 from refit.pending import Threaded
-from refit.spec import EngineSpec, Pending
+from refit.rank import RankStats
+from refit.spec import EngineSpec, EngineStatus, Pending
+from xfer.wire import WireError, loads
 
-__all__ = ["METHODS", "RpcEngine", "invalidate_caches"]
+__all__ = [
+    "METHODS",
+    "RpcEngine",
+    "decode_spec",
+    "decode_stats",
+    "decode_status",
+    "invalidate_caches",
+]
 
 METHODS = {
     "describe": "refit_describe",
@@ -29,6 +37,28 @@ METHODS = {
     "step": "refit_step",
     "status": "refit_status",
 }
+
+
+def decode_stats(raw: bytes) -> RankStats:
+    x = loads(raw, what="rank stats")
+    if not isinstance(x, dict):
+        raise WireError("rank stats: expected an object")
+    return RankStats(**x)
+
+
+def decode_spec(raw: list[bytes], name: str) -> EngineSpec:
+    """One replica's description from every rank's (JSON); its ranks must agree."""
+    specs = [EngineSpec.from_json(loads(b, what="engine description")) for b in raw]
+    if not specs or any(s != specs[0] for s in specs[1:]):
+        raise RefitError(f"{name}: the engine's ranks describe different parameters")
+    return specs[0]
+
+
+def decode_status(raw: bytes) -> EngineStatus:
+    try:
+        return EngineStatus.from_json(loads(raw, what="engine status"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise WireError(f"engine status: {e}") from None
 
 
 def invalidate_caches(llm: Any, *, name: str = "engine") -> None:
@@ -54,6 +84,7 @@ class RpcEngine:
             raise RefitError(f"{name}: {type(llm).__name__} has no collective_rpc")
         self.llm = llm
         self.name = name
+        self.key = llm  # the same engine twice is refused (`Refitter`)
 
     def _call(self, key: str, *args: Any) -> list[Any]:
         return list(self.llm.collective_rpc(METHODS[key], args=args))
@@ -66,21 +97,20 @@ class RpcEngine:
                 f"{self.name}: the engine's workers do not implement {METHODS['describe']}; "
                 "create the LLM with worker_extension_cls='backends.vllm_worker.RefitWorkerExtension'"
             ) from e
-        specs = [pickle.loads(b) for b in raw]
-        if any(s != specs[0] for s in specs[1:]):
-            raise RefitError(f"{self.name}: the engine's ranks describe different parameters")
-        return specs[0]
+        return decode_spec(raw, self.name)
 
-    def connect(self, setup: bytes) -> Pending:
-        return Threaded(lambda: self._call("connect", setup), what=f"{self.name} connect")
+    def connect(self, setup: bytes, installed: int = 0) -> Pending:
+        return Threaded(
+            lambda: self._call("connect", setup, installed), what=f"{self.name} connect"
+        )
 
     def step(self, version: int, path: str | None = None) -> Pending:
         def run() -> list[Any]:
-            stats = [pickle.loads(b) for b in self._call("step", version, path)]
+            stats = [decode_stats(b) for b in self._call("step", version, path)]
             invalidate_caches(self.llm, name=self.name)
             return stats
 
         return Threaded(run, what=f"{self.name} refit {version}")
 
-    def status(self) -> list[Any]:
-        return [pickle.loads(b) for b in self._call("status")]
+    def status(self) -> list[EngineStatus]:
+        return [decode_status(b) for b in self._call("status")]

@@ -1,32 +1,41 @@
-"""Agreeing on failure: a store-backed board of the failures of each refit.
+"""Agreeing on failure and on success: a board of authenticated records in the refit's store.
 
 Every rank of a refit generation (trainer ranks, engine ranks) and the driver share the
-refit's TCPStore. A rank that fails posts a `Failure` (its refit rank, role, phase, error)
-under the refit's version; so does the driver when a side times out or a rank process dies.
-While a refit runs, every rank's waits poll the board (`FailureBoard.interrupt`, a few times
-a second, one store round trip) and their own deadline: as soon as any failure is posted, or
-the deadline passes, every rank stops and raises `RefitFailed` listing every failure posted
-so far, so no rank hangs in a collective that will never complete.
+refit's TCPStore and a per-refit secret (`token`, made by the driver and handed to the ranks
+over the trusted control channel: Ray, ``collective_rpc``, vLLM's API). Everything the board
+writes is a JSON record sealed with the token (`xfer.wire.seal`, HMAC-SHA256 bound to its
+key); everything it reads is checked. A record that is not JSON, not authentic, or missing is
+ignored and counted in `FailureBoard.ignored` (never unpickled, never trusted), so whoever can
+reach the store can at worst delay a refit until its deadline, not fake its outcome.
 
-Commit. A rank that finished its part does not return yet: it counts itself done and waits
-for the refit's *outcome*, a key set once, atomically: to ``ok`` by the last rank to finish,
-or to ``failed`` by the first failure posted. So every rank, including those whose own part
-succeeded, returns or raises together.
+Failures. A rank that fails posts a `Failure` (its refit rank, role, phase, error) under the
+refit's version: it bumps the version's counter, then writes record ``n``. While a refit runs,
+every rank's waits poll the board (`interrupt`: one counter read every `POLL_S`) and their own
+deadline; once an authentic failure is posted, or the deadline passes, every rank stops and
+raises `RefitFailed` listing every failure posted so far. Reads never block: a record whose
+writer died between counter and record is simply not there yet.
+
+Commit. A rank that finished its part writes its own sealed ``done`` record, counts itself
+done, and waits for the refit's *outcome*: once the count reaches the number of ranks, the
+rank that sees it checks that every rank's ``done`` record is there and authentic and then
+writes the sealed outcome ``ok``; a posted failure makes the outcome failed. So every rank,
+including those whose own part succeeded, returns or raises together, within the deadline.
 """
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from refit.errors import RefitError
+from xfer.wire import WireError, as_int, as_str, seal, unseal
 
 __all__ = ["Failure", "FailureBoard", "RefitFailed"]
 
 POLL_S = 0.02
+MAX_RECORDS = 4096  # failure records read per refit (a hostile counter cannot make it more)
 
 
 @dataclass(frozen=True)
@@ -40,66 +49,141 @@ class Failure:
         who = "the driver" if self.rank < 0 else f"{self.role} rank {self.rank}"
         return f"{who} failed in {self.phase}: {self.message}"
 
+    def to_json(self) -> dict[str, Any]:
+        return {"rank": self.rank, "role": self.role, "phase": self.phase, "message": self.message}
+
+    @classmethod
+    def from_json(cls, x: Any) -> Failure:
+        if not isinstance(x, dict):
+            raise WireError("failure record: expected an object")
+        return cls(
+            as_int(x.get("rank"), "failure rank", lo=-1),
+            as_str(x.get("role"), "failure role"),
+            as_str(x.get("phase"), "failure phase"),
+            as_str(x.get("message"), "failure message"),
+        )
+
 
 class RefitFailed(RefitError):
     """A refit stopped because a rank failed or a deadline passed."""
 
     def __init__(self, version: int, failures: list[Failure], *, note: str = "") -> None:
         self.version = version
-        self.failures = failures
+        self.failures = list(failures)
+        self.note = note
         head = f"refit {version} failed" + (f" ({note})" if note else "")
         super().__init__([head, *[f.describe() for f in failures]])
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_failed, (self.version, self.failures, self.note))
+
+
+def _rebuild_failed(version: int, failures: list[Failure], note: str) -> RefitFailed:
+    return RefitFailed(version, failures, note=note)
+
+
+_MISSING = object()
+_FORGED = object()
+
 
 class FailureBoard:
-    def __init__(self, store: Any, prefix: str) -> None:
+    def __init__(self, store: Any, prefix: str, token: bytes) -> None:
         self.store = store
         self.prefix = prefix
+        self.token = token
+        self.ignored: list[str] = []  # records read but not trusted, for reports
 
     def _key(self, version: int, what: str) -> str:
-        return f"{self.prefix}/failures/v{version}/{what}"
+        return f"{self.prefix}/v{version}/{what}"
 
+    def _get(self, key: str) -> Any:
+        """The authentic value at `key`; `_MISSING` if there is none yet; `_FORGED` if what
+        is there is not authentic (ignored, and remembered in `ignored`)."""
+        if not self.store.check([key]):
+            return _MISSING
+        try:
+            return unseal(self.store.get(key), self.token, key)
+        except WireError as e:
+            if str(e) not in self.ignored:
+                self.ignored.append(str(e))
+            return _FORGED
+
+    # -- failures ------------------------------------------------------------------------------
     def post(self, version: int, failure: Failure) -> None:
         i = int(self.store.add(self._key(version, "n"), 1))
-        self.store.set(self._key(version, str(i)), pickle.dumps(failure))
-        self.store.compare_set(self._key(version, "outcome"), "", "failed")
-
-    def commit(self, version: int, world: int, deadline: float, me: Failure) -> None:
-        """Count this rank done; return when all `world` ranks are, raise `RefitFailed` if
-        any failure is posted first or `deadline` (monotonic) passes."""
-        import datetime
-
-        outcome = self._key(version, "outcome")
-        if int(self.store.add(self._key(version, "done"), 1)) == world:
-            self.store.compare_set(outcome, "", "ok")
-        left = max(0.001, deadline - time.monotonic())
-        try:
-            self.store.wait([outcome], datetime.timedelta(seconds=left))
-        except Exception:  # the store's own timeout
-            self.post(
-                version, Failure(me.rank, me.role, "commit", "timed out waiting for its peers")
-            )
-        if self.store.get(outcome) != b"ok":
-            raise RefitFailed(version, self.read(version))
+        key = self._key(version, f"failure{i}")
+        self.store.set(key, seal(failure.to_json(), self.token, key))
 
     def count(self, version: int) -> int:
         return int(self.store.add(self._key(version, "n"), 0))
 
     def read(self, version: int) -> list[Failure]:
-        return [
-            pickle.loads(self.store.get(self._key(version, str(i))))
-            for i in range(1, self.count(version) + 1)
-        ]
+        """Every authentic failure posted for `version` so far (never blocks)."""
+        return self._scan(version)[0]
+
+    def _scan(self, version: int) -> tuple[list[Failure], bool]:
+        """(authentic failures, whether every counted record has been written). At most
+        `MAX_RECORDS` are looked at, whatever the counter says."""
+        out, complete = [], True
+        for i in range(1, min(self.count(version), MAX_RECORDS) + 1):
+            rec = self._get(self._key(version, f"failure{i}"))
+            if rec is _MISSING:
+                complete = False
+            elif rec is not _FORGED:
+                try:
+                    out.append(Failure.from_json(rec))
+                except WireError as e:
+                    self.ignored.append(str(e))
+        return out, complete
+
+    # -- success -------------------------------------------------------------------------------
+    def _outcome_ok(self, version: int) -> bool:
+        return self._get(self._key(version, "outcome")) == "ok"
+
+    def _all_done(self, version: int, world: int) -> bool:
+        keys = [self._key(version, f"done{r}") for r in range(world)]
+        return bool(self.store.check(keys)) and all(self._get(k) == "done" for k in keys)
+
+    def commit(self, version: int, rank: int, world: int, deadline: float, me: Failure) -> None:
+        """Count this rank done; return once all `world` ranks are, raise `RefitFailed` if an
+        authentic failure is posted first or `deadline` (monotonic) passes."""
+        done_key = self._key(version, f"done{rank}")
+        self.store.set(done_key, seal("done", self.token, done_key))
+        counter = self._key(version, "done")
+        self.store.add(counter, 1)
+        checked = -1
+        while True:
+            if self.count(version):
+                failures = self.read(version)
+                if failures:
+                    raise RefitFailed(version, failures)
+            if self._outcome_ok(version):
+                return
+            n = int(self.store.add(counter, 0))
+            if n >= world and n != checked:
+                checked = n
+                if self._all_done(version, world):
+                    key = self._key(version, "outcome")
+                    self.store.compare_set(key, "", seal("ok", self.token, key))
+                    continue
+            if time.monotonic() > deadline:
+                self.post(
+                    version, Failure(me.rank, me.role, "commit", "timed out waiting for its peers")
+                )
+                raise RefitFailed(version, self.read(version), note="deadline passed")
+            time.sleep(POLL_S)
 
     def interrupt(
         self, version: int, deadline: float, me: Failure, phase: Callable[[], str]
     ) -> Callable[[], None]:
-        """An ``interrupt`` for `xfer.TorchComm`: raises `RefitFailed` once a failure is posted
-        for `version` or, after posting its own, once `deadline` (monotonic) has passed."""
+        """An ``interrupt`` for `xfer.TorchComm`: raises `RefitFailed` once an authentic
+        failure is posted for `version` or, after posting its own, once `deadline`
+        (monotonic) has passed."""
         next_check = 0.0
+        seen = 0
 
         def check() -> None:
-            nonlocal next_check
+            nonlocal next_check, seen
             now = time.monotonic()
             if now < next_check:
                 return
@@ -110,7 +194,12 @@ class FailureBoard:
                     Failure(me.rank, me.role, phase(), "timed out waiting for its peers"),
                 )
                 raise RefitFailed(version, self.read(version), note="deadline passed")
-            if self.count(version):
-                raise RefitFailed(version, self.read(version))
+            n = self.count(version)
+            if n > seen:  # something was posted: trust only authentic records
+                failures, complete = self._scan(version)
+                if failures:
+                    raise RefitFailed(version, failures)
+                if complete:  # else records not written yet are read again next time
+                    seen = n
 
         return check

@@ -9,7 +9,7 @@ from xfer.local import RankPool
 @pytest.fixture(scope="session")
 def ranks():
     """Eight long-lived gloo rank processes shared by the whole session."""
-    pool = RankPool(8)
+    pool = RankPool(8, strict=True)
     yield pool
     pool.close()
 

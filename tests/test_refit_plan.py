@@ -49,8 +49,9 @@ def test_full_size_models_are_all_bulk(name):
         for p in hf_params(cfg)
     )
     assert plan.bulk_bytes + plan.misc_bytes == total
-    assert len(plan.stages) == trainer_args["pp"]
-    assert sum(st.bulk for st in plan.stages) == sum(1 for c in plan.report if c.kind == Kind.BULK)
+    assert plan.stages == trainer_args["pp"]
+    assert plan.bulk == sum(1 for c in plan.report if c.kind == Kind.BULK)
+    assert len(plan.items) == len(plan.report)
 
 
 def test_dsv3_parameter_count_and_vllm_bytes_per_gpu():
@@ -136,31 +137,20 @@ def _tiny_sides():
     return TrainerSpec(2, ((0, 1),), tuple(src)), EngineSpec(1, tuple(dst))
 
 
-def test_misc_is_gathered_to_the_stage_owner_and_bucketed():
+def test_misc_goes_from_the_trainers_shards_to_a_whole_copy_on_every_engine_rank():
     trainer, engine = _tiny_sides()
-    plan = plan_refit(trainer, [engine], misc_bucket_bytes=20)
-    (st,) = plan.stages
-    assert st.ranks == (0, 1, 2) and st.bulk == 1
-    misc = {m.name: m for m in st.misc}
-    assert misc["b"].gathered is None  # rank 0 holds b whole
-    gather = st.items[misc["c"].gathered]
-    assert gather.dst.mesh.flat == (0,) and gather.src.mesh.flat == (0, 1)
-    assert st.buckets == (16, 48)  # b (16 B) fits in a 20 B bucket, c (48 B) gets its own
-
-
-def test_misc_tensors_start_aligned_so_receivers_can_view_their_bytes():
-    # 3 bf16 (6 B) then float32, bool, float64: unaligned offsets could not be viewed
-    shapes = {"a": ((3,), torch.bfloat16), "b": ((5,), torch.float32),
-              "c": ((3,), torch.bool), "d": ((2,), torch.float64)}  # fmt: skip
-    one = Mesh([0], ("tp",))
-    src = [SourceParam(n, s, d, 0, Layout(one, [Replicate()], s)) for n, (s, d) in shapes.items()]
-    dst = [DestParam(n, s, d, f"x.{n}", None, "test") for n, (s, d) in shapes.items()]
-    plan = plan_refit(TrainerSpec(1, ((0,),), tuple(src)), [EngineSpec(1, tuple(dst))])
-    (st,) = plan.stages
-    assert [m.offset for m in st.misc] == [0, 16, 48, 64] and st.buckets == (80,)
-    buf = torch.zeros(st.buckets[0], dtype=torch.uint8)
-    for m in st.misc:
-        assert buf[m.offset : m.offset + m.nbytes].view(m.dtype).view(m.shape).shape == m.shape
+    plan = plan_refit(trainer, [engine, engine])
+    assert plan.world == 4 and plan.bulk == 1
+    a = plan.items[0]
+    assert a.name == "a" and a.dst.mesh.flat == (2, 3)  # one rank per replica, replicated
+    misc = {m.name: m for m in plan.misc}
+    assert list(misc) == ["b", "c"] and [m.item for m in plan.misc] == [1, 2]
+    for name, m in misc.items():
+        it = plan.items[m.item]
+        assert it.name == name and it.src == trainer.params[m.item].layout
+        assert it.dst.mesh.flat == (2, 3)  # every engine rank of every replica ...
+        for r in (2, 3):  # ... holds the whole tensor
+            assert it.dst.local_shape(r) == it.src.shape
 
 
 def test_a_trainer_that_cannot_give_a_layout_sends_misc_even_where_the_engine_has_one():
@@ -171,8 +161,24 @@ def test_a_trainer_that_cannot_give_a_layout_sends_misc_even_where_the_engine_ha
     plan = plan_refit(trainer, [engine])
     a = next(c for c in plan.report if c.name == "a")
     assert a.kind == Kind.MISC and a.reason == "trainer: vocab padded"
-    (st,) = plan.stages
-    assert st.bulk == 0 and next(m for m in st.misc if m.name == "a").gathered is None
+    assert plan.bulk == 0
+    item = plan.items[next(m.item for m in plan.misc if m.name == "a")]
+    assert item.src == whole and item.dst.local_shape(2) == (4, 4)
+
+
+def test_specs_and_setups_round_trip_through_json():
+    from refit.rank import RankOptions, RankSetup
+
+    trainer, engine = _tiny_sides()
+    setup = RankSetup("127.0.0.1", 1234, "p", "ab" * 16, 2, trainer, engine, 2, RankOptions())
+    back = RankSetup.from_json(setup.to_json())
+    assert back == setup
+    assert back.plan().items == plan_refit(trainer, [engine, engine]).items
+    cfg = model("dsv3") | {"num_hidden_layers": 4}
+    spec = metadata_spec(cfg, pp=2, dp=4, tp=1, ep=True)
+    assert TrainerSpec.from_json(spec.to_json()) == spec
+    eng = engine_spec(cfg, 4)
+    assert EngineSpec.from_json(eng.to_json()) == eng
 
 
 def test_inconsistent_sides_raise_one_error_listing_everything():

@@ -107,7 +107,7 @@ def blocked_until_told(comm, port, who_fails):
     from xfer import TorchComm
 
     store = tcp_store("127.0.0.1", port, is_master=False)
-    board = FailureBoard(store, f"t{port}")
+    board = FailureBoard(store, f"t{port}", b"secret")
     me = Failure(comm.rank, "trainer", "test", "")
     interrupt = board.interrupt(1, time.monotonic() + 60, me, lambda: "waiting")
     c = TorchComm.create(store, comm.rank, comm.size, prefix=f"g{port}", interrupt=interrupt)
@@ -115,7 +115,7 @@ def blocked_until_told(comm, port, who_fails):
     try:
         if comm.rank == who_fails:
             time.sleep(0.5)
-            board.post(1, Failure(comm.rank, "trainer", "stage 0 bulk", "RuntimeError: boom"))
+            board.post(1, Failure(comm.rank, "trainer", "transfer", "RuntimeError: boom"))
             raise RefitFailed(1, board.read(1))
         c.send_recv([], [Transfer((comm.rank + 1) % comm.size, torch.zeros(4))]).wait()
     except RefitFailed as e:
@@ -128,7 +128,7 @@ def test_every_rank_stops_when_one_posts_a_failure(ranks):
     out = ranks.run(blocked_until_told, 4, store.port, 2, timeout=60)
     for seconds, failures in out:
         assert seconds < 2.0
-        assert failures == ["trainer rank 2 failed in stage 0 bulk: RuntimeError: boom"]
+        assert failures == ["trainer rank 2 failed in transfer: RuntimeError: boom"]
 
 
 @pytest.mark.slow
@@ -155,7 +155,7 @@ def test_fault_campaign(tmp_path):
             assert not st["alive"] or (st["stale"] and st["generate_refused"]), name
     first = lambda name: cases[name]["failures"][0]  # noqa: E731
     assert first("trainer rank raises during the transfer") | {"message": ""} == {
-        "rank": 1, "role": "trainer", "phase": "stage 0 bulk", "message": ""
+        "rank": 1, "role": "trainer", "phase": "transfer", "message": ""
     }  # fmt: skip
     assert cases["trainer rank stalls past the 5 s timeout"]["seconds_to_raise"] >= 5
     assert cases["engine fails before touching its running weights"]["status_after"]["rolled_back"]

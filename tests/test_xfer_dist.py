@@ -228,11 +228,12 @@ _TRAIN = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [8, 4])
 _INFER = Layout(Mesh([2, 3], ("tp",)), [Shard(1)], [8, 4])
 
 
-def bad_input(comm, case):
+def bad_input(comm, case, path="p2p"):
     rank = comm.rank
     its = [ReshardItem(_TRAIN, _INFER, torch.float32, "layers.0.w")]
     src = torch.zeros(4, 4) if rank in (0, 1) else None
     dst = torch.zeros(8, 2) if rank in (2, 3) else None
+    srcs, dsts = [src], [dst]
     if case == "shape" and rank == 1:
         src = torch.zeros(3, 4)
     elif case == "dtype" and rank == 2:
@@ -247,9 +248,39 @@ def bad_input(comm, case):
     elif case == "rank_outside":
         bad = Layout(Mesh([2, 7], ("tp",)), [Shard(1)], [8, 4])
         its = [ReshardItem(_TRAIN, bad, torch.float32, "layers.0.w")]
+    elif case == "meta" and rank == 2:
+        dst = torch.zeros(8, 2, device="meta")
+    elif case == "conj" and rank == 0:
+        src = torch.zeros(4, 4, dtype=torch.complex64).conj()
+        its = [ReshardItem(_TRAIN, _INFER, torch.complex64, "layers.0.w")]
+        dst = None
+    elif case == "conj":
+        its = [ReshardItem(_TRAIN, _INFER, torch.complex64, "layers.0.w")]
+        src = torch.zeros(4, 4, dtype=torch.complex64) if rank == 1 else None
+        dst = torch.zeros(8, 2, dtype=torch.complex64) if rank in (2, 3) else None
+    elif case == "expanded" and rank == 3:
+        dst = torch.zeros(8, 1).expand(8, 2)
+    elif case == "same_dst":
+        # two tensors received into one buffer
+        its = [*its, ReshardItem(_TRAIN, _INFER, torch.float32, "layers.1.w")]
+        srcs, dsts = [src, None if src is None else src.clone()], [dst, dst]
+    elif case in ("alias", "twice"):
+        # a second tensor whose destination (alias) or source (twice) is the first one's memory
+        other = ReshardItem(_INFER, _TRAIN, torch.float32, "layers.1.w")
+        its = [*its, other]
+        if case == "alias":
+            back = None if src is None else src  # rank 0/1: writes layers.1.w into w's source
+            srcs, dsts = [src, dst], [dst, back]
+        else:
+            shared = torch.zeros(8, 2) if rank in (2, 3) else None
+            srcs, dsts = [src, shared], [shared, None if src is None else torch.zeros(4, 4)]
+    elif case == "path" and rank == 3:
+        path = "golden"
+    if case not in ("alias", "twice", "same_dst"):
+        srcs, dsts = [src], [dst]
     rec = RecordingComm(comm)
     try:
-        Resharder(its, rec).run([src], [dst], path="p2p")
+        Resharder(its, rec).run(srcs, dsts, path=path)
     except XferError as e:
         # nothing but the agreement exchange went over the wire
         data = [
@@ -277,15 +308,46 @@ def bad_input(comm, case):
         ),
         ("different_plans", "ranks disagree on what to move"),
         ("rank_outside", "has ranks [7] outside the communicator of size 4"),
+        ("meta", "rank 2: the local tensor is on the meta device"),
+        ("conj", "rank 0: the local tensor is a lazy conjugate/negative view"),
+        ("expanded", "rank 3: the destination has stride 0"),
+        ("alias", "the source of 'layers.0.w' and the destination of 'layers.1.w' share memory"),
+        ("twice", "the destination of 'layers.0.w' and the source of 'layers.1.w' share memory"),
+        ("same_dst", "the destination of 'layers.0.w' and the destination of 'layers.1.w'"),
+        ("path", "ranks disagree on what to move"),
     ],
 )
-def test_bad_input_raises_on_every_rank(ranks, case, needle):
-    out = ranks.run(bad_input, 4, case, timeout=60)
+@pytest.mark.parametrize("path", ["p2p", "golden", "auto"])
+def test_bad_input_raises_on_every_rank(ranks, case, needle, path):
+    if case == "path" and path == "golden":
+        pytest.skip("the case is one rank on golden while the others are not")
+    out = ranks.run(bad_input, 4, case, path, timeout=60)
     messages = {msg for msg, _ in out}
     assert len(messages) == 1, messages  # every rank raised the same error
     (msg,) = messages
     assert msg is not None and needle in msg, msg
     assert all(not data for _, data in out)
+
+
+def agreement_on_good_input(comm, path):
+    rank = comm.rank
+    its = [ReshardItem(_TRAIN, _INFER, torch.float32, "layers.0.w")]
+    src = torch.zeros(4, 4) if rank in (0, 1) else None
+    dst = torch.zeros(8, 2) if rank in (2, 3) else None
+    rec = RecordingComm(comm)
+    Resharder(its, rec).run([src], [dst], path=path)
+    return rec.record.groups[0], rec.record.broadcasts[0]
+
+
+@pytest.mark.parametrize("path", ["p2p", "golden", "auto"])
+def test_good_input_costs_one_18_byte_status_per_rank_on_every_path(ranks, path):
+    # on gloo, m2n cannot apply: auto must not gather per-item reasons
+    for rank, (group, bcast) in enumerate(ranks.run(agreement_on_good_input, 4, path)):
+        sends, recvs = group
+        assert (sends, recvs) == (
+            ([], [(1, 18), (2, 18), (3, 18)]) if rank == 0 else ([(0, 18)], [])
+        )
+        assert bcast == (0, 4 * 18)  # then the table of statuses, once
 
 
 def disagree_layouts(comm):

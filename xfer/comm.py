@@ -157,10 +157,15 @@ class _Waiter:
                 interrupt()  # raises to abandon the wait
                 pause = min(pause * 2, 2e-3)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+    def close(self, finalize: Callable[[], None]) -> None:
+        """Run `finalize` once no wait is pending (an abandoned gloo wait ends when its
+        peers close their groups or the group times out), without blocking the caller."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            finalize()
+            return
+        pool.submit(finalize)
+        pool.shutdown(wait=False)
 
 
 class _TorchWork:
@@ -327,16 +332,23 @@ class TorchComm:
             self.group.abort()
 
     def close(self) -> None:
-        """Release the group (a group built by `create` is freed once unreferenced)."""
+        """Release the group: a group built by `create` is freed (its threads and sockets
+        with it) as soon as no abandoned wait is pending on it. Never blocks: destroying a
+        gloo group with pending work would wait for the group's timeout."""
         group, self.group = self.group, None
-        self._waiter.close()
-        if group is not None and self._owned:
-            if self._nccl:
+        owned, nccl = self._owned, self._nccl
+
+        def release() -> None:
+            if group is None or not owned:
+                return
+            if nccl:
                 try:
                     group.shutdown()
                 except RuntimeError:
                     group.abort()
             torch_private.release(group)
+
+        self._waiter.close(release)
 
     def __repr__(self) -> str:
         return f"TorchComm({self.backend}, rank {self._rank} of {self._size} on {self._device})"

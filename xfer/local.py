@@ -33,12 +33,13 @@ class RankError(RuntimeError):
         super().__init__(f"{len(failures)} rank(s) failed:\n{text}")
 
 
-def _worker(rank: int, conn: Any, port: int, threads: int) -> None:
+def _worker(rank: int, conn: Any, port: int, threads: int, strict: bool) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
 
     torch.set_num_threads(threads)
     from xfer.comm import TorchComm, tcp_store
+    from xfer.strict import StrictComm
 
     store = tcp_store(HOST, port, is_master=False)
     while True:
@@ -49,10 +50,14 @@ def _worker(rank: int, conn: Any, port: int, threads: int) -> None:
         if task is None:
             return
         fn, args, world, prefix, timeout_s = task
-        comm = None
+        comm: Any = None
         try:
             comm = TorchComm.create(store, rank, world, prefix=prefix, timeout_s=timeout_s)
+            if strict:
+                comm = StrictComm(comm, name=prefix)
             result = fn(comm, *args)
+            if strict:
+                comm.check_order()  # every rank got here: their posts are compared
             conn.send(("ok", result))
         except BaseException as e:  # report everything, including assertion errors
             conn.send(("err", (e, "".join(traceback.format_exception(e)))))
@@ -62,9 +67,10 @@ def _worker(rank: int, conn: Any, port: int, threads: int) -> None:
 
 
 class RankPool:
-    def __init__(self, size: int = 8, *, threads: int = 1) -> None:
+    def __init__(self, size: int = 8, *, threads: int = 1, strict: bool = False) -> None:
         self.size = size
         self.threads = threads
+        self.strict = strict  # wrap every comm in `xfer.strict.StrictComm`
         self._procs: list[Any] = []
         self._conns: list[Any] = []
         self._store: Any = None
@@ -78,7 +84,9 @@ class RankPool:
         for r in range(self.size):
             parent, child = ctx.Pipe()
             p = ctx.Process(
-                target=_worker, args=(r, child, self._store.port, self.threads), daemon=True
+                target=_worker,
+                args=(r, child, self._store.port, self.threads, self.strict),
+                daemon=True,
             )
             p.start()
             self._procs.append(p)
