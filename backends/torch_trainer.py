@@ -250,9 +250,11 @@ class TorchTrainerGroup(RayTrainerGroup):
         *build_args: Any,
         stage_ranks: Sequence[Sequence[int]] | None = None,
         num_cpus: float = 0.5,
+        num_gpus: float = 0,
         threads: int = 1,
     ) -> TorchTrainerGroup:
-        """Start `world` Ray actors; rank r builds its parameters with ``build(r, world, ...)``."""
+        """Start `world` Ray actors; rank r builds its parameters with ``build(r, world, ...)``.
+        With `num_gpus` (1 for a GPU trainer) Ray gives each rank its own GPU."""
 
         launch = dict(
             world=world,
@@ -260,6 +262,7 @@ class TorchTrainerGroup(RayTrainerGroup):
             build_args=build_args,
             stage_ranks=stage_ranks,
             num_cpus=num_cpus,
+            num_gpus=num_gpus,
             threads=threads,
         )
         return cls([cls._start(launch, r) for r in range(world)], launch)
@@ -268,7 +271,9 @@ class TorchTrainerGroup(RayTrainerGroup):
     def _start(launch: dict[str, Any], rank: int) -> Any:
         import ray
 
-        actor = ray.remote(num_cpus=launch["num_cpus"])(TorchTrainerRank)
+        actor = ray.remote(num_cpus=launch["num_cpus"], num_gpus=launch.get("num_gpus", 0))(
+            TorchTrainerRank
+        )
         return actor.remote(
             rank,
             launch["world"],

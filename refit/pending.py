@@ -36,11 +36,12 @@ def wait_all(
     timeout: float | None = None,
     *,
     on_failure: Callable[[str], None] | None = None,
-    grace: float = 10.0,
+    grace: float = 2.0,
 ) -> list[list[Any]]:
     """Wait for every pending at once. On the first failure (or when `timeout` passes),
     call ``on_failure(description)`` (so the ranks can stop), give the others `grace`
-    seconds to return, and raise one error naming every failure."""
+    seconds to return (ranks stop within a fraction of a second once a failure is posted; one
+    that does not is stalled or dead), and raise one error naming every failure."""
     futures = [_POOL.submit(p.wait, timeout) for p in pendings]
     names = [getattr(p, "what", type(p).__name__) for p in pendings]
     done, _ = concurrent.futures.wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)

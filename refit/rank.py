@@ -168,6 +168,7 @@ class RankStats:
     misc_bytes: int = 0  # misc tensors received (engine ranks)
     staging_bytes: int = 0  # staging buffers held
     extra_bytes: int = 0  # peak memory this rank allocated for the refit (staging + misc)
+    ignored: int = 0  # records in the store this rank ignored as not authentic (so far)
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -205,7 +206,16 @@ class RefitRank:
         self.on_phase: Callable[[str], None] | None = None
         self._interrupt: Callable[[], None] | None = None
         self._phase = "setup"
-        store = tcp_store(setup.host, setup.port, is_master=False, timeout_s=self.options.timeout_s)
+        try:
+            store = tcp_store(
+                setup.host, setup.port, is_master=False, timeout_s=self.options.timeout_s
+            )
+        except (RuntimeError, OSError) as e:  # DistNetworkError, DistStoreError
+            raise RefitError(
+                f"{self.role} rank {self.rank}: cannot reach the refit's store at "
+                f"{setup.host}:{setup.port} within {self.options.timeout_s:g} s ({e}); the "
+                "Refitter's host must be an address of the driver's machine every rank reaches"
+            ) from None
         self.board = FailureBoard(store, f"{setup.prefix}/board", bytes.fromhex(setup.token))
         comm: Comm = TorchComm.create(
             store,
@@ -317,6 +327,7 @@ class RefitRank:
                     self._send_checksums(srcs)
             stats.bulk_sent = x.bytes_sent
             stats.staging_bytes = stats.extra_bytes = self.resharder.staging.nbytes
+            stats.ignored = len(self.board.ignored)
             stats.phases["transfer"] = time.perf_counter() - t0
             stats.seconds = time.perf_counter() - t0
             return stats
@@ -355,6 +366,7 @@ class RefitRank:
         stats.misc_bytes = sum(e.nbytes for e in plan.misc)
         stats.staging_bytes = self.resharder.staging.nbytes
         stats.extra_bytes = stats.staging_bytes + stats.misc_bytes
+        stats.ignored = len(self.board.ignored)
         self.enter("load misc")
         hooks.load(misc)
         t3 = time.perf_counter()

@@ -69,6 +69,9 @@ class RefitStats:
     engine_extra_bytes: int  # most memory an engine rank allocated for the refit
     trainer_extra_bytes: int  # most memory a trainer rank allocated for the refit
     ranks: tuple[RankStats, ...] = field(repr=False)
+    # records in the refit's store that ranks ignored as not authentic (written by someone
+    # without the refit's token): should be 0; anything else means someone reaches the store
+    ignored_records: int = 0
 
     @property
     def gbps(self) -> float:
@@ -310,6 +313,7 @@ class Refitter:
             engine_extra_bytes=max((s.extra_bytes for s in engine), default=0),
             trainer_extra_bytes=max((s.extra_bytes for s in trainer), default=0),
             ranks=ranks,
+            ignored_records=sum(s.ignored for s in ranks),
         )
 
     @property
@@ -318,8 +322,9 @@ class Refitter:
 
     def replace_engine(self, replica: int, engine: Any) -> None:
         """Swap engine replica `replica` (e.g. one whose process died) for a new one of the
-        same model and layout; the next refit checks it describes the same parameters and
-        reconnects every rank. Until a refit completes, the new engine is not counted fresh."""
+        same model and layout, checked to describe the same parameters. Once a refit has
+        completed, every rank reconnects at once, so the new engine knows it is behind: it
+        reports itself stale (and the generate helpers refuse it) until a refit completes."""
         new = _one_engine(engine, replica)
         others = [e for i, e in enumerate(self.engines) if i != replica]
         _engine_sides([*others, new])  # refuses an engine listed twice
@@ -330,6 +335,8 @@ class Refitter:
             )
         self.engines[replica] = new
         self._connected = False
+        if self.installed:
+            self.prepare()
 
     def status(self) -> list[list[EngineStatus]]:
         """Each engine replica's per-rank `EngineStatus` (version, stale, what it holds)."""

@@ -18,12 +18,15 @@ writer died between counter and record is simply not there yet.
 Commit. A rank that finished its part writes its own sealed ``done`` record, counts itself
 done, and waits for the refit's *outcome*: once the count reaches the number of ranks, the
 rank that sees it checks that every rank's ``done`` record is there and authentic and then
-writes the sealed outcome ``ok``; a posted failure makes the outcome failed. So every rank,
+writes the sealed outcome ``ok`` under a key name derived from the token (so nobody can
+occupy it first); an authentic failure record means the refit failed. So every rank,
 including those whose own part succeeded, returns or raises together, within the deadline.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,12 +100,17 @@ class FailureBoard:
         return f"{self.prefix}/v{version}/{what}"
 
     def _get(self, key: str) -> Any:
-        """The authentic value at `key`; `_MISSING` if there is none yet; `_FORGED` if what
-        is there is not authentic (ignored, and remembered in `ignored`)."""
-        if not self.store.check([key]):
+        """The authentic value at `key`; `_MISSING` if there is none yet (or the store cannot
+        be read); `_FORGED` if what is there is not authentic (ignored, and remembered in
+        `ignored`)."""
+        try:
+            if not self.store.check([key]):
+                return _MISSING
+            raw = self.store.get(key)
+        except (RuntimeError, OSError):  # DistStoreError / DistNetworkError: read again later
             return _MISSING
         try:
-            return unseal(self.store.get(key), self.token, key)
+            return unseal(raw, self.token, key)
         except WireError as e:
             if str(e) not in self.ignored:
                 self.ignored.append(str(e))
@@ -115,7 +123,10 @@ class FailureBoard:
         self.store.set(key, seal(failure.to_json(), self.token, key))
 
     def count(self, version: int) -> int:
-        return int(self.store.add(self._key(version, "n"), 0))
+        try:
+            return int(self.store.add(self._key(version, "n"), 0))
+        except (RuntimeError, OSError):
+            return 0
 
     def read(self, version: int) -> list[Failure]:
         """Every authentic failure posted for `version` so far (never blocks)."""
@@ -136,22 +147,37 @@ class FailureBoard:
                     self.ignored.append(str(e))
         return out, complete
 
-    # -- success -------------------------------------------------------------------------------
+    # -- success ------------------------------------------------------------------------------
+    def _outcome_key(self, version: int) -> str:
+        # a name only token holders can compute: nobody can occupy it before the ranks do
+        tag = hmac.new(self.token, f"outcome {version}".encode(), hashlib.sha256).hexdigest()
+        return self._key(version, f"outcome-{tag[:32]}")
+
     def _outcome_ok(self, version: int) -> bool:
-        return self._get(self._key(version, "outcome")) == "ok"
+        return self._get(self._outcome_key(version)) == "ok"
 
     def _all_done(self, version: int, world: int) -> bool:
         keys = [self._key(version, f"done{r}") for r in range(world)]
-        return bool(self.store.check(keys)) and all(self._get(k) == "done" for k in keys)
+        try:
+            if not self.store.check(keys):
+                return False
+        except (RuntimeError, OSError):
+            return False
+        return all(self._get(k) == "done" for k in keys)
 
     def commit(self, version: int, rank: int, world: int, deadline: float, me: Failure) -> None:
         """Count this rank done; return once all `world` ranks are, raise `RefitFailed` if an
-        authentic failure is posted first or `deadline` (monotonic) passes."""
+        authentic failure is posted first or `deadline` (monotonic) passes.
+
+        The first rank to see the count reach `world` checks every rank's sealed ``done``
+        record and seals the outcome; the others read it. A rank that sees the count but no
+        authentic outcome (someone overwrote it) checks the records itself, at most once a
+        second."""
         done_key = self._key(version, f"done{rank}")
         self.store.set(done_key, seal("done", self.token, done_key))
         counter = self._key(version, "done")
         self.store.add(counter, 1)
-        checked = -1
+        checked, last_check = -1, 0.0
         while True:
             if self.count(version):
                 failures = self.read(version)
@@ -159,14 +185,18 @@ class FailureBoard:
                     raise RefitFailed(version, failures)
             if self._outcome_ok(version):
                 return
-            n = int(self.store.add(counter, 0))
-            if n >= world and n != checked:
-                checked = n
+            try:
+                n = int(self.store.add(counter, 0))
+            except (RuntimeError, OSError):
+                n = 0
+            now = time.monotonic()
+            if n >= world and (n != checked or now - last_check > 1.0):
+                checked, last_check = n, now
                 if self._all_done(version, world):
-                    key = self._key(version, "outcome")
-                    self.store.compare_set(key, "", seal("ok", self.token, key))
-                    continue
-            if time.monotonic() > deadline:
+                    key = self._outcome_key(version)
+                    self.store.set(key, seal("ok", self.token, key))
+                    return
+            if now > deadline:
                 self.post(
                     version, Failure(me.rank, me.role, "commit", "timed out waiting for its peers")
                 )

