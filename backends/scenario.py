@@ -238,6 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         staging_bytes=args.staging_bytes,
         verify=args.verify,
         strict=args.strict,
+        install=args.install,
     )
     t0 = time.perf_counter()
     plan = refitter.prepare()
@@ -421,7 +422,11 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
                     and spec.stage_ranks == meta.stage_ranks
                 )
             refitter = Refitter(
-                group, [r.side for r in replicas], verify=args.verify, strict=args.strict
+                group,
+                [r.side for r in replicas],
+                verify=args.verify,
+                strict=args.strict,
+                install=args.install,
             )
             plan = refitter.prepare()
             lay["plan"] = plan.summary()
@@ -509,6 +514,13 @@ def main(argv: list[str] | None = None) -> int:
         "engine rank, NCCL, CUDA graphs on)",
     )
     ap.add_argument("--verify", action="store_true", help="Refitter(verify=True): checksums")
+    ap.add_argument(
+        "--install",
+        choices=["auto", "live", "staged"],
+        default="auto",
+        help="Refitter(install=...): write into the running weights where safe (live) or "
+        "into checkpoint-format copies (staged)",
+    )
     ap.add_argument(
         "--strict", action="store_true", help="Refitter(strict=True): NCCL's rules enforced"
     )

@@ -74,9 +74,12 @@ class _State:
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
     force_misc: tuple[str, ...] = ()
     fault: tuple[str, str] | None = None
+    dests: list[VllmDest] = field(default_factory=list)
     bulk: dict[str, VllmDest] = field(default_factory=dict)
     misc: dict[str, str] = field(default_factory=dict)
     modules: dict[str, list[_Target]] = field(default_factory=dict)  # module -> its targets
+    live: set[str] = field(default_factory=set)  # modules written in place (`_live_modules`)
+    reload: list[str] = field(default_factory=list)  # modules put through layerwise reload
     rank: RefitRank | None = None
 
 
@@ -260,14 +263,70 @@ class RefitWorkerExtension:
         st = self._refit_state()
         s = RankSetup.from_json(setup)
         rank, _ = self._refit_tp()
-        _, st.bulk, st.misc, targets = self._refit_plan_targets()
+        st.dests, st.bulk, st.misc, targets = self._refit_plan_targets()
         st.modules = {}
         for t in targets.values():
             st.modules.setdefault(t.module, []).append(t)
+        st.live, st.reload = self._refit_install_plan(st, s.options.install)
         if st.rank is not None:
             st.rank.close()
         st.rank = RefitRank(s.for_rank(s.rank + rank), device=self.device)  # type: ignore[attr-defined]
         st.status.attempted = max(st.status.attempted, installed)
+
+    def _refit_install_plan(self, st: _State, install: str) -> tuple[set[str], list[str]]:
+        """(modules written in place, modules put through vLLM's layerwise reload).
+
+        A module is written in place (``install="live"``, the default on GPUs) when nothing
+        processes its tensors after loading on this platform (no quantization method, or the
+        unquantized linear/embedding methods, which do nothing off CPU and XPU), no
+        attention-like module above it derives state from it (MLA derives ``W_UK_T`` from
+        ``kv_b_proj``), only bulk parameters land in it, and each tensor refit writes is a
+        contiguous live tensor of its checkpoint shape and dtype: no second copy is made,
+        but a failed refit cannot roll it back. Every other module refit writes, every module
+        a misc tensor lands in, and every attention-like module above them, goes through the
+        layerwise reload (``install="staged"`` sends every module that way)."""
+        from vllm.model_executor.layers.attention import is_deferred_attention_layer
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+        from vllm.platforms import current_platform
+
+        model = self._refit_model()
+        misc_modules = {_split(d.target)[0] for d in st.dests if d.hf.name in st.misc}
+        written = set(st.modules) | misc_modules
+        derivers = [
+            name
+            for name, m in model.named_modules()
+            if is_deferred_attention_layer(m)
+            and any(w == name or w.startswith(name + ".") for w in written)
+        ]
+        under = {w for w in written for d in derivers if w == d or w.startswith(d + ".")}
+        kernel_processes = current_platform.is_cpu() or current_platform.is_xpu()
+        live: set[str] = set()
+        if install == "live" or (install == "auto" and not kernel_processes):
+            for mod, tgts in st.modules.items():
+                if mod in misc_modules or mod in under:
+                    continue
+                module = model.get_submodule(mod)
+                qm = getattr(module, "quant_method", None)
+                qname = type(qm).__name__ if qm is not None else ""
+                identity = (
+                    qm is None and not hasattr(module, "process_weights_after_loading")
+                ) or (
+                    qname in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
+                    and not kernel_processes
+                )
+                params, buffers = get_layerwise_info(module).restore_metadata
+                meta = params | buffers
+                if identity and all(
+                    isinstance(cur := getattr(module, t.tensor, None), torch.Tensor)
+                    and t.tensor in meta
+                    and tuple(cur.shape) == tuple(meta[t.tensor].shape)
+                    and cur.dtype == meta[t.tensor].dtype
+                    and cur.is_contiguous()
+                    for t in tgts
+                ):
+                    live.add(mod)
+        reload = sorted((written - live) | set(derivers))
+        return live, reload
 
     def refit_step(self, version: int, path: Any = None) -> bytes:
         st = self._refit_state()
@@ -347,6 +406,7 @@ class _VllmInstall:
         self._begun = False  # checkpoint format restored: must be undone or finished
         self._touched = False  # the weights the model runs with have started to change
         self._finished = False  # every module runs the new weights
+        self.extra_bytes = 0  # checkpoint-format copies materialized for this install
 
     def _ctx(self) -> Any:
         from vllm.config import set_current_vllm_config
@@ -364,9 +424,15 @@ class _VllmInstall:
         rank, _ = self.w._refit_tp()
         with self._ctx(), torch.no_grad():
             self._begun = True
-            initialize_layerwise_reload(self.model)
+            for mod in self.st.reload:  # only what refit writes (and what derives from it)
+                initialize_layerwise_reload(self.model.get_submodule(mod))
             for mod, tgts in self.st.modules.items():
                 module = self.model.get_submodule(mod)
+                if mod in self.st.live:
+                    for tgt in tgts:
+                        self._views(tgts, getattr(module, tgt.tensor).data, tgt, rank)
+                    self._touched = True  # the transfer writes the running weights
+                    continue
                 info = get_layerwise_info(module)
                 materialize_layer(module, info)
                 # misc tensors for this module load through the original loaders, into
@@ -384,15 +450,20 @@ class _VllmInstall:
                         cur.data.copy_(t)
                 for tgt in tgts:
                     tensor = getattr(module, tgt.tensor)
+                    self.extra_bytes += tensor.numel() * tensor.element_size()
                     if any(d.hf.role in (Role.EMBED, Role.LM_HEAD) for d in tgt.dests):
                         tensor.data.zero_()  # vocab padding rows stay zero, as vLLM loads them
-                    for d in tgt.dests:
-                        if d.hf.name not in self.st.bulk:
-                            continue
-                        assert d.layout is not None
-                        local = d.layout.local_shape(rank)
-                        index = tuple(slice(o, o + n) for o, n in zip(d.offset, local, strict=True))
-                        self.views[d.hf.name] = tensor.data[index]
+                    self._views(tgts, tensor.data, tgt, rank)
+
+    def _views(self, tgts: list[_Target], tensor: torch.Tensor, tgt: _Target, rank: int) -> None:
+        """The destination views of `tgt`'s bulk parameters in `tensor`."""
+        for d in tgt.dests:
+            if d.hf.name not in self.st.bulk:
+                continue
+            assert d.layout is not None
+            local = d.layout.local_shape(rank)
+            index = tuple(slice(o, o + n) for o, n in zip(d.offset, local, strict=True))
+            self.views[d.hf.name] = tensor[index]
 
     def view(self, name: str) -> torch.Tensor:
         return self.views[name]
@@ -431,7 +502,8 @@ class _VllmInstall:
         rank = self.st.rank
         assert rank is not None
         with self._ctx(), torch.no_grad():
-            for i, mod in enumerate(sorted(self.st.modules)):
+            staged = sorted(m for m in self.st.modules if m not in self.st.live)
+            for i, mod in enumerate(staged):
                 if i == 1:  # the first module already runs its new weights
                     rank.enter("finish install: processing modules")
                 layer = self.model.get_submodule(mod)
@@ -491,6 +563,8 @@ class _VllmInstall:
 
         with self._ctx(), torch.no_grad():
             for mod in self.st.modules:
+                if mod in self.st.live:
+                    continue
                 layer = self.model.get_submodule(mod)
                 info = get_layerwise_info(layer)
                 if info.kernel_tensors is not None:

@@ -68,6 +68,10 @@ class RankOptions:
     timeout_s: float = 600.0
     verify: bool = False  # checksum every received tensor (see `xfer.checksum`)
     strict: bool = False  # hold every rank to NCCL's rules on any backend (`xfer.strict`)
+    # engines: "live" writes bulk into the running weights where nothing processes them (no
+    # second copy, no rollback), "staged" into checkpoint-format copies (rollback possible);
+    # "auto": live on GPUs, staged where the platform repacks weights (CPU)
+    install: str = "auto"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +81,7 @@ class RankOptions:
             "timeout_s": self.timeout_s,
             "verify": self.verify,
             "strict": self.strict,
+            "install": self.install,
         }
 
     @classmethod
@@ -97,7 +102,18 @@ class RankOptions:
             float(timeout),
             bool(x.get("verify")),
             bool(x.get("strict")),
+            _install(x.get("install", "auto")),
         )
+
+
+INSTALLS = ("auto", "live", "staged")
+
+
+def _install(x: Any) -> str:
+    mode = as_str(x, "install")
+    if mode not in INSTALLS:
+        raise WireError(f"options: install {mode!r} is not one of {INSTALLS}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -174,6 +190,7 @@ class RankStats:
 
 class EngineHooks(Protocol):
     device: torch.device
+    extra_bytes: int  # memory the install allocated (e.g. checkpoint-format copies)
 
     def begin(self, version: int) -> None: ...
 
@@ -365,7 +382,8 @@ class RefitRank:
         )
         stats.misc_bytes = sum(e.nbytes for e in plan.misc)
         stats.staging_bytes = self.resharder.staging.nbytes
-        stats.extra_bytes = stats.staging_bytes + stats.misc_bytes
+        # staging, the misc tensors, and the checkpoint-format copies the install made
+        stats.extra_bytes = stats.staging_bytes + stats.misc_bytes + hooks.extra_bytes
         stats.ignored = len(self.board.ignored)
         self.enter("load misc")
         hooks.load(misc)

@@ -31,7 +31,11 @@ debugging) holds every rank to NCCL's completion and ordering rules on any backe
 Memory: a rank keeps two send and two receive staging buffers of at most `bucket_bytes`
 (per round, a rank sends and receives at most that); `staging_bytes` caps what an engine rank
 stages (the bucket becomes ``staging_bytes // 2``). Engine ranks also hold each misc tensor
-whole while they load it.
+whole while they load it, and, for modules installed *staged*, a checkpoint-format copy
+until the install finishes. ``install="live"`` (the default on GPUs) writes bulk straight
+into the running weights wherever nothing processes them after loading: no copy, but a
+failed refit cannot roll those modules back; ``install="staged"`` keeps the rollback.
+`RefitStats.engine_extra_bytes` reports the largest total per engine rank.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from typing import Any
 from refit.errors import RefitError
 from refit.pending import wait_all
 from refit.planner import RefitPlan, plan_refit
-from refit.rank import RankOptions, RankSetup, RankStats
+from refit.rank import INSTALLS, RankOptions, RankSetup, RankStats
 from refit.rpc import RpcEngine
 from refit.spec import EngineSide, EngineSpec, EngineStatus, TrainerSide
 from refit.watch import Failure, FailureBoard, RefitFailed
@@ -149,6 +153,7 @@ class Refitter:
         timeout_s: float = 600.0,
         verify: bool = False,
         strict: bool = False,
+        install: str = "auto",
     ) -> None:
         problems = []
         if path not in PATHS:
@@ -167,6 +172,8 @@ class Refitter:
                     f"staging_bytes={staging_bytes} leaves buckets of {bucket_bytes} B; allow at "
                     f"least {2 << 16} B"
                 )
+        if install not in INSTALLS:
+            problems.append(f"install must be one of {INSTALLS}, got {install!r}")
         if problems:
             raise RefitError(problems)
         self.trainer = train_worker
@@ -179,6 +186,7 @@ class Refitter:
         self.timeout_s = float(timeout_s)
         self.verify = verify
         self.strict = strict
+        self.install = install
         self.plan: RefitPlan | None = None
         self.version = 0  # the last refit attempted
         self.installed = 0  # the last refit that completed on every engine
@@ -239,6 +247,7 @@ class Refitter:
                 timeout_s=self.timeout_s,
                 verify=self.verify,
                 strict=self.strict,
+                install=self.install,
             ),
         )
         pendings = [self.trainer.connect(base.to_json())]
