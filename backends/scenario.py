@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from backends.hf_checkpoint import load_grouped, save_grouped
     from backends.ray_trainer import free_port
     from backends.tiny_models import build, build_from_config, step_weights
-    from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards, stage_meshes
+    from backends.torch_trainer import TorchTrainerGroup, hf_model_shards
     from refit.refitter import Refitter
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-scenario-"))
@@ -216,21 +216,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **_resources())
     world = args.trainer_pp * args.trainer_dp * args.trainer_tp
     port = free_port() if args.dtensor else None
-    trainer = TorchTrainerGroup.launch(
-        world,
-        checkpoint_shards,
-        path,
-        args.trainer_dp,
-        args.trainer_tp,
-        args.trainer_ep,
-        args.trainer_pp,
-        port,
-        args.device,
-        stage_ranks=[
-            m.flat for m in stage_meshes(args.trainer_pp, args.trainer_dp, args.trainer_tp)
-        ],
-        num_gpus=1 if args.device == "cuda" else 0,
-    )
+    if args.trainer == "hf":  # transformers' own modules, FSDP2-style shards
+        world = args.trainer_dp
+        trainer = TorchTrainerGroup.launch(
+            world, hf_model_shards, path, args.device, num_gpus=1 if args.device == "cuda" else 0
+        )
+    else:
+        trainer = _torch_trainer(args, path, world, port)
     replicas = start_engines(args, path, config)
     refitter = Refitter(
         trainer,
@@ -275,6 +267,27 @@ def warm_prefix_cache(replicas: list[Any], reference: Any, tokens: int) -> list[
         [g[0] == h[0] for g, h in zip(r.generate(PROMPTS, tokens), reference, strict=True)]
         for r in replicas
     ]
+
+
+def _torch_trainer(args: argparse.Namespace, path: str, world: int, port: int | None) -> Any:
+    """Torch trainer ranks holding `parallel_layouts` shards of the checkpoint."""
+    from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards, stage_meshes
+
+    return TorchTrainerGroup.launch(
+        world,
+        checkpoint_shards,
+        path,
+        args.trainer_dp,
+        args.trainer_tp,
+        args.trainer_ep,
+        args.trainer_pp,
+        port,
+        args.device,
+        stage_ranks=[
+            m.flat for m in stage_meshes(args.trainer_pp, args.trainer_dp, args.trainer_tp)
+        ],
+        num_gpus=1 if args.device == "cuda" else 0,
+    )
 
 
 def step_ok(s: dict[str, Any], atol: float) -> bool:
@@ -486,9 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-json", help="an HF config (JSON) to build instead of --model")
     ap.add_argument(
         "--trainer",
-        choices=["torch", "megatron"],
+        choices=["torch", "hf", "megatron"],
         default="torch",
-        help="torch/DTensor ranks, or Megatron-core ranks (then see --layouts)",
+        help="torch/DTensor ranks; hf: transformers' own modules (fused experts) sharded on "
+        "dim 0 over --trainer-dp ranks as FSDP2 does; megatron: Megatron-core ranks (then see "
+        "--layouts)",
     )
     ap.add_argument(
         "--layouts",

@@ -19,7 +19,7 @@ import torch
 
 from backends.ray_trainer import RayPending, RayTrainerGroup, TrainerRankBase
 from refit.errors import RefitError
-from refit.hf import Role, hf_params
+from refit.hf import Role, fused_parts, hf_params
 from refit.spec import SourceParam, TrainerSpec, device_kind
 from xfer import DTensorRef, Layout, Mesh, Replicate, Shard
 from xfer.layout import Placement
@@ -71,7 +71,9 @@ __all__ = [
     "RayPending",
     "TorchTrainerGroup",
     "TorchTrainerRank",
+    "canonical_refs",
     "checkpoint_shards",
+    "hf_model_shards",
     "metadata_spec",
     "parallel_layouts",
     "pipeline_stage",
@@ -85,6 +87,41 @@ def _as_ref(value: Any) -> DTensorRef:
     if type(value).__name__ == "DTensor":
         return DTensorRef.from_dtensor(value)
     raise RefitError(f"expected a DTensor or DTensorRef, got {type(value).__name__}")
+
+
+def canonical_refs(params: Mapping[str, Any]) -> dict[str, DTensorRef]:
+    """HF-named parameters as refit names them: DTensors become `DTensorRef`s, and the fused
+    expert tensors of transformers 5 (``experts.gate_up_proj``, ``experts.down_proj``) become
+    views of the grouped gate, up and down projections (`refit.hf.fused_parts`), no copy. A
+    fused tensor may be sharded on its expert dim (dim 0, as FSDP2 and expert parallelism do)
+    or its last dim, not on the dim the halves split."""
+    out: dict[str, DTensorRef] = {}
+    problems = []
+    for name, value in params.items():
+        ref = _as_ref(value)
+        parts = fused_parts(name, ref.layout.shape)
+        if parts is None:
+            out[name] = ref
+            continue
+        lay = ref.layout
+        split = [
+            f"axis {a!r}"
+            for a, p in zip(lay.mesh.axes, lay.placements, strict=True)
+            if isinstance(p, Shard) and p.dim == 1
+        ]
+        if split:
+            problems.append(
+                f"{name!r}: {lay!r} shards dim 1 (gate|up or H) over {split}; shard the fused "
+                "experts on dim 0 or 2 so each projection is a view"
+            )
+            continue
+        for canon, index in parts:
+            shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, lay.shape, strict=True))
+            local = None if ref.local is None else ref.local[index]
+            out[canon] = DTensorRef(local, Layout(lay.mesh, lay.placements, shape))
+    if problems:
+        raise RefitError(problems)
+    return out
 
 
 def metadata_spec(
@@ -178,6 +215,22 @@ def checkpoint_shards(
     return out
 
 
+def hf_model_shards(rank: int, world: int, path: str, device: str = "cpu") -> dict[str, Any]:
+    """A `TorchTrainerRank` build function: the parameters of the transformers model at `path`,
+    under transformers' own names (experts fused in transformers 5), each sharded on dim 0
+    over all `world` ranks as FSDP2 shards them: what an FSDP2 trainer rank holds."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    mesh = Mesh(list(range(world)), ("dp",))
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
+    out: dict[str, Any] = {}
+    for name, p in model.named_parameters():
+        lay = Layout(mesh, [Shard(0)], tuple(p.shape))
+        out[name] = DTensorRef(p.detach()[lay.box(rank)].to(dev, copy=True), lay)
+    return out
+
+
 class TorchTrainerRank(TrainerRankBase):
     """One trainer rank. `build(rank, world)` returns its HF-named parameters."""
 
@@ -194,9 +247,7 @@ class TorchTrainerRank(TrainerRankBase):
         self.rank = rank
         self.world = world
         self.stage_ranks = tuple(tuple(s) for s in (stage_ranks or [range(world)]))
-        self.params: dict[str, DTensorRef] = {
-            k: _as_ref(v) for k, v in build(rank, world, *build_args).items()
-        }
+        self.params: dict[str, DTensorRef] = canonical_refs(build(rank, world, *build_args))
 
     def _stage_of(self, ref: DTensorRef) -> int:
         ranks = set(ref.layout.mesh.flat)

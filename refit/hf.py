@@ -11,6 +11,11 @@ replaced by nothing (``model.layers.3.mlp.experts.gate_proj.weight``); `expert_n
 Architectures: Llama / Qwen2 / Qwen3 dense, Qwen3-MoE, DeepSeek-V3 (MLA, shared experts,
 dense first layers). Anything else raises `UnsupportedModel` naming the architecture.
 
+transformers 5 modules hold the experts of a layer fused: ``experts.gate_up_proj``
+``[E, 2I, H]`` (gate rows, then up rows, per expert) and ``experts.down_proj`` ``[E, H, I]``.
+`fused_parts` names the grouped HF parameters such a tensor holds and where (index slices),
+so a trainer can present them as views of the fused tensor, without a copy.
+
 Blockwise FP8 checkpoints (``quantization_config`` with ``quant_method: fp8`` and a
 ``weight_block_size``, as DeepSeek-V3 ships) store every decoder linear weight as
 ``float8_e4m3fn`` with a float32 ``<name>_scale_inv`` of one value per block; `hf_dtype`
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "fused_parts",
     "HFParam",
     "Role",
     "UnsupportedModel",
@@ -96,6 +102,28 @@ def split_expert_name(name: str) -> tuple[str, int] | None:
     if m is None:
         return None
     return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+
+
+_FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def fused_parts(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[slice, ...]]] | None:
+    """For a transformers-5 fused expert tensor (``<layer>.experts.gate_up_proj`` ``[E, 2I,
+    H]`` or ``<layer>.experts.down_proj`` ``[E, H, I]``), the grouped HF parameters it holds
+    and the index of each in it; None for any other name."""
+    m = _FUSED.match(name)
+    if m is None or len(shape) != 3:
+        return None
+    head, kind = m.groups()
+    if kind == "down_proj":
+        return [(f"{head}.down_proj.weight", (slice(None),) * 3)]
+    if shape[1] % 2:
+        return None
+    i = shape[1] // 2
+    return [
+        (f"{head}.gate_proj.weight", (slice(None), slice(0, i), slice(None))),
+        (f"{head}.up_proj.weight", (slice(None), slice(i, 2 * i), slice(None))),
+    ]
 
 
 def ungroup(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -112,6 +112,31 @@ def test_live_install_writes_the_running_weights_without_copies(workdir):
         assert a["engine_extra_bytes"] < b["engine_extra_bytes"]
 
 
+def test_transformers5_fused_experts_sharded_like_fsdp2(workdir):
+    # the trainer holds transformers' own parameters: experts.gate_up_proj [E, 2I, H] and
+    # experts.down_proj, each sharded on dim 0 over 2 ranks; refit sends views, no copies
+    r = scenario(workdir, "--trainer", "hf", "--model", "qwen3_moe", "--trainer-dp", "2")
+    assert_good(r, 2)
+    assert r["bulk_fraction"] == 1.0 and "2 trainer ranks" in r["plan"]
+
+
+def test_fused_experts_sharded_between_the_halves_are_refused():
+    import torch
+
+    from backends.torch_trainer import canonical_refs
+    from refit.errors import RefitError
+    from xfer import DTensorRef, Layout, Mesh, Shard
+
+    lay = Layout(Mesh([0, 1], ("tp",)), [Shard(1)], (4, 16, 8))
+    with pytest.raises(RefitError, match="shards dim 1"):
+        canonical_refs({"model.layers.0.mlp.experts.gate_up_proj": DTensorRef(None, lay)})
+    ok = Layout(Mesh([0, 1], ("dp",)), [Shard(0)], (4, 16, 8))
+    local = torch.arange(2 * 16 * 8.0).view(2, 16, 8)
+    refs = canonical_refs({"model.layers.0.mlp.experts.gate_up_proj": DTensorRef(local, ok)})
+    up = refs["model.layers.0.mlp.experts.up_proj.weight"]
+    assert up.layout.shape == (4, 8, 8) and up.local.data_ptr() == local[:, 8:].data_ptr()
+
+
 def test_dtensor_trainer_into_tied_embeddings(workdir):
     r = scenario(
         workdir, "--model", "qwen3_tied", "--dtensor", "--trainer-dp", "2", "--trainer-tp", "2"
