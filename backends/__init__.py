@@ -2,3 +2,9 @@
 
 The only package that imports megatron, vllm or ray.
 """
+
+import logging
+
+# Every module logs under its own name (``backends.refitter``, ...), silent unless the
+# application configures logging: ``logging.getLogger("backends").setLevel(logging.INFO)``.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -637,13 +637,17 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m backends.faults",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--timeout", type=float, default=5.0, help="the Refitter's timeout (s)")
     ap.add_argument(
         "--failures", type=int, default=200, help="failing refits in a row, for the leak count"
     )
-    ap.add_argument("--workdir")
-    ap.add_argument("--json")
+    ap.add_argument("--workdir", help="where models are written (default: a temporary dir)")
+    ap.add_argument("--json", help="write every case's record here")
     ap.add_argument("--markdown", action="store_true", help="print the results as a table")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

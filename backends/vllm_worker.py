@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,8 @@ from refit.spec import DestParam, EngineSpec, EngineStatus, device_kind
 from xfer.wire import dumps
 
 __all__ = ["WORKAROUNDS", "RefitWorkerExtension"]
+
+log = logging.getLogger(__name__)
 
 WORKAROUNDS = frozenset({"moe_prepack", "tied_lm_head"})
 
@@ -268,6 +271,15 @@ class RefitWorkerExtension:
         for t in targets.values():
             st.modules.setdefault(t.module, []).append(t)
         st.live, st.reload = self._refit_install_plan(st, s.options.install)
+        log.info(
+            "engine rank %d: %d bulk and %d misc parameters; %d modules written in place, %d "
+            "through layerwise reload",
+            s.rank + rank,
+            len(st.bulk),
+            len(st.misc),
+            len(st.live),
+            len(st.reload),
+        )
         if st.rank is not None:
             st.rank.close()
         st.rank = RefitRank(s.for_rank(s.rank + rank), device=self.device)  # type: ignore[attr-defined]

@@ -37,6 +37,7 @@ nothing in this module injects any).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -58,6 +59,8 @@ from xfer.strict import StrictComm
 from xfer.wire import WireError, as_int, as_str, dumps, loads
 
 __all__ = ["EngineHooks", "RankOptions", "RankSetup", "RankStats", "RefitRank"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,15 @@ class RefitRank:
             bucket_bytes=self.options.bucket_bytes,
         )
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        log.debug(
+            "%s rank %d joined %s (%d ranks, %d items, %s)",
+            self.role,
+            self.rank,
+            setup.prefix,
+            self.plan.world,
+            len(self.plan.items),
+            self.options.backend,
+        )
         self._lock = threading.Lock()
 
     # -- failures --------------------------------------------------------------------------
@@ -263,6 +275,7 @@ class RefitRank:
 
     def enter(self, phase: str) -> None:
         """Mark the start of `phase` (failures name it; `on_phase` sees it)."""
+        log.debug("%s rank %d: %s", self.role, self.rank, phase)
         self._phase = phase
         if self.on_phase is not None:
             self.on_phase(phase)
@@ -287,7 +300,8 @@ class RefitRank:
                     self.comm.check_order()
                 self.enter("commit")
                 self.board.commit(version, self.rank, self.plan.world, deadline, me)
-            except RefitFailed:
+            except RefitFailed as e:
+                log.debug("%s rank %d stopped: %s", self.role, self.rank, e)
                 self._fail()
                 raise
             except BaseException as e:

@@ -40,6 +40,7 @@ failed refit cannot roll those modules back; ``install="staged"`` keeps the roll
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -58,6 +59,8 @@ from xfer import DEFAULT_BUCKET_BYTES, tcp_store
 from xfer.api import PATHS, Path
 
 __all__ = ["BACKENDS", "RefitStats", "Refitter", "choose_backend"]
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -220,6 +223,13 @@ class Refitter:
                 ) from None
             self._specs = (trainer_spec, engine_specs)
             self.plan = plan
+            log.info(
+                "planned: %s; backend %s, store on %s:%d",
+                plan.summary(),
+                self.backend,
+                self.host,
+                self._store.port,
+            )
         if not self._connected:
             self._connect()
         self._prepare_seconds += time.perf_counter() - t0
@@ -262,6 +272,7 @@ class Refitter:
             ) from e
         self._board = FailureBoard(self._store, f"{prefix}/board", self._token)
         self._connected = True
+        log.info("connected %d ranks (generation %d)", self.plan.world, self.generation)
 
     def refit(self, *, path: Path | None = None) -> RefitStats:
         """Move the trainer's current weights into every engine replica. `path` overrides
@@ -297,6 +308,7 @@ class Refitter:
         except RefitError as e:
             self._connected = False  # this generation's communicator is gone
             failures = board.read(version)
+            log.warning("refit %d failed: %s", version, "; ".join(f.describe() for f in failures))
             raise RefitFailed(
                 version,
                 failures,
@@ -312,7 +324,16 @@ class Refitter:
         for s in engine:
             for k, v in s.phases.items():
                 phases[k] = max(phases.get(k, 0.0), v)
-        return RefitStats(
+        ignored = sum(s.ignored for s in ranks)
+        if ignored:
+            log.warning(
+                "ranks ignored %d records in the refit's store that were not sealed with its "
+                "token: someone who reaches %s:%d writes there",
+                ignored,
+                self.host,
+                self._store.port,
+            )
+        stats = RefitStats(
             version=self.version,
             seconds=seconds,
             bulk_bytes=sum(s.bulk_received for s in engine),
@@ -322,8 +343,10 @@ class Refitter:
             engine_extra_bytes=max((s.extra_bytes for s in engine), default=0),
             trainer_extra_bytes=max((s.extra_bytes for s in trainer), default=0),
             ranks=ranks,
-            ignored_records=sum(s.ignored for s in ranks),
+            ignored_records=ignored,
         )
+        log.info("%s", stats.summary())
+        return stats
 
     @property
     def prepare_seconds(self) -> float:

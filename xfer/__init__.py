@@ -5,6 +5,8 @@ computes, purely, who sends which bytes to whom; `xferdtensor`, `xferdtensors` a
 `Resharder` execute over a `Comm` by one of three paths (golden, p2p, m2n).
 """
 
+import logging
+
 from xfer.api import PATHS, DTensorRef, Path, Resharder, xferdtensor, xferdtensors
 from xfer.comm import Comm, Recorded, RecordingComm, TorchComm, Transfer, Work, tcp_store
 from xfer.errors import XferError
@@ -45,3 +47,6 @@ __all__ = [
     "xferdtensor",
     "xferdtensors",
 ]
+
+# Modules log under ``xfer.<module>``, silent unless the application configures logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

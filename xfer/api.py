@@ -16,6 +16,7 @@ before any data moves.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -35,6 +36,8 @@ from xfer.segments import Local, Segments
 from xfer.validate import agree, check_locals
 
 __all__ = ["PATHS", "DTensorRef", "Path", "Resharder", "xferdtensor", "xferdtensors"]
+
+log = logging.getLogger(__name__)
 
 Path = Literal["auto", "golden", "p2p", "m2n"]
 PATHS: tuple[str, ...] = ("auto", "golden", "p2p", "m2n")
@@ -133,9 +136,18 @@ class Resharder:
         if path == "golden":
             return run_golden(items, srcs, dsts, self.comm, stream=stream, staging=self._golden)
         if not use_m2n:
-            return run_p2p(
+            stats = run_p2p(
                 self.program, srcs, dsts, self.comm, stream=stream, staging=staging or self.staging
             )
+            log.debug(
+                "rank %d: p2p %d B out, %d B in, %d rounds, %.4f s",
+                self.comm.rank,
+                stats.bytes_sent,
+                stats.bytes_received,
+                stats.rounds,
+                stats.seconds,
+            )
+            return stats
         # local_reason() passed only plain tensors (or None) for these items
         m2n.run_m2n(
             [items[i] for i in use_m2n],
