@@ -120,15 +120,17 @@ def hf_generate(
 
 
 class _Local:
-    """One replica in this process: an `LLM` driven through `RpcEngine`."""
+    """One replica in this process: an `LLM`, driven through vLLM's weight-transfer API when
+    it runs the "xfer" backend (`NativeEngine`), else through its worker extension."""
 
     def __init__(self, kwargs: dict[str, Any]) -> None:
         from vllm import LLM
 
+        from refit.native import NativeEngine, is_native
         from refit.rpc import RpcEngine
 
         self.llm = LLM(**kwargs)
-        self.side = RpcEngine(self.llm)
+        self.side: Any = NativeEngine(self.llm) if is_native(self.llm) else RpcEngine(self.llm)
 
     def rpc(self, method: str, *args: Any) -> list[Any]:
         return list(self.llm.collective_rpc(method, args=args))
@@ -165,6 +167,8 @@ def start_engines(args: argparse.Namespace, path: str, config: dict[str, Any]) -
 
     gpu = args.device == "cuda"
     kwargs = engine_kwargs(path, config, args.engine_tp, gpu=gpu)
+    if args.engine_api == "native":  # vLLM's weight-transfer API, backend "xfer"
+        kwargs["weight_transfer_config"] = {"backend": "xfer"}
     if args.keep_cpu_rotary:
         kwargs.pop("compilation_config", None)
     replicas = (
@@ -550,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
         help="name fragments of parameters to send as misc (comma separated)",
     )
     ap.add_argument("--engine-tp", type=int, default=1, help="vLLM tensor-parallel size")
+    ap.add_argument(
+        "--engine-api",
+        choices=["extension", "native"],
+        default="extension",
+        help="drive the engine through the worker extension (collective_rpc), or through "
+        "vLLM's own weight-transfer API with the 'xfer' backend",
+    )
     ap.add_argument("--replicas", type=int, default=1, help="vLLM engine replicas")
     ap.add_argument("--steps", type=int, default=2, help="training steps, one refit pair each")
     ap.add_argument("--tokens", type=int, default=8, help="greedy tokens generated per prompt")

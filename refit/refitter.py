@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from refit.errors import RefitError
+from refit.native import NativeEngine, is_native
 from refit.pending import wait_all
 from refit.planner import RefitPlan, plan_refit
 from refit.rank import INSTALLS, RankOptions, RankSetup, RankStats
@@ -137,6 +138,8 @@ def _engine_sides(engines: Any) -> list[EngineSide]:
 def _one_engine(x: Any, i: int) -> EngineSide:
     if isinstance(x, EngineSide):
         return x
+    if is_native(x):  # vLLM's weight-transfer API with the "xfer" backend
+        return NativeEngine(x, name=f"engine replica {i}")
     return RpcEngine(x, name=f"engine replica {i}")
 
 
@@ -210,17 +213,20 @@ class Refitter:
         the two sides' descriptions is raised at once as a `RefitError`."""
         t0 = time.perf_counter()
         if self.plan is None:
+            if self._store is None:
+                try:
+                    self._store = tcp_store(self.host, 0, is_master=True, timeout_s=self.timeout_s)
+                except (OSError, RuntimeError) as e:
+                    raise RefitError(
+                        f"cannot start the refit's store on host {self.host!r}: {e}; pass a "
+                        "host (an address of this machine) every rank can reach"
+                    ) from None
+            for i, side in enumerate(self.engines):
+                self._attach(side, i)
             trainer_spec = self.trainer.describe()
             engine_specs = [e.describe() for e in self.engines]
             plan = plan_refit(trainer_spec, engine_specs)
             self.backend = choose_backend(self.backend, trainer_spec.device, engine_specs[0].device)
-            try:
-                self._store = tcp_store(self.host, 0, is_master=True, timeout_s=self.timeout_s)
-            except (OSError, RuntimeError) as e:
-                raise RefitError(
-                    f"cannot start the refit's store on host {self.host!r}: {e}; pass a host "
-                    "(an address of this machine) every rank can reach"
-                ) from None
             self._specs = (trainer_spec, engine_specs)
             self.plan = plan
             log.info(
@@ -235,6 +241,12 @@ class Refitter:
         self._prepare_seconds += time.perf_counter() - t0
         assert self.plan is not None
         return self.plan
+
+    def _attach(self, engine: EngineSide, replica: int) -> None:
+        """Tell an engine that reports through the store (`NativeEngine`) where it is."""
+        attach = getattr(engine, "attach", None)
+        if attach is not None:
+            attach(self._store, self.host, f"refit/{self._session}", self._token, replica)
 
     def _connect(self) -> None:
         assert self._specs is not None and self.plan is not None
@@ -360,6 +372,8 @@ class Refitter:
         new = _one_engine(engine, replica)
         others = [e for i, e in enumerate(self.engines) if i != replica]
         _engine_sides([*others, new])  # refuses an engine listed twice
+        if self._store is not None:
+            self._attach(new, replica)
         if self._specs is not None and new.describe() != self._specs[1][replica]:
             raise RefitError(
                 f"the new engine replica {replica} does not describe the same parameters as "

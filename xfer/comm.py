@@ -164,7 +164,10 @@ class _Waiter:
         if pool is None:
             finalize()
             return
-        pool.submit(finalize)
+        try:
+            pool.submit(finalize)
+        except RuntimeError:  # the interpreter is exiting: no new threads
+            finalize()
         pool.shutdown(wait=False)
 
 
