@@ -74,6 +74,8 @@ __all__ = [
     "canonical_refs",
     "checkpoint_shards",
     "hf_model_shards",
+    "merge_descriptions",
+    "rank_description",
     "metadata_spec",
     "parallel_layouts",
     "pipeline_stage",
@@ -231,6 +233,58 @@ def hf_model_shards(rank: int, world: int, path: str, device: str = "cpu") -> di
     return out
 
 
+def rank_description(
+    params: Mapping[str, DTensorRef], stage_ranks: Sequence[Sequence[int]], rank: int
+) -> tuple[tuple[tuple[int, ...], ...], list[SourceParam], str]:
+    """(stage ranks, this rank's parameters, device kind): what one rank tells
+    `merge_descriptions`."""
+    stages = tuple(tuple(s) for s in stage_ranks)
+    devices = {ref.local.device for ref in params.values() if ref.local is not None}
+    if len(devices) > 1:
+        raise RefitError(f"trainer rank {rank} holds its shards on {sorted(map(str, devices))}")
+    out = []
+    for name, ref in params.items():
+        ranks = set(ref.layout.mesh.flat)
+        stage = next((s for s, members in enumerate(stages) if ranks <= set(members)), None)
+        if stage is None:
+            raise RefitError(
+                f"rank {rank}: {name!r} lives on {ref.layout.mesh!r}, not inside one pipeline "
+                f"stage of {stages}"
+            )
+        dtype = ref.local.dtype if ref.local is not None else torch.float32
+        out.append(SourceParam(name, ref.layout.shape, dtype, stage, ref.layout))
+    device = device_kind(devices.pop()) if devices else "cpu"
+    return stages, out, device
+
+
+def merge_descriptions(
+    parts: Sequence[tuple[tuple[tuple[int, ...], ...], Sequence[SourceParam], str]],
+) -> TrainerSpec:
+    """The `TrainerSpec` of a trainer from every rank's `rank_description`, in rank order:
+    ranks must agree on the stages, the device and every parameter they share."""
+    stage_ranks = parts[0][0]
+    merged: dict[str, SourceParam] = {}
+    problems = []
+    devices = sorted({d for _, _, d in parts})
+    if len(devices) > 1:
+        problems.append(f"the trainer's ranks hold their shards on {devices}")
+    for rank, (stages, params, _) in enumerate(parts):
+        if stages != stage_ranks:
+            problems.append(f"trainer rank {rank} has stages {stages}, rank 0 {stage_ranks}")
+        for p in params:
+            seen = merged.setdefault(p.name, p)
+            if seen != p:
+                problems.append(
+                    f"trainer ranks disagree on {p.name!r}: {seen.layout!r} {seen.dtype} vs "
+                    f"rank {rank}: {p.layout!r} {p.dtype}"
+                )
+    if problems:
+        raise RefitError(problems)
+    return TrainerSpec(
+        world=len(parts), stage_ranks=stage_ranks, params=tuple(merged.values()), device=devices[0]
+    )
+
+
 class TorchTrainerRank(TrainerRankBase):
     """One trainer rank. `build(rank, world)` returns its HF-named parameters."""
 
@@ -249,16 +303,6 @@ class TorchTrainerRank(TrainerRankBase):
         self.stage_ranks = tuple(tuple(s) for s in (stage_ranks or [range(world)]))
         self.params: dict[str, DTensorRef] = canonical_refs(build(rank, world, *build_args))
 
-    def _stage_of(self, ref: DTensorRef) -> int:
-        ranks = set(ref.layout.mesh.flat)
-        for s, members in enumerate(self.stage_ranks):
-            if ranks <= set(members):
-                return s
-        raise RefitError(
-            f"rank {self.rank}: mesh {ref.layout.mesh!r} is not inside one pipeline stage "
-            f"{self.stage_ranks}"
-        )
-
     def device(self) -> torch.device:
         devices = {ref.local.device for ref in self.params.values() if ref.local is not None}
         if len(devices) > 1:
@@ -269,12 +313,7 @@ class TorchTrainerRank(TrainerRankBase):
 
     def describe(self) -> tuple[tuple[tuple[int, ...], ...], list[SourceParam], str]:
         """(stage ranks, this rank's parameters, device kind), for `TorchTrainerGroup`."""
-        out = []
-        for name, ref in self.params.items():
-            local = ref.local
-            dtype = local.dtype if local is not None else torch.float32
-            out.append(SourceParam(name, ref.layout.shape, dtype, self._stage_of(ref), ref.layout))
-        return self.stage_ranks, out, device_kind(self.device())
+        return rank_description(self.params, self.stage_ranks, self.rank)
 
     def local(self, name: str) -> Local:
         ref = self.params[name]
@@ -337,28 +376,4 @@ class TorchTrainerGroup(RayTrainerGroup):
     def describe(self) -> TrainerSpec:
         import ray
 
-        parts = ray.get([a.describe.remote() for a in self.actors])
-        stage_ranks = parts[0][0]
-        merged: dict[str, SourceParam] = {}
-        problems = []
-        devices = sorted({d for _, _, d in parts})
-        if len(devices) > 1:
-            problems.append(f"the trainer's ranks hold their shards on {devices}")
-        for rank, (stages, params, _) in enumerate(parts):
-            if stages != stage_ranks:
-                problems.append(f"trainer rank {rank} has stages {stages}, rank 0 {stage_ranks}")
-            for p in params:
-                seen = merged.setdefault(p.name, p)
-                if seen != p:
-                    problems.append(
-                        f"trainer ranks disagree on {p.name!r}: {seen.layout!r} {seen.dtype} vs "
-                        f"rank {rank}: {p.layout!r} {p.dtype}"
-                    )
-        if problems:
-            raise RefitError(problems)
-        return TrainerSpec(
-            world=len(self.actors),
-            stage_ranks=stage_ranks,
-            params=tuple(merged.values()),
-            device=devices[0],
-        )
+        return merge_descriptions(ray.get([a.describe.remote() for a in self.actors]))

@@ -20,8 +20,17 @@ drives it through vLLM's public calls:
 
 All data the worker writes to the store is sealed JSON; everything it reads from the store
 is checked (`refit.watch`, `xfer.wire`). Each worker's place: replica ``replica +
-data_parallel_index`` (one ``vllm serve`` with data parallelism holds several replicas),
-rank = its tensor-parallel rank.
+data_parallel_index``, rank = its tensor-parallel rank.
+
+The trainer side, `XferTrainerWeightTransferEngine`, follows vLLM's trainer API: every trainer
+rank calls ``trainer_init(XferTrainerInitInfo(...), client=..., source=ShardSource(...))`` and
+then ``send_weights()`` every step. Every rank opens the refit's store (rank 0 serves it on
+``master_address:master_port``) and writes its description there; rank 0 drives a `Refitter`
+over the trainer ranks (`StoreTrainers`) and the engine behind `client`, and tells the other
+ranks through the store, before each send, which refit version and which generation of the
+communicator it is (so after a failure every rank reconnects to the same one). The token in
+the init info authenticates every record: give every rank the same init info over the
+trainer's own trusted channel (`make_trainer_init_info` makes one).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -39,10 +48,15 @@ from xfer import tcp_store
 from xfer.wire import loads, seal
 
 __all__ = [
+    "ShardSource",
+    "StoreTrainers",
     "XferInitInfo",
+    "XferTrainerInitInfo",
+    "XferTrainerWeightTransferEngine",
     "XferUpdateInfo",
     "XferWeightTransferEngine",
     "engine_record_key",
+    "make_trainer_init_info",
     "register",
 ]
 
@@ -56,17 +70,29 @@ def engine_record_key(prefix: str, what: str, replica: int, rank: int) -> str:
     return f"{prefix}/engine/{what}/{replica}/{rank}"
 
 
-def _base() -> tuple[Any, Any, Any]:
+def _base() -> tuple[Any, ...]:
     from vllm.distributed.weight_transfer.base import (
+        ParamMeta,
+        TrainerInitInfo,
+        TrainerWeightTransferEngine,
+        WeightSource,
         WeightTransferEngine,
         WeightTransferInitInfo,
         WeightTransferUpdateInfo,
     )
 
-    return WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
+    return (
+        WeightTransferEngine,
+        WeightTransferInitInfo,
+        WeightTransferUpdateInfo,
+        TrainerWeightTransferEngine,
+        TrainerInitInfo,
+        WeightSource,
+        ParamMeta,
+    )
 
 
-_Engine, _InitBase, _UpdateBase = _base()
+_Engine, _InitBase, _UpdateBase, _TrainerEngine, _TrainerInitBase, _Source, _Meta = _base()
 
 
 @dataclass(kw_only=True)
@@ -159,6 +185,219 @@ class XferWeightTransferEngine(_Engine):  # type: ignore[misc,valid-type]
         self.core.close()
 
 
+# -- the trainer side ------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class XferTrainerInitInfo(_TrainerInitBase):  # type: ignore[misc,valid-type]
+    """The same on every trainer rank, except `rank`."""
+
+    backend: ClassVar[str] = BACKEND
+    master_address: str  # rank 0 serves the refit's store here (reachable by every rank)
+    master_port: int
+    token: str  # hex secret, authenticates every record in the store
+    world_size: int  # trainer ranks
+    timeout_s: float = 600.0
+    path: str = "auto"
+    bucket_bytes: int = 256 << 20
+    verify: bool = False
+    strict: bool = False
+    install: str = "auto"
+    pause: str | None = "wait"  # vLLM's pause mode around each install of a server
+
+
+def make_trainer_init_info(
+    world_size: int, master_address: str = "127.0.0.1", master_port: int = 0, **options: Any
+) -> dict[str, Any]:
+    """An init info (as a dict: add ``rank=`` per rank) with a fresh token and, with port 0,
+    a free port on `master_address`. Hand it to every rank over a trusted channel."""
+    import secrets
+
+    from backends.ray_trainer import free_port
+
+    return {
+        "master_address": master_address,
+        "master_port": master_port or free_port(),
+        "token": secrets.token_hex(32),
+        "world_size": world_size,
+        **options,
+    }
+
+
+class ShardSource(_Source):  # type: ignore[misc,valid-type]
+    """A trainer rank's HF-named shards: DTensors or `xfer.DTensorRef`s (transformers-5 fused
+    expert tensors are split into views, `backends.torch_trainer.canonical_refs`), each on
+    the pipeline stage whose ranks hold it (`stage_ranks`; default one stage of all ranks).
+    Refit sends shards, never full tensors: iterating it is refused."""
+
+    def __init__(self, params: Any, *, stage_ranks: Any = None) -> None:
+        from backends.torch_trainer import canonical_refs
+
+        self.refs = canonical_refs(params)
+        self.stage_ranks = stage_ranks
+
+    def metadata(self) -> list[Any]:
+        return [
+            _Meta(
+                name, ref.local.dtype if ref.local is not None else torch.float32, ref.layout.shape
+            )
+            for name, ref in self.refs.items()
+        ]
+
+    def __iter__(self) -> Any:
+        raise RefitError("the xfer backend sends each rank's shards; it never gathers tensors")
+
+
+class StoreTrainers:
+    """`refit.spec.TrainerSide` for rank 0 of a trainer whose ranks meet in the refit's store
+    (not in Ray): descriptions, setups and per-send instructions are sealed records there."""
+
+    def __init__(self, engine: XferTrainerWeightTransferEngine) -> None:
+        self.e = engine
+
+    def describe(self) -> Any:
+        from backends.torch_trainer import merge_descriptions
+        from refit.spec import SourceParam
+
+        parts = []
+        for r in range(self.e.info.world_size):
+            x = self.e.read(f"trainer/{r}")
+            params = [SourceParam.from_json(p) for p in x["params"]]
+            parts.append((tuple(tuple(s) for s in x["stages"]), params, x["device"]))
+        return merge_descriptions(parts)
+
+    def connect(self, setup: bytes) -> Any:
+        from refit.pending import Threaded
+
+        self.e.write(f"setup/{self.e.refitter.generation}", setup.decode())
+        return Threaded(lambda: [self.e.join(setup)], what="trainer rank 0 connect")
+
+    def step(self, version: int, path: str | None = None) -> Any:
+        from refit.pending import Threaded
+
+        return Threaded(lambda: [self.e.own_step(version, path)], what=f"trainer refit {version}")
+
+
+class XferTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,valid-type]
+    init_info_cls = XferTrainerInitInfo
+
+    def __init__(self, info: XferTrainerInitInfo, client: Any, source: ShardSource) -> None:
+        super().__init__(client=client, source=source, is_sender=info.rank == 0)
+        self.info = info
+        self._token = bytes.fromhex(info.token)
+        self._prefix = "xfer-trainer"
+        self._sends = 0
+        self._generation = 0
+        self.rank_runtime: Any = None
+        self.refitter: Any = None
+        stages = source.stage_ranks or [list(range(info.world_size))]
+        self.store = tcp_store(
+            info.master_address,
+            info.master_port,
+            is_master=self.is_sender,
+            timeout_s=info.timeout_s,
+        )
+        from backends.torch_trainer import rank_description
+
+        stage_ranks, params, device = rank_description(source.refs, stages, info.rank)
+        self.write(
+            f"trainer/{info.rank}",
+            {
+                "stages": [list(s) for s in stage_ranks],
+                "params": [p.to_json() for p in params],
+                "device": device,
+            },
+        )
+
+    # -- records in the store ---------------------------------------------------------------
+    def write(self, what: str, value: Any) -> None:
+        key = f"{self._prefix}/{what}"
+        self.store.set(key, seal(value, self._token, key))
+
+    def read(self, what: str) -> Any:
+        import time
+
+        from xfer.wire import unseal
+
+        key = f"{self._prefix}/{what}"
+        deadline = time.monotonic() + self.info.timeout_s
+        while not self.store.check([key]):
+            if time.monotonic() > deadline:
+                raise RefitError(f"trainer rank {self.info.rank}: no {what} record in the store")
+            time.sleep(0.01)
+        return unseal(self.store.get(key), self._token, key)
+
+    # -- the rank's own part ------------------------------------------------------------------
+    def join(self, setup: bytes) -> None:
+        from refit.rank import RankSetup, RefitRank
+
+        if self.rank_runtime is not None:
+            self.rank_runtime.close()
+        s = RankSetup.from_json(setup).for_rank(self.info.rank)
+        device = next(
+            (r.local.device for r in self.source.refs.values() if r.local is not None),
+            torch.device("cpu"),
+        )
+        self.rank_runtime = RefitRank(s, device=device)
+
+    def own_step(self, version: int, path: str | None) -> Any:
+        def local(name: str) -> Any:
+            return self.source.refs[name].local
+
+        return self.rank_runtime.trainer_step(local, path, version)
+
+    @classmethod
+    def trainer_init(
+        cls, init_info: XferTrainerInitInfo, *, client: Any, source: Any = None
+    ) -> XferTrainerWeightTransferEngine:
+        if not isinstance(source, ShardSource):
+            raise RefitError("the xfer backend needs a ShardSource (each rank's shards)")
+        engine = cls(init_info, client, source)
+        if engine.is_sender:
+            from refit.refitter import Refitter
+
+            engine.refitter = Refitter(
+                StoreTrainers(engine),
+                client,
+                path=init_info.path,  # type: ignore[arg-type]
+                bucket_bytes=init_info.bucket_bytes,
+                host=init_info.master_address,
+                timeout_s=init_info.timeout_s,
+                verify=init_info.verify,
+                strict=init_info.strict,
+                install=init_info.install,
+                store=engine.store,
+                token=engine._token,
+                pause=init_info.pause,
+            )
+        return engine
+
+    def send_weights(self) -> None:
+        """One refit: every rank sends its shards; rank 0 also drives the engine."""
+        self._sends += 1
+        if self.is_sender:
+            r = self.refitter
+            generation = r.generation + (0 if r._connected else 1)
+            self.write(f"send/{self._sends}", {"version": r.version + 1, "generation": generation})
+            try:
+                r.refit()
+            except RefitError as e:
+                if r.generation < generation:  # failed before any rank was told to connect
+                    self.write(f"setup/{generation}", {"error": str(e)})
+                raise
+            return
+        order = self.read(f"send/{self._sends}")
+        if order["generation"] != self._generation or self.rank_runtime.broken:
+            self._generation = order["generation"]
+            setup = self.read(f"setup/{self._generation}")
+            if isinstance(setup, dict):  # rank 0 could not prepare the refit
+                raise RefitError(f"trainer rank 0 could not prepare the refit: {setup['error']}")
+            self.join(str(setup).encode())
+        self.own_step(int(order["version"]), None)
+
+    def shutdown(self) -> None:
+        if self.rank_runtime is not None:
+            self.rank_runtime.close()
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: make ``"xfer"`` a weight-transfer backend
     (idempotent: vLLM loads plugins once per process, possibly in many processes)."""
@@ -169,4 +408,10 @@ def register() -> None:
     with contextlib.suppress(ValueError):  # registered already in this process
         WeightTransferEngineFactory.register_engine(
             BACKEND, "backends.vllm_transfer", "XferWeightTransferEngine"
+        )
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    with contextlib.suppress(ValueError):
+        WeightTransferTrainerFactory.register_engine(
+            BACKEND, "backends.vllm_transfer", "XferTrainerWeightTransferEngine"
         )

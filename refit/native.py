@@ -132,6 +132,9 @@ def is_native(x: Any) -> bool:
 def as_client(x: Any) -> Any:
     if isinstance(x, str):
         return HttpClient(x)
+    base_url = getattr(x, "base_url", None)
+    if isinstance(base_url, str):  # vLLM's HTTPVLLMWeightSyncClient: the same routes, + pause
+        return HttpClient(base_url, timeout=float(getattr(x, "timeout", 600.0)))
     if _backend_of(x) == "xfer":
         return OfflineClient(x)
     return x

@@ -6,8 +6,12 @@ live, starts the refit's store on `host`, and has every rank join the refit's co
 build its xfer plan. Every `refit` then bumps the version, starts both sides at once and waits
 for both; it returns `RefitStats`.
 
-`vllm_engine` may be an `EngineSide`, anything with ``collective_rpc`` (a vLLM ``LLM``
-created with the project's worker extension), or a list of either (engine replicas).
+`vllm_engine` may be: an ``LLM`` built with ``weight_transfer_config={"backend": "xfer"}``,
+the base URL of a ``vllm serve`` started with ``--weight-transfer-config '{"backend":
+"xfer"}'``, or one of vLLM's weight-sync clients (all driven through vLLM's own
+weight-transfer API, `refit.native`; servers are paused in `pause` mode around each install);
+an ``LLM`` created with the project's worker extension (``collective_rpc``, `refit.rpc`); any
+`EngineSide`; or a list of these (engine replicas).
 
 Trust. The store and the ranks' communicator are reachable by anyone on the network who can
 reach `host`; the refit never deserializes code from them. Descriptions and setups travel over
@@ -116,13 +120,13 @@ def choose_backend(requested: str, trainer: str, engine: str) -> str:
     return need
 
 
-def _engine_sides(engines: Any) -> list[EngineSide]:
+def _engine_sides(engines: Any, pause: str | None = "wait") -> list[EngineSide]:
     if isinstance(engines, EngineSide):
         sides = [engines]
     elif isinstance(engines, Sequence) and not isinstance(engines, str | bytes):
-        sides = [_one_engine(x, i) for i, x in enumerate(engines)]
+        sides = [_one_engine(x, i, pause) for i, x in enumerate(engines)]
     else:
-        sides = [_one_engine(engines, 0)]
+        sides = [_one_engine(engines, 0, pause)]
     if not sides:
         raise RefitError("no engine replicas given")
     keys = [getattr(s, "key", s) for s in sides]
@@ -135,11 +139,11 @@ def _engine_sides(engines: Any) -> list[EngineSide]:
     return sides
 
 
-def _one_engine(x: Any, i: int) -> EngineSide:
+def _one_engine(x: Any, i: int, pause: str | None = "wait") -> EngineSide:
     if isinstance(x, EngineSide):
         return x
     if is_native(x):  # vLLM's weight-transfer API with the "xfer" backend
-        return NativeEngine(x, name=f"engine replica {i}")
+        return NativeEngine(x, name=f"engine replica {i}", pause=pause)
     return RpcEngine(x, name=f"engine replica {i}")
 
 
@@ -160,6 +164,9 @@ class Refitter:
         verify: bool = False,
         strict: bool = False,
         install: str = "auto",
+        pause: str | None = "wait",
+        store: Any = None,
+        token: bytes | None = None,
     ) -> None:
         problems = []
         if path not in PATHS:
@@ -183,7 +190,7 @@ class Refitter:
         if problems:
             raise RefitError(problems)
         self.trainer = train_worker
-        self.engines = _engine_sides(vllm_engine)
+        self.engines = _engine_sides(vllm_engine, pause)
         self.path: Path = path
         self.staging_bytes = staging_bytes
         self.bucket_bytes = bucket_bytes
@@ -198,9 +205,9 @@ class Refitter:
         self.installed = 0  # the last refit that completed on every engine
         self.generation = 0
         self._connected = False
-        self._store: Any = None
+        self._store: Any = store  # a store server of the caller's, or one started here
         self._board: FailureBoard | None = None
-        self._token = secrets.token_bytes(32)
+        self._token = token or secrets.token_bytes(32)
         self._session = secrets.token_hex(8)
         self._specs: tuple[Any, list[EngineSpec]] | None = None
         self._prepare_seconds = 0.0

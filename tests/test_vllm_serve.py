@@ -124,3 +124,64 @@ def test_torch_trainer_refits_vllm_serve_over_http(tmp_path, tp):
 
 def test_megatron_trainer_refits_vllm_serve_over_http(tmp_path):
     _check(_refit_over_http(tmp_path, "qwen3", 1, "megatron"))
+
+
+class _TrainerRank:
+    """A trainer rank of the user's own (a Ray actor here) using vLLM's trainer API."""
+
+    def __init__(self, rank: int, world: int, path: str, url: str, info: dict) -> None:
+        from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
+
+        from backends.torch_trainer import checkpoint_shards
+        from backends.vllm_transfer import (
+            ShardSource,
+            XferTrainerInitInfo,
+            XferTrainerWeightTransferEngine,
+        )
+
+        self.rank = rank
+        self.source = ShardSource(checkpoint_shards(rank, world, path, 1, world))
+        self.engine = XferTrainerWeightTransferEngine.trainer_init(
+            XferTrainerInitInfo(**info, rank=rank),
+            client=HTTPVLLMWeightSyncClient(url),
+            source=self.source,
+        )
+
+    def train(self, path: str, step: int) -> None:
+        from backends.scenario import set_step
+
+        self.params = self.source.refs
+        set_step(self, path, step)
+
+    def send_weights(self) -> None:
+        self.engine.send_weights()
+
+
+def test_vllm_trainer_api_with_the_xfer_backend(tmp_path):
+    """vLLM's own trainer API: every rank calls trainer_init and send_weights."""
+    import ray
+
+    from backends.hf_checkpoint import load_grouped, save_grouped
+    from backends.scenario import PROMPTS
+    from backends.serve import Server
+    from backends.tiny_models import build, step_weights
+    from backends.vllm_transfer import make_trainer_init_info
+
+    path = str(tmp_path / "qwen3_moe")
+    config = build("qwen3_moe", path)
+    base = load_grouped(path)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with Server(path, log=tmp_path / "serve.log") as server:
+            info = make_trainer_init_info(2, strict=True, timeout_s=120)
+            actor = ray.remote(num_cpus=0.5)(_TrainerRank)
+            ranks = [actor.remote(r, 2, path, server.url, info) for r in range(2)]
+            for step in (1, 2):
+                ray.get([a.train.remote(path, step) for a in ranks])
+                ray.get([a.send_weights.remote() for a in ranks])
+                d = str(tmp_path / f"step{step}")
+                save_grouped(step_weights(base, step), config, d)
+                assert _same(server.generate(PROMPTS, TOKENS), _hf(d, PROMPTS)), step
+                assert server.weight_version() == str(step)
+    finally:
+        ray.shutdown()
