@@ -10,7 +10,8 @@ vLLM's public calls only, duck-typed (nothing here imports vLLM):
   weight_version=)`` (vLLM's ``HTTPVLLMWeightSyncClient``, ``RayVLLMWeightSyncClient``);
 * the base URL of a running ``vllm serve`` (`HttpClient`, the RL routes; the server runs with
   ``VLLM_SERVER_DEV_MODE=1``, which mounts them);
-* an in-process ``LLM`` (`OfflineClient` adapts its methods).
+* an in-process ``LLM`` (`OfflineClient` adapts its methods), or an ``AsyncLLM`` (`AsyncClient`
+  runs its coroutines on its own event loop).
 
 Descriptions, per-rank stats and statuses come back through the refit's store, sealed with
 the refit's token (`attach` tells the engine where the store is). Around each install the
@@ -26,6 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 from refit.errors import RefitError
@@ -34,7 +36,7 @@ from refit.rank import RankStats
 from refit.spec import EngineSpec, EngineStatus, Pending
 from xfer.wire import WireError, unseal
 
-__all__ = ["HttpClient", "NativeEngine", "OfflineClient", "as_client", "is_native"]
+__all__ = ["AsyncClient", "HttpClient", "NativeEngine", "OfflineClient", "as_client", "is_native"]
 
 PAUSE_MODES = ("keep", "wait", "abort")
 
@@ -111,10 +113,72 @@ class OfflineClient:
         return str(self.llm.get_weight_version())
 
 
+@dataclass
+class _Request:
+    """What vLLM's ``WeightTransferInitRequest`` / ``WeightTransferUpdateRequest`` carry."""
+
+    init_info: dict[str, Any] | None = None
+    update_info: dict[str, Any] | None = None
+
+
+class AsyncClient:
+    """An ``AsyncLLM`` as a weight-sync client. Its coroutines run on the event loop the
+    ``AsyncLLM`` lives on (the loop running when the `Refitter` was made); call
+    ``refit()`` from another thread, e.g. ``await asyncio.to_thread(refitter.refit)``."""
+
+    def __init__(self, engine: Any) -> None:
+        import asyncio
+
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RefitError(
+                "an AsyncLLM is driven on its own event loop: make the Refitter inside that "
+                "loop and call refit() from another thread (await asyncio.to_thread(...))"
+            ) from None
+        self.engine = engine
+
+    def _run(self, coro: Any) -> Any:
+        import asyncio
+
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            coro.close()
+            raise RefitError("refit() was called on the AsyncLLM's event loop; use a thread")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._run(self.engine.init_weight_transfer_engine(_Request(init_info=init_info)))
+
+    def start_weight_update(self) -> None:
+        self._run(self.engine.start_weight_update())
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._run(self.engine.update_weights(_Request(update_info=update_info)))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._run(self.engine.finish_weight_update(weight_version))
+
+    def pause(self, mode: str) -> None:
+        self._run(self.engine.pause_generation(mode=mode, clear_cache=True))
+
+    def resume(self) -> None:
+        self._run(self.engine.resume_generation())
+
+
 def _backend_of(llm: Any) -> str | None:
-    engine = getattr(llm, "llm_engine", None)
+    engine = getattr(llm, "llm_engine", llm)
     cfg = getattr(getattr(engine, "vllm_config", None), "weight_transfer_config", None)
     return getattr(cfg, "backend", None)
+
+
+def _is_async(x: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(getattr(x, "update_weights", None))
 
 
 def is_native(x: Any) -> bool:
@@ -126,7 +190,7 @@ def is_native(x: Any) -> bool:
     return all(
         hasattr(x, m)
         for m in ("init_weight_transfer_engine", "start_weight_update", "update_weights")
-    ) and not hasattr(x, "llm_engine")
+    ) and not hasattr(x, "llm_engine")  # a weight-sync client
 
 
 def as_client(x: Any) -> Any:
@@ -136,7 +200,7 @@ def as_client(x: Any) -> Any:
     if isinstance(base_url, str):  # vLLM's HTTPVLLMWeightSyncClient: the same routes, + pause
         return HttpClient(base_url, timeout=float(getattr(x, "timeout", 600.0)))
     if _backend_of(x) == "xfer":
-        return OfflineClient(x)
+        return AsyncClient(x) if _is_async(x) else OfflineClient(x)
     return x
 
 

@@ -185,3 +185,79 @@ def test_vllm_trainer_api_with_the_xfer_backend(tmp_path):
                 assert server.weight_version() == str(step)
     finally:
         ray.shutdown()
+
+
+def _async_refits(tmp_path: str) -> dict:
+    """An AsyncLLM with the xfer backend, requests in flight while refits run."""
+    import asyncio
+
+    import ray
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from backends.hf_checkpoint import load_grouped, save_grouped
+    from backends.ray_engine import engine_kwargs
+    from backends.scenario import PROMPTS, set_step
+    from backends.tiny_models import build, step_weights
+    from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards
+    from refit.refitter import Refitter
+
+    path = f"{tmp_path}/qwen3_moe"
+    config = build("qwen3_moe", path)
+    base = load_grouped(path)
+    kwargs = engine_kwargs(path, config) | {"weight_transfer_config": {"backend": "xfer"}}
+    kwargs.pop("worker_extension_cls")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    trainer = TorchTrainerGroup.launch(2, checkpoint_shards, path, 1, 2)
+
+    async def generate(engine, prompt, n, tag):
+        sp = SamplingParams(temperature=0, max_tokens=n)
+        last = None
+        async for out in engine.generate({"prompt_token_ids": prompt}, sp, request_id=tag):
+            last = out
+        assert last is not None
+        return list(last.outputs[0].token_ids)
+
+    async def main() -> dict:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        try:
+            refitter = Refitter(trainer, engine, strict=True, timeout_s=120, pause="wait")
+            rec = {"steps": []}
+            for step in (1, 2):
+                old = await generate(engine, PROMPTS[0], TOKENS, f"old{step}")
+                trainer.call(set_step, path, step)
+                in_flight = [
+                    asyncio.create_task(generate(engine, PROMPTS[0], 40, f"race{step}.{i}"))
+                    for i in range(2)
+                ]
+                await asyncio.sleep(0.05)
+                stats = await asyncio.to_thread(refitter.refit)
+                racing = await asyncio.gather(*in_flight)
+                after = [await generate(engine, p, TOKENS, f"new{step}.{i}")
+                         for i, p in enumerate(PROMPTS)]  # fmt: skip
+                d = f"{tmp_path}/step{step}"
+                save_grouped(step_weights(base, step), config, d)
+                rec["steps"].append({"old": old, "racing": racing, "after": after, "dir": d,
+                                     "version": stats.version})  # fmt: skip
+            return rec
+        finally:
+            engine.shutdown()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        ray.shutdown()
+
+
+def test_async_llm_with_requests_in_flight(tmp_path):
+    from backends.scenario import PROMPTS
+
+    rec = _async_refits(str(tmp_path))
+    assert len(rec["steps"]) == 2
+    for s in rec["steps"]:
+        want = _hf(s["dir"], PROMPTS)
+        assert s["after"] == [w[0] for w in want], s
+        new = want[0][0]
+        for r in s["racing"]:  # finished on the old weights (wait mode) or ran on the new ones
+            assert r[:TOKENS] in (s["old"], new), (r, s["old"], new)
