@@ -148,6 +148,13 @@ class RayEngine:
         ref = self.actor.refit_step.remote(version, path)
         return _Flatten(RayPending([ref], what=f"{self.name} refit {version}"))
 
+    def node_addresses(self) -> list[str]:
+        import ray
+
+        from backends.ray_trainer import _node_address
+
+        return [ray.get(self.actor.call.remote(_node_address))]
+
     def status(self) -> list[EngineStatus]:
         import ray
 

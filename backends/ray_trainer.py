@@ -157,6 +157,12 @@ class RayPending:
                 errors[ref] = e
 
 
+def _node_address(_rank: Any = None) -> str:
+    import ray
+
+    return str(ray.util.get_node_ip_address())
+
+
 def _why(e: BaseException) -> str:
     import ray
 
@@ -224,6 +230,10 @@ class RayTrainerGroup:
             what=method,
             labels=self._labels(),
         ).wait()
+
+    def node_addresses(self) -> list[str]:
+        """The IP address of the node each rank runs on."""
+        return self.call(_node_address)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """``fn(rank_object, *args)`` on every rank (e.g. a training step); waits for all."""

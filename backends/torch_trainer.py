@@ -342,9 +342,11 @@ class TorchTrainerGroup(RayTrainerGroup):
         num_cpus: float = 0.5,
         num_gpus: float = 0,
         threads: int = 1,
+        resources: Mapping[str, float] | None = None,
     ) -> TorchTrainerGroup:
         """Start `world` Ray actors; rank r builds its parameters with ``build(r, world, ...)``.
-        With `num_gpus` (1 for a GPU trainer) Ray gives each rank its own GPU."""
+        With `num_gpus` (1 for a GPU trainer) Ray gives each rank its own GPU; `resources`
+        (Ray custom resources) places the ranks on the nodes that have them."""
 
         launch = dict(
             world=world,
@@ -354,6 +356,7 @@ class TorchTrainerGroup(RayTrainerGroup):
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             threads=threads,
+            resources=dict(resources or {}),
         )
         return cls([cls._start(launch, r) for r in range(world)], launch)
 
@@ -361,9 +364,11 @@ class TorchTrainerGroup(RayTrainerGroup):
     def _start(launch: dict[str, Any], rank: int) -> Any:
         import ray
 
-        actor = ray.remote(num_cpus=launch["num_cpus"], num_gpus=launch.get("num_gpus", 0))(
-            TorchTrainerRank
-        )
+        actor = ray.remote(
+            num_cpus=launch["num_cpus"],
+            num_gpus=launch.get("num_gpus", 0),
+            resources=launch.get("resources") or None,
+        )(TorchTrainerRank)
         return actor.remote(
             rank,
             launch["world"],

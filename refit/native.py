@@ -247,6 +247,11 @@ class NativeEngine:
         except WireError as e:
             raise RefitError(f"{self.name}: {e}") from None
 
+    def node_addresses(self) -> list[str]:
+        """A server's host (a remote server means ranks on another machine)."""
+        url = getattr(self.client, "base_url", None)
+        return [urllib.parse.urlparse(url).hostname or ""] if isinstance(url, str) else []
+
     def describe(self) -> EngineSpec:
         if self._store is None:
             raise RefitError(f"{self.name}: attach() the refit's store first")

@@ -54,6 +54,7 @@ from refit.watch import Failure, FailureBoard, RefitFailed
 from xfer import DEFAULT_BUCKET_BYTES, Comm, Resharder, TorchComm, Transfer, tcp_store
 from xfer.api import PATHS, Path
 from xfer.checksum import Checksum, box_checksum, sent_checksums
+from xfer.net import local_address_for
 from xfer.segments import Local
 from xfer.strict import StrictComm
 from xfer.wire import WireError, as_int, as_str, dumps, loads
@@ -246,6 +247,9 @@ class RefitRank:
             timeout_s=self.options.timeout_s,
             device=self.device if self.options.backend == "nccl" else None,
             interrupt=self._check,
+            # gloo listens on the address that reaches the store: loopback when the store is
+            # on loopback, the node's routable address across machines
+            host=local_address_for(setup.host) if self.options.backend == "gloo" else None,
         )
         if self.options.strict:
             comm = StrictComm(comm, name="refit")

@@ -13,6 +13,11 @@ weight-transfer API, `refit.native`; servers are paused in `pause` mode around e
 an ``LLM`` created with the project's worker extension (``collective_rpc``, `refit.rpc`); any
 `EngineSide`; or a list of these (engine replicas).
 
+Where. The refit's store listens on `host` only; ``"auto"`` (the default) is loopback when
+every rank runs on this machine (sides that know, e.g. Ray actors, report their nodes'
+addresses) and this machine's routable address otherwise. gloo ranks listen on the address
+that reaches the store.
+
 Trust. The store and the ranks' communicator are reachable by anyone on the network who can
 reach `host`; the refit never deserializes code from them. Descriptions and setups travel over
 the trusted control channel (Ray, ``collective_rpc``) as JSON; everything the ranks read from
@@ -62,6 +67,7 @@ from refit.spec import EngineSide, EngineSpec, EngineStatus, TrainerSide
 from refit.watch import Failure, FailureBoard, RefitFailed
 from xfer import DEFAULT_BUCKET_BYTES, tcp_store
 from xfer.api import PATHS, Path
+from xfer.net import is_local, routable_address
 
 __all__ = ["BACKENDS", "RefitStats", "Refitter", "choose_backend"]
 
@@ -158,7 +164,7 @@ class Refitter:
         path: Path = "auto",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         staging_bytes: int | None = None,
-        host: str = "127.0.0.1",
+        host: str = "auto",
         backend: str = "auto",
         timeout_s: float = 600.0,
         verify: bool = False,
@@ -220,6 +226,7 @@ class Refitter:
         the two sides' descriptions is raised at once as a `RefitError`."""
         t0 = time.perf_counter()
         if self.plan is None:
+            self.host = self._resolve_host()
             if self._store is None:
                 try:
                     self._store = tcp_store(self.host, 0, is_master=True, timeout_s=self.timeout_s)
@@ -248,6 +255,20 @@ class Refitter:
         self._prepare_seconds += time.perf_counter() - t0
         assert self.plan is not None
         return self.plan
+
+    def _resolve_host(self) -> str:
+        """`host`, or with ``"auto"``: loopback when every rank runs on this machine (as far
+        as the sides can tell, `node_addresses`), else this machine's routable address."""
+        if self.host != "auto":
+            return self.host
+        addresses: set[str] = set()
+        for side in [self.trainer, *self.engines]:
+            fn = getattr(side, "node_addresses", None)
+            if fn is not None:
+                addresses |= set(fn())
+        if all(is_local(a) for a in addresses):
+            return "127.0.0.1"
+        return routable_address()
 
     def _attach(self, engine: EngineSide, replica: int) -> None:
         """Tell an engine that reports through the store (`NativeEngine`) where it is."""
