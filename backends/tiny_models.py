@@ -29,9 +29,15 @@ _MODEL_TYPES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
-KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "dsv3")
+KINDS = (
+    "qwen3", "qwen3_tied", "qwen3_moe", "dsv3", "mixtral", "qwen2_moe", "glm4_moe", "gpt_oss"
+)  # fmt: skip
 
 _COMMON = dict(vocab_size=256, hidden_size=128, max_position_embeddings=256, num_hidden_layers=2)
 
@@ -80,6 +86,67 @@ def _config(kind: str, overrides: dict[str, Any]) -> Any:
             n_group=1,
             topk_group=1,
             rope_scaling=None,
+        )
+    elif kind == "mixtral":
+        from transformers import MixtralConfig
+
+        cls = MixtralConfig
+        fields = dict(
+            intermediate_size=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+        )
+    elif kind == "qwen2_moe":
+        from transformers import Qwen2MoeConfig
+
+        cls = Qwen2MoeConfig
+        fields = dict(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mlp_only_layers=[0],
+            norm_topk_prob=False,
+        )
+    elif kind == "glm4_moe":
+        from transformers import Glm4MoeConfig
+
+        cls = Glm4MoeConfig
+        fields = dict(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            n_group=1,
+            topk_group=1,
+            use_qk_norm=True,
+            attention_bias=True,
+            partial_rotary_factor=0.5,
+            num_nextn_predict_layers=0,
+        )
+    elif kind == "gpt_oss":
+        from transformers import GptOssConfig
+
+        cls = GptOssConfig
+        fields = dict(
+            intermediate_size=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            sliding_window=64,
         )
     else:
         raise ValueError(f"unknown tiny model {kind!r}; choose from {KINDS}")

@@ -96,12 +96,16 @@ def canonical_refs(params: Mapping[str, Any]) -> dict[str, DTensorRef]:
     expert tensors of transformers 5 (``experts.gate_up_proj``, ``experts.down_proj``) become
     views of the grouped gate, up and down projections (`refit.hf.fused_parts`), no copy. A
     fused tensor may be sharded on its expert dim (dim 0, as FSDP2 and expert parallelism do)
-    or its last dim, not on the dim the halves split."""
+    or its last dim, not on the dim the halves split. gpt-oss keeps tensors of these names
+    (with ``_bias`` siblings) in its checkpoint: they stay as they are."""
     out: dict[str, DTensorRef] = {}
     problems = []
     for name, value in params.items():
         ref = _as_ref(value)
         parts = fused_parts(name, ref.layout.shape)
+        if parts is None or f"{name}_bias" in params:  # gpt-oss: its checkpoint's own names
+            out[name] = ref
+            continue
         if parts is None:
             out[name] = ref
             continue

@@ -39,7 +39,7 @@ import io
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -153,6 +153,10 @@ class VllmRefitEngine:
         rank, tp = self._refit_tp()
         ep = bool(getattr(self.parallel_config, "enable_expert_parallel", False))
         dests = vllm_dests(config, tp, expert_parallel=ep)
+        # the model's own renaming of checkpoint names (gpt-oss: self_attn -> attn, ...)
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        if mapper is not None:
+            dests = [replace(d, target=mapper.map_name(d.target) or d.target) for d in dests]
         targets: dict[str, _Target] = {}
         misc: dict[str, str] = {}
         forced = self._refit_state().force_misc
@@ -320,6 +324,9 @@ class VllmRefitEngine:
 
         model = self._refit_model()
         misc_modules = {_split(d.target)[0] for d in st.dests if d.hf.name in st.misc}
+        names = {name for name, _ in model.named_modules()}
+        if misc_modules - names:  # vLLM's loader places them somewhere we cannot name: reload all
+            return set(), [""]
         written = set(st.modules) | misc_modules
         derivers = [
             name

@@ -8,8 +8,11 @@ grouped: one ``[E, ...]`` tensor per projection and layer, named with the expert
 replaced by nothing (``model.layers.3.mlp.experts.gate_proj.weight``); `expert_name` and
 `split_expert_name` convert between the grouped name and the per-expert HF names.
 
-Architectures: Llama / Qwen2 / Qwen3 dense, Qwen3-MoE, DeepSeek-V3 (MLA, shared experts,
-dense first layers). Anything else raises `UnsupportedModel` naming the architecture.
+Architectures: Llama / Mistral / Qwen2 / Qwen3 dense, Qwen3-MoE, Qwen2-MoE (shared expert and
+its gate), Mixtral (``block_sparse_moe``, experts ``w1``/``w3``/``w2``), GLM-4.5
+(``Glm4MoeForCausalLM``: DeepSeek-style MoE with score-correction bias and shared experts,
+attention with bias and optional q/k norms), DeepSeek-V2/V3 (MLA, shared experts, dense
+first layers). gpt-oss is refused with the reason (vLLM 0.32 cannot reload its experts). Anything else raises `UnsupportedModel` naming the architecture.
 
 transformers 5 modules hold the experts of a layer fused: ``experts.gate_up_proj``
 ``[E, 2I, H]`` (gate rows, then up rows, per expert) and ``experts.down_proj`` ``[E, H, I]``.
@@ -87,7 +90,8 @@ class HFParam:
     shared: bool = False  # a shared expert's dense MLP (DeepSeek)
 
 
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+_proj\.weight(?:_scale_inv)?)$")
+# per-expert names: <layer>.experts.<e>.<proj>.weight; Mixtral's projections are w1/w3/w2
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.((?:\w+_proj|w[123])\.weight(?:_scale_inv)?)$")
 
 
 def expert_name(group: str, expert: int) -> str:
@@ -126,9 +130,12 @@ def fused_parts(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[slic
     ]
 
 
+_GROUPED = re.compile(r"^.*\.experts\.(?:\w+_proj|w[123])\.weight(?:_scale_inv)?$")
+
+
 def ungroup(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """A grouped expert tensor ``[E, ...]`` as its per-expert HF tensors; others as they are."""
-    if name.count(".experts.") == 1 and split_expert_name(name) is None and t.dim() == 3:
+    if _GROUPED.match(name) and t.dim() == 3:
         return [(expert_name(name, e), t[e]) for e in range(t.shape[0])]
     return [(name, t)]
 
@@ -232,12 +239,28 @@ def _dense_mlp(p: str, h: int, inter: int, shared: bool = False) -> list[HFParam
     ]
 
 
-def _experts(p: str, h: int, inter: int, e: int) -> list[HFParam]:
+def _experts(
+    p: str, h: int, inter: int, e: int, names: tuple[str, str, str] | None = None
+) -> list[HFParam]:
+    gate, up, down = names or ("gate_proj", "up_proj", "down_proj")
     return [
-        HFParam(f"{p}.experts.gate_proj.weight", (e, inter, h), Role.EXPERT_GATE),
-        HFParam(f"{p}.experts.up_proj.weight", (e, inter, h), Role.EXPERT_UP),
-        HFParam(f"{p}.experts.down_proj.weight", (e, h, inter), Role.EXPERT_DOWN),
+        HFParam(f"{p}.experts.{gate}.weight", (e, inter, h), Role.EXPERT_GATE),
+        HFParam(f"{p}.experts.{up}.weight", (e, inter, h), Role.EXPERT_UP),
+        HFParam(f"{p}.experts.{down}.weight", (e, h, inter), Role.EXPERT_DOWN),
     ]
+
+
+def _deepseek_moe(c: Mapping[str, Any], p: str, h: int, e: int) -> list[HFParam]:
+    """DeepSeek-style routed experts with a score-correction bias and shared experts."""
+    ps = [HFParam(f"{p}.mlp.gate.weight", (e, h), Role.ROUTER)]
+    if c.get("topk_method", "noaux_tc") == "noaux_tc":
+        ps.append(HFParam(f"{p}.mlp.gate.e_score_correction_bias", (e,), Role.ROUTER_BIAS))
+    inter = c["moe_intermediate_size"]
+    ps += _experts(f"{p}.mlp", h, inter, e)
+    ns = c.get("n_shared_experts") or 0
+    if ns:
+        ps += _dense_mlp(f"{p}.mlp.shared_experts", h, inter * ns, shared=True)
+    return ps
 
 
 def hf_params(config: Mapping[str, Any]) -> list[HFParam]:
@@ -287,22 +310,47 @@ def hf_params(config: Mapping[str, Any]) -> list[HFParam]:
             )
             if sparse:
                 assert e is not None
+                ps += _deepseek_moe({"topk_method": None} | dict(c), p, h, e)
+            else:
+                ps += _dense_mlp(f"{p}.mlp", h, c["intermediate_size"])
+        elif arch == "MixtralForCausalLM":
+            ps += _attention_llama(c, p, qk_norm=False, bias=False)
+            e = c["num_local_experts"]
+            moe = f"{p}.block_sparse_moe"
+            ps.append(HFParam(f"{moe}.gate.weight", (e, h), Role.ROUTER))
+            ps += _experts(moe, h, c["intermediate_size"], e, ("w1", "w3", "w2"))
+        elif arch == "Qwen2MoeForCausalLM":
+            ps += _attention_llama(c, p, qk_norm=False, bias=True)
+            step = c.get("decoder_sparse_step", 1) or 1
+            e = c["num_experts"]
+            if layer not in (c.get("mlp_only_layers") or []) and (layer + 1) % step == 0:
                 ps.append(HFParam(f"{p}.mlp.gate.weight", (e, h), Role.ROUTER))
-                if c.get("topk_method") == "noaux_tc":
-                    ps.append(
-                        HFParam(f"{p}.mlp.gate.e_score_correction_bias", (e,), Role.ROUTER_BIAS)
-                    )
-                inter = c["moe_intermediate_size"]
-                ps += _experts(f"{p}.mlp", h, inter, e)
-                ns = c.get("n_shared_experts") or 0
-                if ns:
-                    ps += _dense_mlp(f"{p}.mlp.shared_experts", h, inter * ns, shared=True)
+                ps += _experts(f"{p}.mlp", h, c["moe_intermediate_size"], e)
+                si = c["shared_expert_intermediate_size"]
+                ps += _dense_mlp(f"{p}.mlp.shared_expert", h, si, shared=True)
+                ps.append(HFParam(f"{p}.mlp.shared_expert_gate.weight", (1, h), Role.ROUTER))
+            else:
+                ps += _dense_mlp(f"{p}.mlp", h, c["intermediate_size"])
+        elif arch == "GptOssForCausalLM":
+            raise UnsupportedModel(
+                "gpt-oss cannot be refit with vLLM 0.32: its loader writes the experts with "
+                "param.copy_ instead of their weight loaders, so vLLM's layerwise reload (which "
+                "refit and vLLM's own reload_weights use) cannot update them, and a refit would "
+                "leave them stale; the rest of the model would be bulk"
+            )
+        elif arch == "Glm4MoeForCausalLM":
+            qk_norm = bool(c.get("use_qk_norm"))
+            ps += _attention_llama(c, p, qk_norm=qk_norm, bias=bool(c.get("attention_bias")))
+            if layer >= c.get("first_k_dense_replace", 0):
+                ps += _deepseek_moe(c, p, h, c["n_routed_experts"])
             else:
                 ps += _dense_mlp(f"{p}.mlp", h, c["intermediate_size"])
         else:
             raise UnsupportedModel(
                 f"architecture {arch!r} is not supported (supported: Llama, Mistral, Qwen2, "
-                "Qwen3, Qwen3-MoE, DeepSeek-V2/V3)"
+                "Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral, GLM-4.5 (Glm4MoeForCausalLM), "
+                "DeepSeek-V2/V3): refit needs its parameter inventory in refit.hf and vLLM's "
+                "placement of each in backends.vllm_layout"
             )
         ps = _with_scales(ps, fp8_block(c))
         out += [HFParam(x.name, x.shape, x.role, layer, x.shared) for x in ps]

@@ -137,6 +137,25 @@ def test_fused_experts_sharded_between_the_halves_are_refused():
     assert up.layout.shape == (4, 8, 8) and up.local.data_ptr() == local[:, 8:].data_ptr()
 
 
+@pytest.mark.parametrize(
+    ("model", "engine_tp"), [("mixtral", 1), ("qwen2_moe", 2), ("glm4_moe", 2)]
+)
+def test_more_moe_architectures(workdir, model, engine_tp):
+    # Mixtral (block_sparse_moe, w1/w3/w2), Qwen2-MoE (shared expert and its gate, qkv bias),
+    # GLM-4.5 (DeepSeek-style MoE, partial rotary, q/k norms, attention bias): all bulk
+    r = scenario(workdir, "--model", model, "--engine-tp", str(engine_tp), "--steps", "1")
+    assert_good(r, 1)
+    assert r["bulk_fraction"] == 1.0 and r["misc"] == []
+
+
+def test_gpt_oss_is_refused_with_the_reason():
+    from refit.hf import UnsupportedModel, hf_params
+
+    with pytest.raises(UnsupportedModel, match=r"gpt-oss cannot be refit with vLLM 0\.32"):
+        hf_params({"architectures": ["GptOssForCausalLM"], "hidden_size": 8,
+                   "num_hidden_layers": 1, "vocab_size": 8})  # fmt: skip
+
+
 def test_dtensor_trainer_into_tied_embeddings(workdir):
     r = scenario(
         workdir, "--model", "qwen3_tied", "--dtensor", "--trainer-dp", "2", "--trainer-tp", "2"
