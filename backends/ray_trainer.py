@@ -187,9 +187,22 @@ class RayTrainerGroup:
     """Ray actors running a `TrainerRankBase` subclass, one per trainer rank. Subclasses
     implement `describe` and `_start` (how to start rank `r` from the launch arguments)."""
 
-    def __init__(self, actors: Sequence[Any], launch: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        actors: Sequence[Any],
+        launch: dict[str, Any] | None = None,
+        *,
+        method_prefix: str = "",
+    ) -> None:
+        """`actors`: one per trainer rank, in rank order. `method_prefix`: prepended to every
+        method this group calls (``describe``, ``refit_connect``, ``refit_step``, ``call``),
+        for frameworks that fuse several roles into one actor and prefix their methods."""
         self.actors = list(actors)
         self._launch = launch  # how `launch` started them, to restart one
+        self.prefix = method_prefix
+
+    def _remote(self, actor: Any, method: str) -> Any:
+        return getattr(actor, self.prefix + method).remote
 
     @staticmethod
     def _start(launch: dict[str, Any], rank: int) -> Any:
@@ -207,14 +220,14 @@ class RayTrainerGroup:
 
     def connect(self, setup: bytes) -> RayPending:
         return RayPending(
-            [a.refit_connect.remote(setup) for a in self.actors],
+            [self._remote(a, "refit_connect")(setup) for a in self.actors],
             what="trainer connect",
             labels=self._labels(),
         )
 
     def step(self, version: int, path: str | None = None) -> RayPending:
         return RayPending(
-            [a.refit_step.remote(version, path) for a in self.actors],
+            [self._remote(a, "refit_step")(version, path) for a in self.actors],
             what=f"trainer refit {version}",
             decode=True,
             labels=self._labels(),
@@ -226,7 +239,7 @@ class RayTrainerGroup:
     def run(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every rank's actor; waits for all, naming ranks that fail."""
         return RayPending(
-            [getattr(a, method).remote(*args) for a in self.actors],
+            [self._remote(a, method)(*args) for a in self.actors],
             what=method,
             labels=self._labels(),
         ).wait()

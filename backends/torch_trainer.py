@@ -69,6 +69,7 @@ def parallel_layouts(
 
 __all__ = [
     "RayPending",
+    "RefitTrainerMixin",
     "TorchTrainerGroup",
     "TorchTrainerRank",
     "canonical_refs",
@@ -289,7 +290,61 @@ def merge_descriptions(
     )
 
 
-class TorchTrainerRank(TrainerRankBase):
+class RefitTrainerMixin(TrainerRankBase):
+    """Mix into your own trainer actor (one per rank) to make it refittable.
+
+    Implement `refit_params`: this rank's HF-named parameters, each a torch `DTensor` or an
+    `xfer.DTensorRef` (local shard + `Layout` over the trainer's ranks), as views of the
+    live weights (an optimizer step updates them in place); transformers-5 fused experts
+    are accepted. Set ``self.rank`` (and ``self.stage_ranks`` with pipeline stages: each
+    stage's trainer ranks). `TorchTrainerGroup(actors)` then drives the actors. The
+    parameters are read once, when the rank first describes itself (`refit_reload` reads
+    them again, e.g. after the framework re-created its model)."""
+
+    stage_ranks: tuple[tuple[int, ...], ...] = ()
+    _params: dict[str, DTensorRef] | None = None
+
+    def refit_params(self) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def params(self) -> dict[str, DTensorRef]:
+        if self._params is None:
+            self._params = canonical_refs(self.refit_params())
+        return self._params
+
+    def refit_reload(self) -> None:
+        self._params = None
+
+    def device(self) -> torch.device:
+        devices = {ref.local.device for ref in self.params.values() if ref.local is not None}
+        if len(devices) > 1:
+            raise RefitError(
+                f"trainer rank {self.rank} holds its shards on {sorted(map(str, devices))}"
+            )
+        return devices.pop() if devices else torch.device("cpu")
+
+    def describe(self) -> tuple[tuple[tuple[int, ...], ...], list[SourceParam], str]:
+        """(stage ranks, this rank's parameters, device kind), for `TorchTrainerGroup`."""
+        stages = self.stage_ranks or self._one_stage()
+        return rank_description(self.params, stages, self.rank)
+
+    def _one_stage(self) -> tuple[tuple[int, ...], ...]:
+        world = 1 + max((max(r.layout.mesh.flat) for r in self.params.values()), default=0)
+        return (tuple(range(world)),)
+
+    def local(self, name: str) -> Local:
+        ref = self.params[name]
+        assert ref.local is not None, f"rank {self.rank} holds no shard of {name}"
+        return ref.local
+
+    def weights(self) -> Iterator[torch.Tensor]:
+        for ref in self.params.values():
+            if isinstance(ref.local, torch.Tensor):
+                yield ref.local
+
+
+class TorchTrainerRank(RefitTrainerMixin):
     """One trainer rank. `build(rank, world)` returns its HF-named parameters."""
 
     def __init__(
@@ -305,29 +360,11 @@ class TorchTrainerRank(TrainerRankBase):
         self.rank = rank
         self.world = world
         self.stage_ranks = tuple(tuple(s) for s in (stage_ranks or [range(world)]))
-        self.params: dict[str, DTensorRef] = canonical_refs(build(rank, world, *build_args))
+        self._built = build(rank, world, *build_args)
+        self._params = canonical_refs(self._built)
 
-    def device(self) -> torch.device:
-        devices = {ref.local.device for ref in self.params.values() if ref.local is not None}
-        if len(devices) > 1:
-            raise RefitError(
-                f"trainer rank {self.rank} holds its shards on {sorted(map(str, devices))}"
-            )
-        return devices.pop() if devices else torch.device("cpu")
-
-    def describe(self) -> tuple[tuple[tuple[int, ...], ...], list[SourceParam], str]:
-        """(stage ranks, this rank's parameters, device kind), for `TorchTrainerGroup`."""
-        return rank_description(self.params, self.stage_ranks, self.rank)
-
-    def local(self, name: str) -> Local:
-        ref = self.params[name]
-        assert ref.local is not None, f"rank {self.rank} holds no shard of {name}"
-        return ref.local
-
-    def weights(self) -> Iterator[torch.Tensor]:
-        for ref in self.params.values():
-            if isinstance(ref.local, torch.Tensor):
-                yield ref.local
+    def refit_params(self) -> Mapping[str, Any]:
+        return self._built
 
 
 class TorchTrainerGroup(RayTrainerGroup):
@@ -385,4 +422,4 @@ class TorchTrainerGroup(RayTrainerGroup):
     def describe(self) -> TrainerSpec:
         import ray
 
-        return merge_descriptions(ray.get([a.describe.remote() for a in self.actors]))
+        return merge_descriptions(ray.get([self._remote(a, "describe")() for a in self.actors]))
