@@ -241,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "args": vars(args),
         "plan": plan.summary(),
+        "plan_facts": plan_facts(plan),
         "bulk_fraction": plan.bulk_fraction,
         "misc": [(c.name, c.reason) for c in plan.report if c.kind == "misc"],
         "prepare_seconds": time.perf_counter() - t0,
@@ -261,6 +262,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     ray.shutdown()
     return report
+
+
+def plan_facts(plan: Any) -> dict[str, int]:
+    """The plan's shape, for checks (the summary is prose)."""
+    return {
+        "stages": plan.stages,
+        "trainer_world": plan.trainer_world,
+        "replicas": plan.replicas,
+        "replica_world": plan.replica_world,
+        "bulk": plan.bulk,
+        "misc": len(plan.misc),
+    }
 
 
 def warm_prefix_cache(replicas: list[Any], reference: Any, tokens: int) -> list[list[bool]]:
@@ -447,6 +460,7 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
             )
             plan = refitter.prepare()
             lay["plan"] = plan.summary()
+            lay["plan_facts"] = plan_facts(plan)
             lay["bulk_fraction"] = plan.bulk_fraction
             lay["misc"] = [(c.name, c.reason) for c in plan.report if c.kind == "misc"]
             lay["steps"] = []

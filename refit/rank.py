@@ -51,9 +51,8 @@ from refit.errors import RefitError
 from refit.planner import RefitPlan, plan_refit
 from refit.spec import EngineSpec, TrainerSpec
 from refit.watch import Failure, FailureBoard, RefitFailed
-from xfer import DEFAULT_BUCKET_BYTES, Comm, Resharder, TorchComm, Transfer, tcp_store
+from xfer import DEFAULT_BUCKET_BYTES, Comm, Resharder, TorchComm, tcp_store
 from xfer.api import PATHS, Path
-from xfer.checksum import Checksum, box_checksum, sent_checksums
 from xfer.net import local_address_for
 from xfer.segments import Local
 from xfer.strict import StrictComm
@@ -359,7 +358,7 @@ class RefitRank:
                 x = self.resharder.run(srcs, [None] * len(srcs), path=path)
                 if self.options.verify:
                     self.enter("verify")
-                    self._send_checksums(srcs)
+                    self.resharder.verify(srcs, [None] * len(srcs))
             stats.bulk_sent = x.bytes_sent
             stats.staging_bytes = stats.extra_bytes = self.resharder.staging.nbytes
             stats.ignored = len(self.board.ignored)
@@ -393,7 +392,11 @@ class RefitRank:
             self.resharder.run([None] * len(dsts), dsts, path=path)
             if self.options.verify:
                 self.enter("verify")
-                self._check_checksums(dsts)
+                bad = self.resharder.verify([None] * len(dsts), dsts)
+                if bad:
+                    raise RefitError(
+                        [f"engine rank {rank}: checksum mismatch: {b}" for b in bad[:20]]
+                    )
         t2 = time.perf_counter()
         stats.bulk_received = sum(
             math.prod(it.dst.local_shape(rank)) * it.itemsize for it in plan.items[: plan.bulk]
@@ -417,34 +420,3 @@ class RefitRank:
         }
         stats.seconds = t4 - t0
         return stats
-
-    # -- verification: senders report per-receiver checksums, receivers compare -------------
-    def _peers(self, side: str) -> list[int]:
-        prog = self.resharder.program
-        msgs = (m for r in prog.rounds for m in (r.sends if side == "send" else r.recvs))
-        return sorted({m.peer for m in msgs})
-
-    def _send_checksums(self, srcs: list[Local | None]) -> None:
-        assert self.comm is not None
-        sums = sent_checksums(self.resharder.plan, self.resharder.program, srcs)
-        n = len(self.plan.items)
-        sends = []
-        for peer in self._peers("send"):
-            rows = [sums.get((i, peer), Checksum()).as_list() for i in range(n)]
-            sends.append(Transfer(peer, torch.tensor(rows, dtype=torch.int64, device=self.device)))
-        self.comm.send_recv(sends, []).wait()
-
-    def _check_checksums(self, dsts: list[Local | None]) -> None:
-        assert self.comm is not None
-        n, peers = len(self.plan.items), self._peers("recv")
-        bufs = [torch.zeros((n, 2), dtype=torch.int64, device=self.device) for _ in peers]
-        self.comm.send_recv([], [Transfer(p, b) for p, b in zip(peers, bufs, strict=True)]).wait()
-        want = Checksum.total(torch.stack(bufs)) if bufs else [Checksum()] * n
-        bad = []
-        for i, it in enumerate(self.plan.items):
-            got = box_checksum(dsts[i], it.dst, self.rank)
-            if got != want[i]:
-                kind = "misc" if i >= self.plan.bulk else "bulk"
-                bad.append(f"{kind} {it.name} (expected {want[i]}, got {got})")
-        if bad:
-            raise RefitError([f"engine rank {self.rank}: checksum mismatch: {b}" for b in bad[:20]])

@@ -77,5 +77,5 @@ def test_moe_models_into_engine_tp2(workdir, model):
     )  # fmt: skip
     by = check(r, MOE)
     assert all(lay["bulk_fraction"] == 1.0 for lay in by.values())
-    assert by["tp2ep2etp2"]["world"] == 4 and "1 x 2 engine ranks" in by["ep2"]["plan"]
-    assert "2 stages" in by["pp2vpp2"]["plan"]
+    assert by["tp2ep2etp2"]["world"] == 4 and by["ep2"]["plan_facts"]["replica_world"] == 2
+    assert by["pp2vpp2"]["plan_facts"]["stages"] == 2

@@ -4,6 +4,7 @@ carries exactly what the plan says; bad input raises the same error on every ran
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -377,3 +378,32 @@ def test_worker_error_surfaces(ranks):
 
 def disagree_layouts_raises(comm):
     raise RuntimeError(f"rank {comm.rank} fails on purpose")
+
+
+def verified(comm, its, seeds, corrupt_rank):
+    rank = comm.rank
+    _, srcs = _locals(its, rank, seeds, "contiguous")
+    rs = Resharder(its, comm, bucket_bytes=64)
+    dsts = _fresh_dsts(its, rank, "contiguous")
+    rs.run(srcs, dsts, path="p2p")
+    if rank == corrupt_rank:
+        for d in dsts:
+            if d is not None and d.numel():
+                d.view(-1).view(torch.uint8)[0] ^= 1
+                break
+    return rs.verify(srcs, dsts)
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(its=st.lists(items(4), min_size=1, max_size=3))
+def test_verify_matches_what_senders_sent_and_catches_a_flipped_bit(ranks, its):
+    seeds = list(range(len(its)))
+    clean = ranks.run(verified, 4, its, seeds, -1)
+    assert clean == [[], [], [], []]  # local copies included
+    holders = [r for r in range(4) if any(it.dst.holds(r) and math.prod(it.dst.local_shape(r))
+                                          for it in its)]  # fmt: skip
+    if holders:
+        bad = ranks.run(verified, 4, its, seeds, holders[0])
+        assert [bool(b) for b in bad] == [r == holders[0] for r in range(4)]

@@ -170,6 +170,13 @@ class Resharder:
             )
         return replace(stats, path="m2n+p2p" if rest else "m2n", seconds=time.perf_counter() - t0)
 
+    def verify(self, srcs: Sequence[Local | None], dsts: Sequence[Local | None]) -> list[str]:
+        """After `run`, on every rank: the items whose destination box on this rank differs
+        from what its senders sent (`xfer.checksum.verify`); empty when all match."""
+        from xfer.checksum import verify
+
+        return verify(self.comm, self.plan, self.program, srcs, dsts)
+
     def release_staging(self) -> None:
         """Free the buffers kept between runs (the next run allocates them again)."""
         self.staging.release()

@@ -120,9 +120,6 @@ class Mesh:
         """Ranks in mesh (row-major) order."""
         return self._flat
 
-    def axis_size(self, axis: str) -> int:
-        return self.shape[self.axis_index(axis)]
-
     def axis_index(self, axis: str) -> int:
         try:
             return self._axes.index(str(axis))
