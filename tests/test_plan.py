@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tests.strategies import full_tensor, items, same_bits
 from xfer import Layout, Mesh, Replicate, ReshardItem, Shard, XferError, build_program, plan_reshard
-from xfer.execute import _Locals, _pack, _unpack
+from xfer.execute import _directs, _Locals, _pack, _recv_buffers, _unpack
 from xfer.program import split_range
 
 WORLD = 8
@@ -46,16 +46,18 @@ def apply_plan(plan, fulls, device="cpu"):
         for lc in prog.local:
             locs[r].dst[lc.item][lc.dst_index].copy_(locs[r].src[lc.item][lc.src_index])
         for rnd in prog.rounds:
-            buf = torch.zeros(rnd.send_bytes, dtype=torch.uint8, device=device)
-            _pack(rnd, buf, locs[r])
-            for m in rnd.sends:
-                wire[(rnd.index, r, m.peer)] = buf[m.offset : m.offset + m.nbytes]
+            direct = _directs(rnd.sends, locs[r].src_bytes)
+            buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
+            for m, out in zip(rnd.sends, _pack(rnd, direct, buf, locs[r]), strict=True):
+                wire[(rnd.index, r, m.peer)] = out.clone()
     for r, prog in enumerate(progs):
         for rnd in prog.rounds:
-            buf = torch.zeros(rnd.recv_bytes, dtype=torch.uint8, device=device)
-            for m in rnd.recvs:
-                buf[m.offset : m.offset + m.nbytes] = wire.pop((rnd.index, m.peer, r))
-            _unpack(rnd, buf, locs[r])
+            direct = _directs(rnd.recvs, locs[r].dst_bytes)
+            buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
+            into = _recv_buffers(rnd, direct, buf)
+            for m, b in zip(rnd.recvs, into, strict=True):
+                b.copy_(wire.pop((rnd.index, m.peer, r)))
+            _unpack(rnd, direct, into, locs[r])
     assert not wire, f"messages nobody received: {sorted(wire)[:5]}"
     for loc in locs:
         loc.finish()

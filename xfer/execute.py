@@ -7,8 +7,12 @@ the rank holds no such box) and only talk through a `Comm`. Validation happens b
 p2p
     Local copies first (no staging). Then the rank's rounds, double-buffered: while round
     ``i`` is on the wire, round ``i + 1`` is packed into the other pair of staging buffers;
-    round ``i`` is then unpacked. Staging is uint8: a send buffer and a receive buffer of the
-    rank's largest round, twice. Every message is a slice of a staging buffer.
+    round ``i`` is then unpacked. **Zero copy**: a message whose bytes are one contiguous span
+    of the local tensor (a row-sharded region, a whole expert, adjacent regions of one tensor)
+    is sent straight from, or received straight into, that tensor's storage; only messages
+    that are strided on a side are staged, and only on that side. Staging is uint8: for each
+    direction, two buffers of the largest round's staged bytes. `XferStats` counts the bytes
+    packed and unpacked (zero when every region is contiguous).
 
 golden
     For each item, each non-empty source cell is broadcast from its first holder (in mesh
@@ -32,7 +36,7 @@ import torch
 
 from xfer.comm import Comm, Transfer, Work
 from xfer.plan import ReshardItem
-from xfer.program import RankProgram, Round, as_bytes
+from xfer.program import Copy, Message, RankProgram, Round, as_bytes
 from xfer.segments import Local, Segments, copy_in, copy_out
 
 __all__ = ["Staging", "XferStats", "run_golden", "run_p2p"]
@@ -51,6 +55,8 @@ class XferStats:
     messages_received: int
     rounds: int
     staging_bytes: int
+    packed_bytes: int = 0  # bytes copied into send staging (the rest went straight out)
+    unpacked_bytes: int = 0  # bytes copied out of receive staging (the rest landed in place)
 
 
 class Staging:
@@ -131,22 +137,81 @@ def _device_of(
     return dev if isinstance(dev, torch.device) else torch.device("cpu")
 
 
-def _pack(rnd: Round, buf: torch.Tensor, loc: _Locals) -> None:
-    for m in rnd.sends:
+def _span(local: Local | None, copies: tuple[Copy, ...], nbytes: int) -> torch.Tensor | None:
+    """The message's bytes as one contiguous 1-d view of `local`'s storage, or None when they
+    are not one span (strided, or regions that are not adjacent in memory)."""
+    if not isinstance(local, torch.Tensor) or not copies:
+        return None
+    start = end = -1
+    for c in copies:
+        region = local[c.index]
+        if not region.is_contiguous():
+            return None
+        if start < 0:
+            start = int(region.storage_offset())
+        elif int(region.storage_offset()) != end:
+            return None
+        end = int(region.storage_offset()) + c.nbytes
+    if end - start != nbytes:
+        return None
+    return torch.as_strided(local, (nbytes,), (1,), start)
+
+
+@dataclass
+class _Direct:
+    """Per message of a round: its direct view (None: staged), and the staged bytes."""
+
+    views: list[torch.Tensor | None]
+    staged: int
+
+
+def _directs(msgs: tuple[Message, ...], side: list[Local | None]) -> _Direct:
+    views = []
+    staged = 0
+    for m in msgs:
+        items = {c.item for c in m.copies}
+        v = _span(side[next(iter(items))], m.copies, m.nbytes) if len(items) == 1 else None
+        views.append(v)
+        if v is None:
+            staged += m.nbytes
+    return _Direct(views, staged)
+
+
+def _pack(rnd: Round, direct: _Direct, buf: torch.Tensor, loc: _Locals) -> list[torch.Tensor]:
+    """Each send's buffer: its direct view, or its bytes packed into `buf`."""
+    out, at = [], 0
+    for m, v in zip(rnd.sends, direct.views, strict=True):
+        if v is not None:
+            out.append(v)
+            continue
         for c in m.copies:
             src = loc.src_bytes[c.item]
             assert src is not None
-            start = m.offset + c.offset
-            copy_out(src, c.index, buf[start : start + c.nbytes].view(c.shape))
+            copy_out(src, c.index, buf[at + c.offset : at + c.offset + c.nbytes].view(c.shape))
+        out.append(buf[at : at + m.nbytes])
+        at += m.nbytes
+    return out
 
 
-def _unpack(rnd: Round, buf: torch.Tensor, loc: _Locals) -> None:
-    for m in rnd.recvs:
+def _recv_buffers(rnd: Round, direct: _Direct, buf: torch.Tensor) -> list[torch.Tensor]:
+    out, at = [], 0
+    for m, v in zip(rnd.recvs, direct.views, strict=True):
+        if v is not None:
+            out.append(v)
+        else:
+            out.append(buf[at : at + m.nbytes])
+            at += m.nbytes
+    return out
+
+
+def _unpack(rnd: Round, direct: _Direct, bufs: list[torch.Tensor], loc: _Locals) -> None:
+    for m, v, b in zip(rnd.recvs, direct.views, bufs, strict=True):
+        if v is not None:
+            continue  # landed in place
         for c in m.copies:
             dst = loc.dst_bytes[c.item]
             assert dst is not None
-            start = m.offset + c.offset
-            copy_in(dst, c.index, buf[start : start + c.nbytes].view(c.shape))
+            copy_in(dst, c.index, b[c.offset : c.offset + c.nbytes].view(c.shape))
 
 
 def run_p2p(
@@ -164,26 +229,30 @@ def run_p2p(
     local_bytes = 0
     rounds = program.rounds
     staging = staging or Staging()
-    sbufs = [staging.get("send", i, program.send_staging, device) for i in (0, 1)]
-    rbufs = [staging.get("recv", i, program.recv_staging, device) for i in (0, 1)]
-    pending: tuple[Round, torch.Tensor, Work] | None = None
+    sends = [_directs(r.sends, loc.src_bytes) for r in rounds]
+    recvs = [_directs(r.recvs, loc.dst_bytes) for r in rounds]
+    send_staging = max((d.staged for d in sends), default=0)
+    recv_staging = max((d.staged for d in recvs), default=0)
+    sbufs = [staging.get("send", i, send_staging, device) for i in (0, 1)]
+    rbufs = [staging.get("recv", i, recv_staging, device) for i in (0, 1)]
+    pending: tuple[int, list[torch.Tensor], Work] | None = None
     for i, rnd in enumerate(rounds):
-        sb, rb = sbufs[i % 2], rbufs[i % 2]
-        _pack(rnd, sb, loc)
+        out = _pack(rnd, sends[i], sbufs[i % 2], loc)
+        into = _recv_buffers(rnd, recvs[i], rbufs[i % 2])
         work = comm.send_recv(
-            [Transfer(m.peer, sb[m.offset : m.offset + m.nbytes]) for m in rnd.sends],
-            [Transfer(m.peer, rb[m.offset : m.offset + m.nbytes]) for m in rnd.recvs],
+            [Transfer(m.peer, b) for m, b in zip(rnd.sends, out, strict=True)],
+            [Transfer(m.peer, b) for m, b in zip(rnd.recvs, into, strict=True)],
             stream=stream,
         )
         if i == 0:
             local_bytes = _local_copies(program, loc)
         if pending is not None:
             pending[2].wait()
-            _unpack(pending[0], pending[1], loc)
-        pending = (rnd, rb, work)
+            _unpack(rounds[pending[0]], recvs[pending[0]], pending[1], loc)
+        pending = (i, into, work)
     if pending is not None:
         pending[2].wait()
-        _unpack(pending[0], pending[1], loc)
+        _unpack(rounds[pending[0]], recvs[pending[0]], pending[1], loc)
     else:
         local_bytes = _local_copies(program, loc)
     loc.finish()
@@ -196,7 +265,9 @@ def run_p2p(
         messages_sent=sum(len(r.sends) for r in rounds),
         messages_received=sum(len(r.recvs) for r in rounds),
         rounds=len(rounds),
-        staging_bytes=2 * (program.send_staging + program.recv_staging),
+        staging_bytes=2 * (send_staging + recv_staging),
+        packed_bytes=sum(d.staged for d in sends),
+        unpacked_bytes=sum(d.staged for d in recvs),
     )
 
 
