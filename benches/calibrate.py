@@ -4,12 +4,13 @@ On a few CPU cores, socket I/O and the packing copies compete for the same cores
 bandwidth, so link and copy rates measured apart do not add up to what a reshard sees.
 Latencies are first measured on tiny operations: one message (a round), a group of tiny
 messages to every peer (per message), a tiny broadcast; each is the median of batches of 20.
-Then the model is fitted to two synthetic refits (`synthetic_plan`: the workload's stages,
-ranks and streams, but synthetic tensors, not the workload's) run through the same runtime by
-`benches.localrun`: one of many tiny tensors fits each path's latency scale, one of 4 MiB
-tensors fits the throughputs of p2p, of concurrent broadcasts (golden runs `streams` stages
-at once) and of broadcasts one at a time (the baseline), copies included. Together they make a
-`Cluster` with every rank on one node; the model then predicts the workload from it.
+Then the model is fitted to three synthetic refits (`synthetic_specs`: the workload's stages
+and ranks, but synthetic tensors, not the workload's) run through the same runtime by
+`benches.localrun`: an empty one gives the runtime's fixed cost per refit (its commit), one of
+many tiny tensors each path's latency scale, one of 4 MiB tensors the throughputs of p2p, of
+golden's broadcasts (to every rank) and of the baseline's (to the engine ranks), copies
+included. Together they make a `Cluster` with every rank on one node; the model then predicts
+the workload from it.
 """
 
 from __future__ import annotations
@@ -17,17 +18,29 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from benches.simulate import Cluster
-from refit.planner import RefitPlan, plan_refit
+from backends.megatron_layout import MegatronParallel
+from benches.simulate import Cluster, SimResult, simulate
+from refit.planner import RefitPlan
 from refit.spec import DestParam, EngineSpec, SourceParam, TrainerSpec
-from xfer import Layout, Mesh, Replicate, Shard, Transfer
+from xfer import Layout, Mesh, Plan, Replicate, Shard, Transfer
 from xfer.comm import Comm
 
-__all__ = ["LARGE", "TINY", "calibrate_rank", "fit", "local_cluster", "synthetic_plan"]
+__all__ = [
+    "EMPTY",
+    "LARGE",
+    "TINY",
+    "Synthetic",
+    "calibrate_rank",
+    "fit",
+    "local_cluster",
+    "synthetic_specs",
+]
 
 MB = 1 << 20
 BATCH = 20
@@ -98,12 +111,21 @@ def calibrate_rank(comm: Comm, nbytes: int = 64 * MB, reps: int = 5) -> dict[str
     }
 
 
-def synthetic_plan(
-    trainer: Any, engine_tp: int, replicas: int, *, tensors: int, shape: tuple[int, int]
-) -> RefitPlan:
-    """A refit plan with the workload's stages and ranks but synthetic tensors: per stage,
-    `tensors` bf16 `shape` row shards over the stage's tp (replicated over its dp) into column
-    shards over the engine's TP."""
+@dataclass(frozen=True)
+class Synthetic:
+    """A synthetic refit: per pipeline stage, `tensors` bf16 tensors of `shape`."""
+
+    tensors: int
+    shape: tuple[int, int]
+
+
+def synthetic_specs(
+    trainer: MegatronParallel, engine_tp: int, kind: Synthetic
+) -> tuple[TrainerSpec, EngineSpec]:
+    """Descriptions with the workload's stages and ranks but synthetic tensors: per stage,
+    `kind.tensors` row shards over the stage's tp (replicated over its dp) into column shards
+    over the engine's TP (none at all: an empty refit, the runtime's fixed cost)."""
+    tensors, shape = kind.tensors, kind.shape
     src, dst = [], []
     emesh = Mesh(list(range(engine_tp)), ("tp",))
     for s in range(trainer.pp):
@@ -119,65 +141,60 @@ def synthetic_plan(
                 DestParam(name, shape, torch.bfloat16, name, Layout(emesh, [Shard(1)], shape))
             )
     stage_ranks = tuple(tuple(int(r) for r in trainer.stage_ranks(s)) for s in range(trainer.pp))
-    return plan_refit(
-        TrainerSpec(trainer.world, stage_ranks, tuple(src)),
-        [EngineSpec(engine_tp, tuple(dst))] * replicas,
-    )
+    return TrainerSpec(trainer.world, stage_ranks, tuple(src)), EngineSpec(engine_tp, tuple(dst))
 
 
-# Two synthetic refits: many tiny tensors (latency-bound) and 4 MiB tensors (bandwidth-bound).
-TINY = {"tensors": 32, "shape": (16, 64)}
-LARGE = {"tensors": 16, "shape": (1024, 2048)}
+# Three synthetic refits: none at all (the runtime's fixed cost per refit), many tiny tensors
+# (latency-bound) and 4 MiB tensors (bandwidth-bound).
+EMPTY = Synthetic(0, (1, 1))
+TINY = Synthetic(32, (16, 64))
+LARGE = Synthetic(16, (2048, 4096))
 # each measured path and the simulator's figure that predicts it
 PATHS = (("p2p", "p2p"), ("golden", "golden"), ("gather+bcast", "baseline"))
+FAST = {"p2p_GBps": 1e12, "broadcast_GBps": 1e12, "baseline_broadcast_GBps": 1e12}
+
+Run = tuple[RefitPlan, Plan, dict[str, Any]]  # a refit plan, its xfer plan, its measurement
 
 
 def fit(
-    figures: dict[str, float],
-    world: int,
-    streams: int,
-    tiny: tuple[RefitPlan, Any, dict[str, Any]],
-    large: tuple[RefitPlan, Any, dict[str, Any]],
+    figures: dict[str, float], world: int, empty: Run, tiny: Run, large: Run
 ) -> dict[str, float]:
-    """Fit the model to the two synthetic runs (each a (plan, stage plans, measurement)).
+    """Fit the model to the three synthetic runs.
 
+    Fixed cost: the empty refit's p2p time is the runtime's cost per refit (the commit).
     Latency: each path's latency terms scaled by one factor so that the model reproduces the
     tiny run (p2p: the round and message latencies; golden: the broadcast latency; the
     baseline: both, as it gathers and broadcasts). Bandwidth: then one throughput each for p2p
     and broadcasts so that the model reproduces the large run. Each fit is a division, since
     seconds = bytes / rate + latency.
     """
-    import numpy as np
 
-    from benches.simulate import simulate
+    def model(fig: dict[str, float], run: Run) -> SimResult:
+        refit, plan, _ = run
+        nodes = np.zeros(refit.world, dtype=np.int64)
+        return simulate(refit, plan, local_cluster(fig, world), nodes=nodes)
 
-    def model(fig: dict[str, float], run: tuple[RefitPlan, Any, dict[str, Any]]) -> Any:
-        plan, sps, _ = run
-        c = local_cluster(fig, world)
-        return simulate(plan, sps, c, streams=streams, nodes=np.zeros(plan.world, dtype=np.int64))
-
-    fast = {**figures, "p2p_GBps": 1e12, "broadcast_GBps": 1e12, "sequential_broadcast_GBps": 1e12}
-    lat = model(fast, tiny)
+    step_s = empty[2]["paths"]["p2p"]["seconds"]
+    figures = {**figures, "step_latency_us": step_s * 1e6}
+    lat = model({**figures, **FAST}, tiny)
     measured = tiny[2]["paths"]
-    k_p2p = measured["p2p"]["seconds"] / max(lat.p2p, 1e-9)
-    k_bcast = measured["golden"]["seconds"] / max(lat.golden, 1e-9)
+    k_p2p = (measured["p2p"]["seconds"] - step_s) / max(lat.p2p - step_s, 1e-9)
+    k_bcast = (measured["golden"]["seconds"] - step_s) / max(lat.golden - step_s, 1e-9)
     fitted = {
         **figures,
-        "round_latency_us": figures["round_latency_us"] * k_p2p,
-        "msg_latency_us": figures["msg_latency_us"] * k_p2p,
-        "collective_latency_us": figures["collective_latency_us"] * k_bcast,
+        "round_latency_us": figures["round_latency_us"] * max(k_p2p, 0.0),
+        "msg_latency_us": figures["msg_latency_us"] * max(k_p2p, 0.0),
+        "collective_latency_us": figures["collective_latency_us"] * max(k_bcast, 0.0),
+        "p2p_GBps": 1.0,
+        "broadcast_GBps": 1.0,
+        "baseline_broadcast_GBps": 1.0,
     }
-    fitted["p2p_GBps"] = 1.0
-    fitted["sequential_broadcast_GBps"] = fitted["broadcast_GBps"] = 1.0
-    no_bw = model(
-        {**fitted, "p2p_GBps": 1e12, "broadcast_GBps": 1e12, "sequential_broadcast_GBps": 1e12},
-        large,
-    )
+    no_bw = model({**fitted, **FAST}, large)
     at_one = model(fitted, large)
     for key, path, attr in (
         ("p2p_GBps", "p2p", "p2p"),
         ("broadcast_GBps", "golden", "golden"),
-        ("sequential_broadcast_GBps", "gather+bcast", "baseline"),
+        ("baseline_broadcast_GBps", "gather+bcast", "baseline"),
     ):
         bytes_part = getattr(at_one, attr) - getattr(no_bw, attr)  # seconds at 1 GB/s
         spent = large[2]["paths"][path]["seconds"] - getattr(no_bw, attr)
@@ -193,9 +210,10 @@ def local_cluster(figures: dict[str, float], world: int) -> Cluster:
         nvlink_GBps=figures["pair_GBps"],
         fabric_GBps=figures.get("p2p_GBps"),
         collective_GBps=figures.get("broadcast_GBps"),
-        sequential_collective_GBps=figures.get("sequential_broadcast_GBps"),
+        baseline_collective_GBps=figures.get("baseline_broadcast_GBps"),
         msg_latency_us=figures["msg_latency_us"],
         round_latency_us=figures["round_latency_us"],
         collective_latency_us=figures["collective_latency_us"],
+        step_latency_us=figures.get("step_latency_us", 0.0),
         copy_GBps=float("inf"),  # copies are inside the effective rates above
     )

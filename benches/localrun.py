@@ -1,19 +1,31 @@
 """Execute a refit on local rank processes: p2p vs golden vs gather + broadcast.
 
-Every rank runs the real refit runtime (`refit.rank.RefitRank`: the groups, xfer plans and
-misc broadcasts a trainer or vLLM worker runs). Trainer ranks hold their shards of
-deterministic full tensors; engine ranks receive into plain buffers (`BufferEngine`) instead
-of a vLLM model. The baseline, gather each full tensor on the stage's first trainer rank and
-broadcast it to that rank and every engine rank, runs over the same stage groups (plus one
-broadcast group per stage). Every rank times each path between two barriers; every engine
-rank checks its buffers against slices of the full tensors and hashes them, so the three
-paths are shown to produce identical bytes.
+Every rank runs the real refit runtime (`refit.rank.RefitRank`, built from the JSON
+`RankSetup` a driver hands it: one communicator over every refit rank, one xfer plan).
+Trainer ranks hold their shards of deterministic full tensors; engine ranks receive into plain
+buffers (`BufferEngine`) instead of a vLLM model. The baseline, gather each full tensor on the
+first trainer rank of its pipeline stage and broadcast it to every engine rank, gathers over
+the refit's communicator and broadcasts over one more communicator per stage (its root and
+every engine rank: `TorchComm.create` on the refit's store, closed at the end).
+
+Timing: every rank times each path between two barriers (after synchronizing its GPU when it
+has one); a repetition's time is the slowest rank's, and a path's time the median over the
+repetitions after a warm-up. Every engine rank checks what the last repetition delivered
+(bulk parts and whole misc tensors) against slices of the full tensors and hashes it, so the
+three paths are shown to produce identical bytes.
+
+Memory: per path, the bytes each rank held for the refit beyond the weights: p2p, what the
+runtime reports (`RankStats.extra_bytes`: staging and misc tensors); golden, the runtime's
+misc tensors plus the scratch buffer the golden path sizes to the largest source cell (the
+runtime does not count that scratch); the baseline, its own buffers plus the misc tensors.
+On a GPU also the peak of the CUDA allocator during the path above what the rank held before
+its first refit (this includes the buffers the other paths keep between runs).
 """
 
 from __future__ import annotations
 
 import hashlib
-import pickle
+import secrets
 import statistics
 import time
 import zlib
@@ -23,16 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from refit.planner import RefitPlan, StagePlan
-from refit.rank import RankSetup, RefitRank
-from xfer import Resharder, Staging, TorchComm, Transfer, tcp_store
+from benches.simulate import remote_cells
+from refit.planner import RefitPlan
+from refit.rank import RankOptions, RankSetup, RefitRank
+from refit.spec import EngineSpec, TrainerSpec
+from xfer import Staging, TorchComm, Transfer, tcp_store
 from xfer.comm import Comm
 from xfer.local import RankPool
 from xfer.program import as_bytes
 
-__all__ = ["BufferEngine", "execute", "full_tensor"]
+__all__ = ["PATHS", "BufferEngine", "execute", "full_tensor"]
 
 PATHS = ("p2p", "golden", "gather+bcast")
+HOST = "127.0.0.1"
 
 
 def full_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -43,24 +58,21 @@ def full_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int
 class BufferEngine:
     """`EngineHooks` over plain tensors: one buffer per bulk parameter this rank holds."""
 
+    extra_bytes = 0  # installs straight into the buffers: no checkpoint-format copies
+
     def __init__(self, plan: RefitPlan, rank: int, device: torch.device) -> None:
         self.device = device
         self.bufs: dict[str, torch.Tensor] = {}
         self.boxes: dict[str, tuple[slice, ...]] = {}
-        for st in plan.stages:
-            g = st.group_rank(rank)
-            if g is None:
-                continue
-            for it in st.items[: st.bulk]:
-                if it.dst.holds(g):
-                    self.bufs[it.name] = torch.zeros(
-                        it.dst.local_shape(g), dtype=it.dtype, device=device
-                    )
-                    self.boxes[it.name] = it.dst.box(g)
+        for it in plan.items[: plan.bulk]:
+            if it.dst.holds(rank):
+                shape = it.dst.local_shape(rank)
+                self.bufs[it.name] = torch.zeros(shape, dtype=it.dtype, device=device)
+                self.boxes[it.name] = it.dst.box(rank)
         self.misc: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
-        """Zero every buffer (between runs, outside the timed region)."""
+        """Zero every buffer and drop the misc tensors (between runs, outside the timing)."""
         for b in self.bufs.values():
             b.zero_()
         self.misc = {}
@@ -72,193 +84,276 @@ class BufferEngine:
         return self.bufs[name]
 
     def load(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
-        self.misc = {n: t.clone() for n, t in tensors}
+        self.misc = dict(tensors)  # fresh buffers every refit: keeping them is enough
 
     def finish(self, version: int) -> None:
         return None
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        for name in sorted(self.bufs):
+        for name, t in sorted(self.bufs.items()) + sorted(self.misc.items()):
             h.update(name.encode())
-            h.update(as_bytes(self.bufs[name].contiguous()).cpu().numpy().tobytes())
+            h.update(as_bytes(t.contiguous()).cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
 
-def _gather_broadcast(
-    st: StagePlan,
-    g: int,
-    rs: Resharder,
-    bcast: Comm | None,
-    local: Any,
+def _nbytes(it: Any) -> int:
+    return int(np.prod(it.src.shape)) * it.itemsize
+
+
+def _golden_scratch(plan: RefitPlan) -> int:
+    """The golden path's scratch: the largest source cell (as `xfer.execute.run_golden`)."""
+    return max(
+        (int(it.src.geometry.cell_numel().max(initial=0)) * it.itemsize for it in plan.items),
+        default=0,
+    )
+
+
+def gather_broadcast(
+    plan: RefitPlan,
+    rank: int,
+    comm: Comm,
+    bcasts: dict[int, Comm],
+    shards: dict[str, torch.Tensor],
     engine: BufferEngine | None,
     staging: Staging,
+    device: torch.device,
 ) -> None:
-    """The baseline for one stage, tensor by tensor: the stage's first trainer rank gathers
-    the cells (into one scratch buffer) and broadcasts the whole tensor (from another); the
-    buffers are kept between runs, like the other paths' staging."""
-    comm = rs.comm
-    items = st.items[: st.bulk]
-    most = max((int(np.prod(it.src.shape)) * it.itemsize for it in items), default=0)
-    device = engine.device if engine is not None else torch.device("cpu")
-    if local is not None and items and local(items[0].name) is not None:
-        device = local(items[0].name).device
-    scratch = staging.get("full", 0, most, device) if bcast is not None else None
-    cells = staging.get("cells", 0, most, device) if g == 0 else None
-    for it in items:
+    """The baseline, tensor by tensor: the stage's root gathers the cells it lacks (into one
+    buffer) and assembles the whole tensor (in another), then broadcasts it to every engine
+    rank; each engine rank copies its part out (misc: keeps it whole). The buffers are kept
+    between runs, like the other paths' staging."""
+    stage_of = {c.name: c.stage for c in plan.report}
+    for i, it in enumerate(plan.items):
+        s = stage_of[it.name]
+        root = plan.stage_ranks[s][0]
+        nbytes = _nbytes(it)
+        if nbytes == 0:
+            continue
         geo = it.src.geometry
-        owners = [it.src.mesh.flat[int(geo.members[u, 0])] for u in range(geo.ncells)]
-        boxes = [
-            tuple(
-                slice(int(a), int(b))
-                for a, b in zip(geo.cell_starts[u], geo.cell_stops[u], strict=True)
-            )
-            for u in range(geo.ncells)
-        ]
-        nbytes = int(np.prod(it.src.shape)) * it.itemsize
-        full = None if scratch is None else scratch[:nbytes].view(it.dtype).view(it.src.shape)
-        if g == 0:
-            assert full is not None and cells is not None
-            recvs, parts = [], []
-            offset = 0
-            for u, owner in enumerate(owners):
-                if full[boxes[u]].numel() == 0:
-                    continue
-                if owner == 0:
-                    full[boxes[u]].copy_(local(it.name))
-                    continue
-                shape = full[boxes[u]].shape
-                n = int(np.prod(shape)) * it.itemsize
-                parts.append((u, cells[offset : offset + n].view(it.dtype).view(shape)))
-                recvs.append(Transfer(owner, parts[-1][1]))
-                offset += n
-            comm.send_recv([], recvs).wait()
-            for u, part in parts:
-                full[boxes[u]].copy_(part)
-        elif g in owners and g < st.trainers:
-            mine = [u for u, o in enumerate(owners) if o == g and it.src.box(g) == boxes[u]]
-            if mine and local(it.name).numel():
-                comm.send_recv([Transfer(0, local(it.name).contiguous())], []).wait()
-        if bcast is not None:
+        remote, owners = remote_cells(it, root)
+        remote &= geo.cell_numel() > 0
+        raw = full = None  # the whole tensor, and its bytes (gloo moves no float8)
+        if rank == root or engine is not None:
+            raw = staging.get("full", 0, nbytes, device)
+            full = raw.view(it.dtype).view(it.src.shape)
+        if rank == root:
             assert full is not None
-            bcast.broadcast(full, 0).wait()
-            if engine is not None and it.name in engine.bufs:
+            if it.src.holds(root):
+                full[it.src.box(root)].copy_(shards[it.name])
+            want = np.flatnonzero(remote)
+            sizes = [int(geo.cell_numel()[u]) * it.itemsize for u in want]
+            cells = staging.get("cells", 0, sum(sizes), device)
+            parts, offset = [], 0
+            for u, n in zip(want, sizes, strict=True):
+                box = tuple(
+                    slice(int(a), int(b))
+                    for a, b in zip(geo.cell_starts[u], geo.cell_stops[u], strict=True)
+                )
+                parts.append((int(owners[u]), box, cells[offset : offset + n]))
+                offset += n
+            comm.send_recv([], [Transfer(o, v) for o, _, v in parts]).wait()
+            for _, box, part in parts:
+                full[box].copy_(part.view(it.dtype).view(full[box].shape))
+        elif rank < plan.trainer_world and (owners[remote] == rank).any():
+            comm.send_recv([Transfer(root, as_bytes(shards[it.name].contiguous()))], []).wait()
+        bcast = bcasts.get(s)
+        if bcast is not None:
+            assert raw is not None and full is not None
+            bcast.broadcast(raw, 0).wait()
+            if engine is not None and i >= plan.bulk:
+                engine.misc[it.name] = full.clone()
+            elif engine is not None and it.name in engine.bufs:
                 engine.bufs[it.name].copy_(full[engine.boxes[it.name]])
 
 
-def rank_main(comm: Comm, setup_bytes: bytes, reps: int, seed: int) -> dict[str, Any]:
-    setup: RankSetup = replace(pickle.loads(setup_bytes), rank=comm.rank)
-    plan = setup.plan
-    device = torch.device("cpu")
-    if setup.backend == "nccl":  # one GPU per local rank
-        device = torch.device("cuda", comm.rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    rr = RefitRank(setup, device=device)
-    rank = comm.rank
-    is_engine = rank >= plan.trainer_world
-    engine = BufferEngine(plan, rank, rr.device) if is_engine else None
-    shards: dict[str, torch.Tensor] = {}
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tensors(
+    plan: RefitPlan, rank: int, engine: BufferEngine | None, seed: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The full tensors this rank checks against (engine) or slices (trainer), and the
+    trainer's shards on its device."""
     fulls: dict[str, torch.Tensor] = {}
-    for st, g, _ in rr.stages:
-        for it in st.items:
-            if (not is_engine and it.src.holds(g)) or (
-                is_engine and engine and it.name in engine.bufs
-            ):
-                if it.name not in fulls:
-                    fulls[it.name] = full_tensor(it.name, it.src.shape, it.dtype, seed)
-                if not is_engine:
-                    shards[it.name] = fulls[it.name][it.src.box(g)].to(device)
-    # one broadcast group per stage for the baseline: the stage's first trainer rank + engines
+    shards: dict[str, torch.Tensor] = {}
+    for i, it in enumerate(plan.items):
+        wanted = (i >= plan.bulk or it.name in engine.bufs) if engine else it.src.holds(rank)
+        if wanted:
+            fulls[it.name] = full_tensor(it.name, it.src.shape, it.dtype, seed)
+            if engine is None:
+                shards[it.name] = fulls[it.name][it.src.box(rank)].to(device)
+    return fulls, shards
+
+
+def _broadcast_groups(
+    setup: RankSetup, plan: RefitPlan, rank: int, device: torch.device
+) -> dict[int, Comm]:
+    """The baseline's broadcast groups this rank is in: each stage's root and every engine
+    rank, one communicator per stage on the refit's store."""
+    opts = setup.options
     store = tcp_store(setup.host, setup.port, is_master=False)
-    bcasts: dict[int, Comm] = {}
-    for st in plan.stages:
-        members = [st.ranks[0], *range(plan.trainer_world, plan.world)]
+    engines = list(range(plan.trainer_world, plan.world))
+    out: dict[int, Comm] = {}
+    for s, ranks in enumerate(plan.stage_ranks):
+        members = [ranks[0], *engines]
         if rank in members:
-            bcasts[st.stage] = TorchComm.create(
+            out[s] = TorchComm.create(
                 store,
                 members.index(rank),
                 len(members),
-                prefix=f"{setup.prefix}/bcast{st.stage}",
-                backend=setup.backend,
-                device=device if setup.backend == "nccl" else None,
+                prefix=f"{setup.prefix}/bcast{s}",
+                backend=opts.backend,
+                timeout_s=opts.timeout_s,
+                device=device if opts.backend == "nccl" else None,
+                host=setup.host if opts.backend == "gloo" else None,
             )
-    baseline_staging = Staging()
-    times: dict[str, list[float]] = {p: [] for p in PATHS}
-    phases: dict[str, dict[str, float]] = {}
-    ok: dict[str, bool] = {}
-    digests: dict[str, str] = {}
-    for rep in range(reps + 1):  # the first round of each path warms up
-        for path in PATHS:
-            if engine is not None:
-                engine.reset()
-            comm.barrier()
-            t0 = time.perf_counter()
-            if path == "gather+bcast":
-                for st, g, rs in rr.stages:
-                    _gather_broadcast(
-                        st, g, rs, bcasts.get(st.stage), shards.get, engine, baseline_staging
+    return out
+
+
+def rank_main(comm: Comm, setup_json: bytes, reps: int, seed: int) -> dict[str, Any]:
+    """One local rank: join the refit, time every path, check and hash what arrived."""
+    setup = RankSetup.from_json(setup_json).for_rank(comm.rank)
+    rank = comm.rank
+    device = torch.device("cpu")
+    if setup.options.backend == "nccl":  # one GPU per local rank
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    rr = RefitRank(setup, device=device)
+    bcasts: dict[int, Comm] = {}
+    try:
+        plan = rr.plan
+        engine = BufferEngine(plan, rank, device) if rank >= plan.trainer_world else None
+        fulls, shards = _tensors(plan, rank, engine, seed, device)
+        bcasts = _broadcast_groups(setup, plan, rank, device)
+        staging = Staging()  # the baseline's buffers, kept between runs
+        times: dict[str, list[float]] = {p: [] for p in PATHS}
+        extra: dict[str, int] = {}
+        cuda_extra: dict[str, int] = {}
+        phases: dict[str, dict[str, float]] = {}
+        ok: dict[str, bool] = {}
+        digests: dict[str, str] = {}
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        version = 0  # every refit of a generation has its own
+        for rep in range(reps + 1):  # the first repetition of each path warms up
+            for path in PATHS:
+                if engine is not None:
+                    engine.reset()
+                version += 1
+                _sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                comm.barrier()
+                t0 = time.perf_counter()
+                if path == "gather+bcast":
+                    assert rr.comm is not None
+                    gather_broadcast(plan, rank, rr.comm, bcasts, shards, engine, staging, device)
+                    held = engine.misc.values() if engine else ()
+                    extra[path] = staging.nbytes + sum(t.numel() * t.element_size() for t in held)
+                else:
+                    st = (
+                        rr.engine_step(engine, version, path)  # type: ignore[arg-type]
+                        if engine is not None
+                        else rr.trainer_step(shards.__getitem__, path, version)  # type: ignore[arg-type]
                     )
-            elif is_engine:
-                assert engine is not None
-                phases[path] = rr.engine_step(engine, rep, path).phases  # type: ignore[arg-type]
-            else:
-                phases[path] = rr.trainer_step(shards.__getitem__, path, rep).phases  # type: ignore[arg-type]
-            comm.barrier()
-            if rep:
-                times[path].append(time.perf_counter() - t0)
-            if engine is not None and rep == reps:  # check what the last round delivered
-                ok[path] = all(
-                    torch.equal(
-                        as_bytes(b.contiguous()).cpu(),
-                        as_bytes(fulls[n][engine.boxes[n]].contiguous()),
-                    )
-                    for n, b in engine.bufs.items()
-                )
-                digests[path] = engine.digest()
+                    phases[path] = st.phases
+                    extra[path] = st.extra_bytes
+                    if path == "golden":  # its scratch is outside the runtime's staging
+                        extra[path] += _golden_scratch(plan) - st.staging_bytes
+                _sync(device)
+                comm.barrier()
+                if rep:
+                    times[path].append(time.perf_counter() - t0)
+                if device.type == "cuda":
+                    cuda_extra[path] = torch.cuda.max_memory_allocated(device) - base
+                if engine is not None and rep == reps:  # check what the last run delivered
+                    ok[path] = _check(engine, fulls)
+                    digests[path] = engine.digest()
+    finally:
+        for b in bcasts.values():
+            b.close()
+        rr.close()
     return {
         "rank": rank,
-        "engine": is_engine,
+        "engine": engine is not None,
         "times": times,
+        "extra_bytes": extra,
+        "cuda_extra_bytes": cuda_extra,
         "phases": phases,
         "ok": ok,
         "digests": digests,
     }
 
 
+def _check(engine: BufferEngine, fulls: dict[str, torch.Tensor]) -> bool:
+    same = lambda a, b: torch.equal(as_bytes(a.contiguous()).cpu(), as_bytes(b.contiguous()))  # noqa: E731
+    bulk = all(same(b, fulls[n][engine.boxes[n]]) for n, b in engine.bufs.items())
+    misc_names = {n for n in fulls if n not in engine.bufs}
+    misc = engine.misc.keys() == misc_names and all(
+        same(t, fulls[n]) for n, t in engine.misc.items()
+    )
+    return bulk and misc
+
+
 def execute(
-    plan: RefitPlan,
+    trainer: TrainerSpec,
+    engine: EngineSpec,
+    replicas: int,
     *,
-    streams: int,
     bucket_bytes: int,
     reps: int,
     pool: RankPool,
     seed: int = 0,
     backend: str = "gloo",
+    timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Run the three paths on `pool`'s ranks (one per refit rank) and summarize; with
     ``backend="nccl"`` every rank takes a GPU of this machine."""
-    store = tcp_store("127.0.0.1", 0, is_master=True)
+    world = trainer.world + engine.world * replicas
+    if backend == "nccl":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < world:
+            raise ValueError(f"backend nccl needs a GPU per rank: {world} ranks, {gpus} GPUs")
+        trainer, engine = replace(trainer, device="cuda"), replace(engine, device="cuda")
+    store = tcp_store(HOST, 0, is_master=True)
     setup = RankSetup(
-        host="127.0.0.1",
+        host=HOST,
         port=store.port,
         prefix=f"bench{time.time_ns()}",
+        token=secrets.token_hex(16),
         rank=0,
-        plan=plan,
-        path="p2p",
-        bucket_bytes=bucket_bytes,
-        streams=streams,
-        backend=backend,
+        trainer=trainer,
+        engine=engine,
+        replicas=replicas,
+        options=RankOptions(
+            path="p2p", bucket_bytes=bucket_bytes, backend=backend, timeout_s=timeout_s
+        ),
     )
-    results = pool.run(rank_main, plan.world, pickle.dumps(setup), reps, seed, timeout=1800)
+    results = pool.run(rank_main, world, setup.to_json(), reps, seed, timeout=timeout_s + 60)
+    del store  # the ranks are done with it
     out: dict[str, Any] = {"paths": {}}
     engines = [r for r in results if r["engine"]]
     for path in PATHS:
         per_rep = [max(r["times"][path][k] for r in results) for k in range(reps)]
-        out["paths"][path] = {
+        row = {
             "seconds": statistics.median(per_rep),
             "all_seconds": per_rep,
             "correct": all(r["ok"][path] for r in engines),
+            "extra_bytes": {
+                role: max(
+                    (r["extra_bytes"][path] for r in results if r["engine"] == is_e), default=0
+                )
+                for role, is_e in (("engine", True), ("trainer", False))
+            },
         }
+        if any(r["cuda_extra_bytes"] for r in results):
+            row["cuda_extra_bytes"] = {
+                role: max(r["cuda_extra_bytes"][path] for r in results if r["engine"] == is_e)
+                for role, is_e in (("engine", True), ("trainer", False))
+            }
+        out["paths"][path] = row
     out["identical"] = all(len({r["digests"][p] for p in PATHS}) == 1 for r in engines)
     out["phases"] = {r["rank"]: r["phases"] for r in results}
     return out

@@ -5,44 +5,52 @@ Assumptions (the model's whole content; each is a knob in `Cluster`):
 * Placement: each node holds `gpus_per_node` consecutive refit ranks; the trainer's ranks
   come first and the engines' ranks start on a fresh node (trainer and engines do not share
   GPUs). Two ranks on one node talk over NVLink, others over their NICs.
-* Links: every GPU has a NIC and an NVLink port, each with a capacity per direction. The
-  fabric between nodes is non-blocking (full bisection), so only endpoints constrain; a
-  node's internal fabric may have an aggregate cap (`fabric_GBps` for point-to-point,
-  `collective_GBps` for broadcasts, `sequential_collective_GBps` for broadcasts issued one at
-  a time; unbounded for NVSwitch nodes, measured for local gloo).
-  Concurrent flows share a link fairly, so a set of concurrent transfers takes as long as its
-  busiest resource needs: max over resources of bytes / capacity.
-* p2p: the plan's rounds run one after another; a round costs its busiest resource's time,
-  plus `round_latency_us`, plus `msg_latency_us` per message on its busiest rank, plus the
-  pack and unpack copies of its busiest rank at `copy_GBps` (overlapped with the transfer
-  when `copy_overlaps`: the executor packs the next round and unpacks the previous one while
-  a round is on the wire). Pipeline stages run `streams` at a time; their rounds are merged in
-  lockstep (round i of every stage of the wave at once).
-* golden: every non-empty source cell is broadcast to its whole stage group (a pipelined
-  ring: each rank receives and forwards the cell once): bytes / link, plus the root packing
-  and every receiver copying at `copy_GBps`, plus `collective_latency_us`. Every engine rank
-  receives every byte, so concurrent stages share bandwidth; their latencies overlap.
-* baseline (gather + broadcast): for each tensor, its cells go to the stage's first trainer
-  rank, which then broadcasts the whole tensor to itself and every engine rank; tensors and
-  stages one after another.
-* misc buckets are broadcasts after each stage's bulk; every run first agrees on its inputs
-  (one tiny gather and one tiny broadcast per stage, overlapping within a wave).
-* lower bound: max over ranks of (bytes it must receive / its ingress, bytes it sends /
-  its egress), from the p2p plan's per-rank bytes (a receiver gets exactly its need).
+* Links: every GPU has a NIC and an NVLink port, each with a capacity per direction
+  (`nic_GBps`, `nvlink_GBps`: GB/s per GPU per direction). The fabric between nodes is
+  non-blocking (full bisection), so only endpoints constrain; a node's internal fabric may
+  have an aggregate cap (`fabric_GBps` for point-to-point, `collective_GBps` for broadcasts,
+  `baseline_collective_GBps` for the baseline's broadcasts; unbounded for NVSwitch nodes,
+  measured for local gloo). Concurrent flows share a link fairly, so a set of
+  concurrent transfers takes as long as its busiest resource needs: max over resources of
+  bytes / capacity.
+* p2p: a refit is one xfer plan over every refit rank (all pipeline stages at once). Its
+  rounds run one after another; a round costs its busiest resource's time (NIC and NVLink,
+  each direction, and the node fabric cap), plus `round_latency_us`, plus `msg_latency_us`
+  per message on its busiest rank (messages sent and received), plus the pack and unpack
+  copies of its busiest rank at `copy_GBps`, overlapped with the transfer when
+  `copy_overlaps` (the executor packs the next round and unpacks the previous one while a
+  round is on the wire) and added to it otherwise. Every message counts as packed and
+  unpacked: the runtime's zero copy (messages that are one contiguous span of the local
+  tensor skip staging) makes that an overestimate. Local copies happen in the first round.
+* golden: every non-empty source cell is broadcast to the whole refit world (a pipelined
+  ring: every rank receives every byte once), one after another: bytes / link, plus the root
+  packing the cell and the busiest receiver copying its part out at `copy_GBps` (these copies
+  never overlap: each broadcast is waited on before the next cell is packed), plus
+  `collective_latency_us`.
+* baseline (gather + broadcast): tensor after tensor, the cells of a tensor go to the first
+  trainer rank of its pipeline stage (the root; cells it holds itself are copied locally), in
+  one group of messages bound by the root's ingress (NIC for cells from other nodes, NVLink
+  for the rest, concurrently), plus `round_latency_us` and `msg_latency_us` per cell; the
+  root assembles the tensor (copies); then it broadcasts the whole tensor to every engine
+  rank (a ring over the root and the engine ranks, `baseline_collective_GBps`), and each
+  engine rank copies its part out. Nothing overlaps.
+* Every refit through the runtime (p2p, golden) also pays `step_latency_us` once: the ranks'
+  commit in the refit's store. The baseline runs outside the runtime and does not.
+* lower bound: max over ranks of (bytes it must receive / its ingress, bytes it sends / its
+  egress), per link, from the p2p plan's per-rank bytes (a receiver gets exactly its need);
+  receive bound: the same over engine ranks' ingress only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
-from refit.planner import RefitPlan, StagePlan
-from xfer import Plan
+from refit.planner import RefitPlan
+from xfer import Plan, ReshardItem
 
-__all__ = ["Cluster", "SimResult", "nodes_of", "simulate"]
+__all__ = ["Cluster", "SimResult", "nodes_of", "remote_cells", "simulate"]
 
 _GB = 1e9
 
@@ -55,11 +63,11 @@ class Cluster:
     nvlink_GBps: float  # per GPU, per direction
     fabric_GBps: float | None = None  # a node's point-to-point throughput; None: no cap
     collective_GBps: float | None = None  # a node's broadcast throughput; None: fabric_GBps
-    # ... when broadcasts are issued one at a time (the baseline); None: collective_GBps
-    sequential_collective_GBps: float | None = None
+    baseline_collective_GBps: float | None = None  # ... in the baseline; None: collective_GBps
     msg_latency_us: float = 2.0
     round_latency_us: float = 20.0
     collective_latency_us: float = 30.0
+    step_latency_us: float = 0.0  # once per refit through the runtime (the commit)
     copy_GBps: float = 1000.0  # pack/unpack copies, per rank (device memory on GPU)
     copy_overlaps: bool = True
 
@@ -76,7 +84,7 @@ class SimResult:
     bound_rank: int
     receive_bound: float  # max over engine ranks of bytes in / ingress alone
     rounds: int
-    breakdown: dict[str, float]
+    breakdown: dict[str, float]  # p2p's seconds by cause
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,17 +99,41 @@ def nodes_of(trainer_world: int, engine_world: int, gpus_per_node: int) -> np.nd
 
 
 class _Loads:
-    """Per (round, rank) traffic of one or more stages, split by link."""
+    """Per (round, rank) traffic of a plan, split by link."""
 
-    def __init__(self, rounds: int, world: int, n_nodes: int) -> None:
+    def __init__(self, plan: Plan, nodes: np.ndarray) -> None:
+        rounds, world = max(1, plan.rounds), plan.world_size
         z = lambda: np.zeros((rounds, world))  # noqa: E731
         self.nic_out, self.nic_in, self.nvl_out, self.nvl_in = z(), z(), z(), z()
         self.msgs, self.copies = z(), z()
-        self.fabric = np.zeros((rounds, n_nodes))
+        self.fabric = np.zeros((rounds, int(nodes.max()) + 1))
+        pr = plan.pairs
+        if len(pr):
+            m = pr.messages
+            p_idx = np.repeat(np.arange(len(pr)), m)
+            j = np.arange(len(p_idx)) - np.repeat(np.cumsum(m) - m, m)
+            b = pr.nbytes[p_idx]
+            size = (((j + 1) * b) // m[p_idx] - (j * b) // m[p_idx]).astype(np.float64)
+            rnd = (pr.phase[p_idx] + (j * rounds) // m[p_idx]) % rounds
+            s, r = pr.sender[p_idx], pr.receiver[p_idx]
+            intra = nodes[s] == nodes[r]
+            inter = ~intra
+            _add(self.nic_out, rnd[inter], s[inter], size[inter])
+            _add(self.nic_in, rnd[inter], r[inter], size[inter])
+            _add(self.nvl_out, rnd[intra], s[intra], size[intra])
+            _add(self.nvl_in, rnd[intra], r[intra], size[intra])
+            _add(self.fabric, rnd[intra], nodes[s[intra]], size[intra])
+            _add(self.msgs, rnd, s, None)
+            _add(self.msgs, rnd, r, None)
+            _add(self.copies, rnd, s, size)  # packing
+            _add(self.copies, rnd, r, size)  # unpacking
+        lc = plan.local  # local copies happen during the first round
+        if len(lc):
+            first = np.zeros(len(lc), np.int64)
+            _add(self.copies, first, lc.receiver, lc.nbytes.astype(float))
 
-    FIELDS = ("nic_out", "nic_in", "nvl_out", "nvl_in", "msgs", "copies", "fabric")
-
-    def time(self, c: Cluster) -> np.ndarray:
+    def times(self, c: Cluster) -> dict[str, np.ndarray]:
+        """Per round: link seconds, exposed copy seconds, latency seconds."""
         link = np.maximum.reduce(
             [
                 self.nic_out / (c.nic_GBps * _GB),
@@ -113,151 +145,100 @@ class _Loads:
         if c.fabric_GBps is not None:
             link = np.maximum(link, self.fabric.max(axis=1) / (c.fabric_GBps * _GB))
         copies = self.copies.max(axis=1) / (c.copy_GBps * _GB)
-        body = np.maximum(link, copies) if c.copy_overlaps else link + copies
-        latency = c.round_latency_us * 1e-6 + c.msg_latency_us * 1e-6 * self.msgs.max(axis=1)
-        return (body + latency) * (self.msgs.max(axis=1) > 0)
+        exposed = np.maximum(copies - link, 0.0) if c.copy_overlaps else copies
+        busy = self.msgs.max(axis=1)
+        latency = (c.round_latency_us + c.msg_latency_us * busy) * 1e-6
+        active = busy > 0
+        return {"link": link * active, "copies": exposed * active, "latency": latency * active}
 
 
-def _stage_loads(st: StagePlan, plan: Plan, world: int, nodes: np.ndarray) -> _Loads:
-    pr = plan.pairs
-    loads = _Loads(max(1, plan.rounds), world, int(nodes.max()) + 1)
-    if len(pr) == 0:
-        return loads
-    rounds = plan.rounds
-    g2r = np.asarray(st.ranks, dtype=np.int64)
-    m = pr.messages
-    p_idx = np.repeat(np.arange(len(pr)), m)
-    j = np.arange(len(p_idx)) - np.repeat(np.cumsum(m) - m, m)
-    b = pr.nbytes[p_idx]
-    size = (((j + 1) * b) // m[p_idx] - (j * b) // m[p_idx]).astype(np.float64)
-    rnd = (pr.phase[p_idx] + (j * rounds) // m[p_idx]) % rounds
-    s, r = g2r[pr.sender[p_idx]], g2r[pr.receiver[p_idx]]
-    intra = nodes[s] == nodes[r]
-    inter = ~intra
-
-    def add(out: np.ndarray, rows: np.ndarray, cols: np.ndarray, w: np.ndarray | None) -> None:
-        width = out.shape[1]
-        out += np.bincount(rows * width + cols, weights=w, minlength=out.size).reshape(out.shape)
-
-    add(loads.nic_out, rnd[inter], s[inter], size[inter])
-    add(loads.nic_in, rnd[inter], r[inter], size[inter])
-    add(loads.nvl_out, rnd[intra], s[intra], size[intra])
-    add(loads.nvl_in, rnd[intra], r[intra], size[intra])
-    add(loads.fabric, rnd[intra], nodes[s[intra]], size[intra])
-    add(loads.msgs, rnd, s, None)
-    add(loads.msgs, rnd, r, None)
-    add(loads.copies, rnd, s, size)  # packing
-    add(loads.copies, rnd, r, size)  # unpacking
-    lc = plan.local  # local copies happen during the first round
-    if len(lc):
-        add(loads.copies, np.zeros(len(lc), np.int64), g2r[lc.receiver], lc.nbytes.astype(float))
-    return loads
+def _add(out: np.ndarray, rows: np.ndarray, cols: np.ndarray, w: np.ndarray | None) -> None:
+    width = out.shape[1]
+    out += np.bincount(rows * width + cols, weights=w, minlength=out.size).reshape(out.shape)
 
 
-def _broadcast(
-    nbytes: float,
-    ranks: np.ndarray,
-    nodes: np.ndarray,
-    c: Cluster,
-    copy_out: float = 0.0,
-    sequential: bool = False,
-) -> tuple[float, float]:
-    """(bandwidth seconds, latency seconds) of a pipelined ring broadcast of `nbytes` over
-    `ranks`, the root packing and each receiver copying it, plus `copy_out` bytes copied out."""
-    if len(ranks) <= 1 or nbytes == 0:
-        return 0.0, 0.0
-    spans = len(set(nodes[ranks].tolist())) > 1
+def _ring_seconds(
+    nbytes: np.ndarray, ranks: np.ndarray, nodes: np.ndarray, c: Cluster, *, baseline: bool
+) -> np.ndarray:
+    """Bandwidth seconds of pipelined ring broadcasts of `nbytes` (each) over `ranks`."""
+    if len(ranks) <= 1:
+        return np.zeros_like(nbytes, dtype=np.float64)
+    spans = len(np.unique(nodes[ranks])) > 1
     t = nbytes / ((c.nic_GBps if spans else c.nvlink_GBps) * _GB)
-    fabric = (c.sequential_collective_GBps if sequential else None) or c.collective_GBps
+    fabric = (c.baseline_collective_GBps if baseline else None) or c.collective_GBps
     fabric = fabric or c.fabric_GBps
     if fabric is not None:
         # the busiest node forwards the bytes to each of its ranks but the first
         per_node = np.bincount(nodes[ranks])
-        t = max(t, float(per_node.max() - (0 if spans else 1)) * nbytes / (fabric * _GB))
-    copies = (nbytes + copy_out) / (c.copy_GBps * _GB)
-    return (max(t, copies) if c.copy_overlaps else t + copies), c.collective_latency_us * 1e-6
+        t = np.maximum(t, float(per_node.max() - (0 if spans else 1)) * nbytes / (fabric * _GB))
+    return t
 
 
-def _waves(items: Sequence[tuple[float, float]], streams: int) -> float:
-    """Stages run `streams` at a time: bandwidth parts add, latency parts overlap."""
+def _golden(refit: RefitPlan, nodes: np.ndarray, c: Cluster) -> float:
+    everyone = np.arange(refit.world)
     total = 0.0
-    for w in range(0, len(items), streams):
-        wave = items[w : w + streams]
-        total += sum(b for b, _ in wave) + max(lat for _, lat in wave)
+    for it in refit.items:
+        cells = (it.src.geometry.cell_numel() * it.itemsize).astype(np.float64)
+        live = cells > 0
+        if not live.any():
+            continue
+        cells = cells[live]
+        copies = (cells + _copy_out(it)[live]) / (c.copy_GBps * _GB)
+        link = _ring_seconds(cells, everyone, nodes, c, baseline=False)
+        total += float((link + copies).sum()) + c.collective_latency_us * 1e-6 * len(cells)
+    return total
+
+
+def _baseline(refit: RefitPlan, nodes: np.ndarray, c: Cluster) -> float:
+    stage_of = {x.name: x.stage for x in refit.report}
+    engines = np.arange(refit.trainer_world, refit.world)
+    total = 0.0
+    for it in refit.items:
+        root = refit.stage_ranks[stage_of[it.name]][0]
+        held = (it.src.geometry.cell_numel() * it.itemsize).astype(np.float64)
+        remote, owners = remote_cells(it, root)
+        remote &= held > 0
+        if remote.any():
+            owner = owners[remote]
+            inter = nodes[owner] != nodes[root]
+            nvl = min(c.nvlink_GBps, c.fabric_GBps or c.nvlink_GBps)
+            total += max(
+                float(held[remote][inter].sum()) / (c.nic_GBps * _GB),
+                float(held[remote][~inter].sum()) / (nvl * _GB),
+            )
+            total += (c.round_latency_us + c.msg_latency_us * int(remote.sum())) * 1e-6
+        nbytes = float(held.sum())
+        members = np.concatenate([[root], engines])
+        total += nbytes / (c.copy_GBps * _GB)  # the root assembles the tensor
+        total += float(_ring_seconds(np.array([nbytes]), members, nodes, c, baseline=True)[0])
+        total += _largest_part(it) / (c.copy_GBps * _GB) + c.collective_latency_us * 1e-6
     return total
 
 
 def simulate(
-    refit: RefitPlan,
-    stage_plans: Sequence[Plan],
-    cluster: Cluster,
-    *,
-    streams: int,
-    nodes: np.ndarray | None = None,
+    refit: RefitPlan, plan: Plan, cluster: Cluster, *, nodes: np.ndarray | None = None
 ) -> SimResult:
-    """Seconds for one refit by each path on `cluster` (see the module docstring)."""
+    """Seconds for one refit by each path on `cluster` (see the module docstring); `plan` is
+    the refit's xfer plan (`plan_reshard(refit.items, world_size=refit.world, ...)`)."""
     world = refit.world
+    if plan.world_size != world or len(plan.items) != len(refit.items):
+        raise ValueError(
+            f"the xfer plan ({len(plan.items)} items over {plan.world_size} ranks) is not the "
+            f"refit's ({len(refit.items)} items over {world} ranks)"
+        )
     if nodes is None:
         nodes = nodes_of(refit.trainer_world, world - refit.trainer_world, cluster.gpus_per_node)
-    n_nodes = int(nodes.max()) + 1
-    per_stage = [
-        _stage_loads(st, p, world, nodes) for st, p in zip(refit.stages, stage_plans, strict=True)
-    ]
-    agree = (cluster.round_latency_us + cluster.collective_latency_us) * 1e-6
-    # misc broadcasts of each stage, and every stage's agreement
-    misc = []
-    for st in refit.stages:
-        parts = [_broadcast(b, np.asarray(st.ranks), nodes, cluster) for b in st.buckets]
-        misc.append((sum(b for b, _ in parts), agree + sum(lat for _, lat in parts)))
-    # p2p: waves of `streams` stages, rounds merged in lockstep
-    p2p = _waves(misc, streams)
-    rounds_total = 0
-    for w in range(0, len(per_stage), streams):
-        wave = per_stage[w : w + streams]
-        merged = _Loads(max(x.msgs.shape[0] for x in wave), world, n_nodes)
-        for x in wave:
-            k = x.msgs.shape[0]
-            for name in _Loads.FIELDS:
-                getattr(merged, name)[:k] += getattr(x, name)
-        p2p += float(merged.time(cluster).sum())
-        rounds_total += int((merged.msgs.max(axis=1) > 0).sum())
-    # golden: every non-empty source cell broadcast to its stage group
-    golden_stages = []
-    for st, (mb, ml) in zip(refit.stages, misc, strict=True):
-        group = np.asarray(st.ranks)
-        bw, lat = mb, ml
-        for it in st.items[: st.bulk]:
-            g = it.src.geometry
-            out = _copy_out(it, len(group))
-            for u, cell_bytes in enumerate(g.cell_numel() * it.itemsize):
-                if cell_bytes:
-                    b, la = _broadcast(float(cell_bytes), group, nodes, cluster, out[u])
-                    bw, lat = bw + b, lat + la
-        golden_stages.append((bw, lat))
-    golden = _waves(golden_stages, streams)
-    # baseline: gather each tensor on the stage's first trainer rank, broadcast to engines
-    baseline = sum(b + lat for b, lat in misc)
-    engine_ranks = np.arange(refit.trainer_world, world)
-    for st in refit.stages:
-        root = st.ranks[0]
-        members = np.concatenate([[root], engine_ranks])
-        for it in st.items[: st.bulk]:
-            g = it.src.geometry
-            held = g.cell_numel() * it.itemsize
-            for u in range(g.ncells):
-                owner = st.ranks[int(g.members[u, 0])]
-                if owner != root and held[u]:
-                    link = cluster.nvlink_GBps if nodes[owner] == nodes[root] else cluster.nic_GBps
-                    # the root's ingress takes the cells in turn; its fabric share too
-                    rate = min(link, cluster.fabric_GBps or link)
-                    baseline += float(held[u]) / (rate * _GB) + cluster.round_latency_us * 1e-6
-            nbytes = float(held.sum())
-            b, lat = _broadcast(nbytes, members, nodes, cluster, nbytes, sequential=True)
-            baseline += b + lat
+    loads = _Loads(plan, nodes)
+    parts = loads.times(cluster)
+    step = cluster.step_latency_us * 1e-6
+    breakdown = {k: float(v.sum()) for k, v in parts.items()} | {"step": step}
+    p2p = sum(breakdown.values())
+    golden = _golden(refit, nodes, cluster) + step
+    baseline = _baseline(refit, nodes, cluster)
     # lower bound from the plan's per-rank bytes
-    need = np.zeros((4, world))
-    for x in per_stage:
-        need += np.stack([x.nic_in.sum(0), x.nic_out.sum(0), x.nvl_in.sum(0), x.nvl_out.sum(0)])
+    need = np.stack(
+        [loads.nic_in.sum(0), loads.nic_out.sum(0), loads.nvl_in.sum(0), loads.nvl_out.sum(0)]
+    )
     caps = np.array([cluster.nic_GBps] * 2 + [cluster.nvlink_GBps] * 2)[:, None] * _GB
     per_rank = (need / caps).max(axis=0)
     receive = np.maximum(need[0] / caps[0], need[2] / caps[2])[refit.trainer_world :]
@@ -268,15 +249,37 @@ def simulate(
         lower_bound=float(per_rank.max()),
         bound_rank=int(per_rank.argmax()),
         receive_bound=float(receive.max(initial=0.0)),
-        rounds=rounds_total,
-        breakdown={"misc": sum(b + lat for b, lat in misc)},
+        rounds=int((loads.msgs.max(axis=1) > 0).sum()),
+        breakdown=breakdown,
     )
 
 
-def _copy_out(it: Any, group: int) -> np.ndarray:
-    """Per source cell, the most bytes of it any one rank copies into its destination."""
+def remote_cells(it: ReshardItem, root: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per source cell of `it`: whether `root` lacks it (must gather it), and its owner (the
+    first rank holding it: the one that sends it to `root`)."""
+    g = it.src.geometry
+    flat = np.asarray(it.src.mesh.flat)
+    holders = np.where(g.members >= 0, flat[np.maximum(g.members, 0)], -1)
+    return ~(holders == root).any(axis=1), holders[:, 0]
+
+
+def _overlaps(it: ReshardItem) -> np.ndarray:
+    """Bytes of each source cell (rows) inside each destination rank's box (columns)."""
     g, d = it.src.geometry, it.dst.geometry
     lo = np.maximum(g.cell_starts[:, None, :], d.starts[None, :, :])
     hi = np.minimum(g.cell_stops[:, None, :], d.stops[None, :, :])
-    overlap = np.prod(np.clip(hi - lo, 0, None), axis=2) * it.itemsize
-    return overlap.max(axis=1).astype(np.float64) if overlap.size else np.zeros(g.ncells)
+    return np.prod(np.clip(hi - lo, 0, None), axis=2) * it.itemsize
+
+
+def _copy_out(it: ReshardItem) -> np.ndarray:
+    """Per source cell, the most bytes of it any one rank copies into its destination."""
+    ov = _overlaps(it)
+    n = it.src.geometry.ncells
+    return ov.max(axis=1).astype(np.float64) if ov.size else np.zeros(n)
+
+
+def _largest_part(it: ReshardItem) -> float:
+    """The most bytes any destination rank holds of `it` (what it copies out of the whole)."""
+    d = it.dst.geometry
+    boxes = np.prod(np.clip(d.stops - d.starts, 0, None), axis=1) * it.itemsize
+    return float(boxes.max(initial=0))

@@ -23,7 +23,6 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -108,9 +107,12 @@ def gather_broadcast(
 
 
 def bench_rank(
-    comm: Comm, world: int, tensors: int, rows: int, cols: int, reps: int, bucket: int
+    comm: Comm, port: int, world: int, tensors: int, rows: int, cols: int, reps: int, bucket: int
 ) -> dict:
-    """One rank's side of the benchmark; returns its timings and whether results matched."""
+    """One rank's side of the benchmark; returns its timings and whether results matched.
+    The baseline's broadcast group joins through the store at `port` on 127.0.0.1."""
+    from xfer.comm import tcp_store
+
     rank = comm.rank
     items = build_items(world, tensors, rows, cols)
     fulls = [_full(i, rows, cols) for i in range(tensors)]
@@ -119,8 +121,7 @@ def bench_rank(
         for it, f in zip(items, fulls, strict=True)
     ]
     bcast_ranks = [0, *range(4, world)]
-    store = getattr(comm, "_bench_store", None)
-    assert store is not None
+    store = tcp_store("127.0.0.1", port, is_master=False)
     bcast = (
         TorchComm.create(store, bcast_ranks.index(rank), len(bcast_ranks), prefix="bcast")
         if rank in bcast_ranks
@@ -156,27 +157,26 @@ def bench_rank(
                 d is None or torch.equal(d, f[it.dst.box(rank)])
                 for it, d, f in zip(items, dsts, fulls, strict=True)
             )
+    if bcast is not None:
+        bcast.close()
     return {"times": times, "ok": ok, "received": received}
 
 
-def _with_store(comm: Comm, port: int, *args: Any) -> dict:
-    from xfer.comm import tcp_store
-
-    comm._bench_store = tcp_store("127.0.0.1", port, is_master=False)  # type: ignore[attr-defined]
-    return bench_rank(comm, *args)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benches.xfer",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--ranks", type=int, default=8, help="local gloo ranks (>= 6)")
-    ap.add_argument("--tensors", type=int, default=24)
-    ap.add_argument("--rows", type=int, default=1024)
-    ap.add_argument("--cols", type=int, default=1024)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tensors", type=int, default=24, help="tensors resharded per run")
+    ap.add_argument("--rows", type=int, default=1024, help="rows of each tensor")
+    ap.add_argument("--cols", type=int, default=1024, help="columns of each tensor")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions after a warm-up")
     ap.add_argument(
         "--bucket-mib", type=float, default=DEFAULT_BUCKET_BYTES / 2**20, help="p2p bucket size"
     )
-    ap.add_argument("--json", help="write all figures to this file")
+    ap.add_argument("--json", help="write all figures to this file (default: none)")
     args = ap.parse_args(argv)
     if args.ranks < 6:
         ap.error("--ranks must be at least 6 (4 trainer ranks + 2 engine ranks)")
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tqdm(total=1, desc="running", unit="batch", leave=False) as bar:
             results = pool.run(
-                _with_store,
+                bench_rank,
                 args.ranks,
                 store.port,
                 args.ranks,

@@ -1,21 +1,26 @@
-"""The benchmark's parts: configs, the link model, the local execution, the command."""
+"""The benchmark's parts: configs, the link and memory models, the local execution, the command."""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from benches import localrun
-from benches.config import ConfigError, load
-from benches.refit import build_plans, main
+from benches.config import CONFIG_DIR, ConfigError, load
+from benches.memory import extra_memory
+from benches.refit import build_plans, local_memory, main, parser, specs
+from benches.report import plain
 from benches.simulate import Cluster, simulate
 from refit.planner import plan_refit
 from refit.spec import DestParam, EngineSpec, SourceParam, TrainerSpec
 from xfer import Layout, Mesh, Replicate, plan_reshard
 
 CONFIGS = ["dsv3", "llama3_8b", "qwen3_30b_a3b", "qwen3_235b_a22b"]
+GIB = 2**30
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -23,6 +28,7 @@ def test_configs_load(name):
     cfg = load(f"{name}.yaml")
     assert cfg.full.world > cfg.local.world >= 6
     assert cfg.cluster.nic_GBps == 50.0  # 400 Gb/s
+    assert cfg.cluster.nvlink_GBps == 450.0
 
 
 def test_dsv3_config_is_the_published_comparison_point():
@@ -32,6 +38,12 @@ def test_dsv3_config_is_the_published_comparison_point():
     assert (cfg.full.engine_tp, cfg.full.replicas) == (32, 8)
     assert cfg.cluster.gpus_per_node == 8
     assert cfg.published and cfg.published[0]["seconds"] == [2.39, 2.83]
+    # the bucket comes from the 2 GiB budget per engine GPU: (budget - misc) / 2
+    assert cfg.full.max_extra_bytes == 2 * GIB
+    assert cfg.full.bucket_bytes(0) == GIB
+    assert cfg.full.bucket_bytes(100 << 20) == GIB - (50 << 20)
+    with pytest.raises(ConfigError, match="leaves a bucket"):
+        cfg.full.bucket_bytes(2 * GIB)
 
 
 def test_fp8_precision_and_bad_names():
@@ -40,62 +52,166 @@ def test_fp8_precision_and_bad_names():
         load("nope")
 
 
-def _one_tensor_plan(nbytes_rows: int):
-    shape = (nbytes_rows, 512)  # bf16: 1 KiB rows
-    src = SourceParam(
-        "w", shape, torch.bfloat16, 0, Layout(Mesh([0], ("tp",)), [Replicate()], shape)
-    )
-    dst = DestParam(
-        "w", shape, torch.bfloat16, "w", Layout(Mesh([0], ("tp",)), [Replicate()], shape)
-    )
-    plan = plan_refit(TrainerSpec(1, ((0,),), (src,)), [EngineSpec(1, (dst,))])
-    return plan, [plan_reshard(st.items, world_size=2) for st in plan.stages]
+def _write_variant(tmp_path, old: str, new: str):
+    """llama3_8b.yaml with `old` replaced by `new`."""
+    raw = (CONFIG_DIR / "llama3_8b.yaml").read_text()
+    assert old in raw
+    path = tmp_path / "variant.yaml"
+    path.write_text(raw.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize(
+    "old, new, section, known",
+    [
+        (
+            "refit: {bucket_mib: 512}",
+            "refit: {bucket_mb: 512}",
+            "refit",
+            "bucket_mib, max_extra_gib",
+        ),
+        ("nic_GBps: 50", "nic_gbps: 400", "cluster", "nic_GBps"),
+        (
+            "  refit: {bucket_mib: 16}",
+            "  refit: {streams: 2, bucket_mib: 16}",
+            "local.refit",
+            "bucket_mib",
+        ),
+        ("engine: {tp: 2, replicas: 4}", "engine: {tp: 2, replica: 4}", "engine", "replicas"),
+        ("precision: bf16", "precison: bf16", "top level", "precision"),
+    ],
+)
+def test_unknown_keys_are_refused_naming_the_known_ones(tmp_path, old, new, section, known):
+    path = _write_variant(tmp_path, old, new)
+    with pytest.raises(ConfigError) as e:
+        load(str(path))
+    msg = str(e.value)
+    assert f"{section}: unknown key" in msg and "known keys:" in msg and known in msg
+
+
+def _one_tensor(rows: int, *, misc: bool = False):
+    """A [rows, 512] bf16 tensor (1 KiB rows) from trainer rank 0 to one engine rank."""
+    shape = (rows, 512)
+    whole = Layout(Mesh([0], ("tp",)), [Replicate()], shape)
+    src = SourceParam("w", shape, torch.bfloat16, 0, whole)
+    dst = DestParam("w", shape, torch.bfloat16, "w", None if misc else whole)
+    refit = plan_refit(TrainerSpec(1, ((0,),), (src,)), [EngineSpec(1, (dst,))])
+    return refit, plan_reshard(refit.items, world_size=refit.world, bucket_bytes=1 << 20)
 
 
 def test_model_of_one_message_across_nodes():
-    plan, sps = _one_tensor_plan(2048)  # 2 MiB from rank 0 to rank 1 on the next node
+    refit, plan = _one_tensor(2048)  # 2 MiB from rank 0 to rank 1 on the next node
     c = Cluster("test", gpus_per_node=1, nic_GBps=2.0, nvlink_GBps=100.0, msg_latency_us=5,
-                round_latency_us=10, collective_latency_us=20, copy_GBps=4.0, copy_overlaps=False)  # fmt: skip
-    r = simulate(plan, sps, c, streams=1)
+                round_latency_us=10, collective_latency_us=20, step_latency_us=100,
+                copy_GBps=4.0, copy_overlaps=False)  # fmt: skip
+    r = simulate(refit, plan, c)
     nbytes = 2048 * 512 * 2
+    rounds = plan.rounds  # 1 MiB buckets: two rounds of 1 MiB
+    assert rounds == 2 and r.rounds == 2
     link = nbytes / 2e9
     copies = nbytes / 4e9  # the busiest rank packs (or unpacks) it once
-    latency = 10e-6 + 5e-6  # one round; each rank handles one message
-    agree = 10e-6 + 20e-6
-    assert r.p2p == pytest.approx(link + copies + latency + agree, rel=1e-9)
+    latency = rounds * (10e-6 + 5e-6)  # each rank handles one message per round
+    assert r.p2p == pytest.approx(link + copies + latency + 100e-6, rel=1e-9)
+    assert r.breakdown["step"] == pytest.approx(100e-6)
     assert r.lower_bound == pytest.approx(link, rel=1e-9) and r.receive_bound == r.lower_bound
-    assert r.golden > r.p2p and r.baseline > r.p2p
+    assert r.golden > r.p2p and r.baseline > link
+
+
+def test_memory_model_staging_and_misc():
+    refit, plan = _one_tensor(4096, misc=True)  # 4 MiB misc tensor, 1 MiB buckets
+    assert len(refit.misc) == 1 and refit.bulk == 0
+    mem = extra_memory(refit, plan)
+    st = plan.stats
+    assert mem.max("p2p", "trainer") == 2 * st.peak_send_round[0] == 2 << 20
+    assert mem.max("p2p", "engine") == 2 * st.peak_recv_round[1] + (4 << 20) == 6 << 20
+    # golden holds the largest cell, the baseline the whole tensor (and misc on engines)
+    assert mem.max("golden", "engine") == (4 << 20) + (4 << 20)
+    assert mem.max("baseline", "trainer") == 4 << 20  # the root holds it already: no gather
 
 
 def test_dsv3_at_full_scale_model_properties():
     cfg = load("dsv3")
-    plan, sps, _ = build_plans(cfg.full)
-    assert plan.bulk_fraction == 1.0
-    by_streams = [simulate(plan, sps, cfg.cluster, streams=k).p2p for k in (1, 2, 16)]
-    assert by_streams[0] > by_streams[1] > by_streams[2]
-    r = simulate(plan, sps, cfg.cluster, streams=cfg.full.streams)
+    built = build_plans(cfg.full)
+    assert built.refit.bulk_fraction == 1.0 and built.bucket_bytes == GIB
+    r = simulate(built.refit, built.plan, cfg.cluster)
     assert r.lower_bound <= r.p2p <= 1.10 * r.lower_bound
     assert r.receive_bound == pytest.approx(43.94e9 / 50e9, rel=0.01)  # the design's ~0.88 s
     assert r.golden > 10 * r.p2p and r.baseline > r.golden
+    mem = extra_memory(built.refit, built.plan)
+    assert GIB < mem.max("p2p", "engine") <= 2 * GIB  # within the budget
+    assert GIB < mem.max("p2p", "trainer") <= 2 * GIB
+    st = built.plan.stats
+    t = built.refit.trainer_world
+    assert mem.max("p2p", "engine") == 2 * st.peak_recv_round[t:].max()
 
 
-def test_local_execution_paths_agree(ranks):
-    cfg = load("dsv3")
+def test_local_execution_paths_agree_and_memory_matches_the_model(ranks):
+    cfg = load("dsv3", precision="fp8")  # fp8: scales are misc tensors, held whole
     small = {**cfg.local.model, "hidden_size": 256, "intermediate_size": 512,
              "moe_intermediate_size": 128, "vocab_size": 2048, "num_hidden_layers": 2}  # fmt: skip
-    from dataclasses import replace
-
-    side = replace(cfg.local, model=small)
-    plan, _, _ = build_plans(side)
-    out = localrun.execute(plan, streams=side.streams, bucket_bytes=1 << 20, reps=1, pool=ranks)
+    side = replace(cfg.local, model=small, bucket_cap=1 << 20)
+    built = build_plans(side)
+    assert built.refit.misc and built.refit.bulk
+    trainer, engine = specs(side)
+    out = localrun.execute(
+        trainer, engine, side.replicas, bucket_bytes=built.bucket_bytes, reps=1, pool=ranks
+    )
     assert out["identical"]
     assert all(out["paths"][p]["correct"] for p in localrun.PATHS)
+    # what each rank held matches the model: p2p with zero copy, from every rank's program
+    # (within the plan's bound), golden and the baseline from the plan
+    model = local_memory(built)
+    for path, key in (("p2p", "p2p"), ("golden", "golden"), ("gather+bcast", "baseline")):
+        assert out["paths"][path]["extra_bytes"] == model[key], path
+    for role in ("engine", "trainer"):
+        assert model["p2p"][role] <= model["p2p_bound"][role]
+        assert model["p2p"][role] > model["p2p_bound"][role] // 10
 
 
-def test_command_plans_simulates_and_writes(tmp_path, capsys):
+def test_command_plans_simulates_and_writes_standard_json(tmp_path):
     assert main(["--config", "llama3_8b.yaml", "--skip-local", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "llama3_8b.json").read_text())
-    assert report["full"]["plan"]["bulk_fraction"] == 1.0
-    assert report["full"]["sim"]["p2p"] >= report["full"]["sim"]["lower_bound"] > 0
+
+    def no_constants(x):
+        raise AssertionError(f"non-standard JSON constant {x}")
+
+    report = json.loads((tmp_path / "llama3_8b.json").read_text(), parse_constant=no_constants)
+    full = report["full"]
+    assert full["plan"]["bulk_fraction"] == 1.0
+    assert full["sim"]["p2p"] >= full["sim"]["lower_bound"] > 0
+    assert full["sim"]["receive_bound"] > 0
+    mem = full["memory"]
+    assert mem["engine_extra_bytes_max"] > 0 and mem["trainer_extra_bytes_max"] > 0
+    assert mem["engine_extra_bytes_max"] <= 2 * full["plan"]["bucket_bytes"]
+    prov = report["provenance"]
+    assert prov["versions"]["torch"] == torch.__version__
+    assert prov["command"].startswith("python -m benches.refit --config llama3_8b.yaml")
+    assert prov["machine"]["cpu_cores"] >= 1 and "gpus" in prov["machine"]
+    assert report["local"] is None
     assert (tmp_path / "llama3_8b.png").stat().st_size > 10_000
-    assert "gather + broadcast baseline" in capsys.readouterr().out
+
+
+def test_plain_json_replaces_non_finite_numbers():
+    import numpy as np
+
+    x = plain({"a": math.nan, "b": [np.float32(math.inf), np.int64(3)], 4: np.array([1.5])})
+    assert x == {"a": None, "b": [None, 3], "4": [1.5]}
+    json.dumps(x, allow_nan=False)
+
+
+def test_cli_names_itself_and_shows_defaults():
+    text = " ".join(parser().format_help().split())
+    assert text.startswith("usage: python -m benches.refit")
+    assert "(default: dsv3.yaml)" in text and "(default: 5)" in text
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() >= 8, reason="has a GPU per rank"
+)
+def test_nccl_is_refused_without_a_gpu_per_rank(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "dsv3", "--backend", "nccl", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--backend nccl" in err and f"{load('dsv3').local.world} ranks" in err
+    assert not out.exists()  # refused before anything started
