@@ -348,6 +348,11 @@ class Refitter:
         except RefitError as e:
             self._connected = False  # this generation's communicator is gone
             failures = board.read(version)
+            # what the driver saw of every side (a dead process, a rank that never answered):
+            # ranks that died could not post their own failure
+            seen = Failure(-1, "driver", "the refit's outcome", " | ".join(e.violations))
+            if seen.message not in {f.message for f in failures}:
+                failures.append(seen)
             log.warning("refit %d failed: %s", version, "; ".join(f.describe() for f in failures))
             raise RefitFailed(
                 version,

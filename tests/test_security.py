@@ -152,3 +152,31 @@ def test_an_unreachable_store_is_a_refit_error():
     )  # fmt: skip
     with pytest.raises(RefitError, match=f"cannot reach the refit's store at 127.0.0.1:{port}"):
         RefitRank(setup)
+
+
+def test_the_backend_follows_where_the_tensors_live():
+    from refit.refitter import choose_backend
+
+    assert choose_backend("auto", "cuda", "cuda") == "nccl"
+    assert choose_backend("auto", "cpu", "cpu") == "gloo"
+    with pytest.raises(RefitError, match="trainer's tensors are on cuda but the engine's on cpu"):
+        choose_backend("auto", "cuda", "cpu")
+    with pytest.raises(RefitError, match="gloo send/recv does not take CUDA tensors"):
+        choose_backend("gloo", "cuda", "cuda")
+    with pytest.raises(RefitError, match="NCCL needs CUDA"):
+        choose_backend("nccl", "cpu", "cpu")
+
+
+def test_m2n_is_not_chosen_past_its_fan_in_and_fan_out_limits():
+    import torch
+
+    from xfer import Layout, Mesh, ReshardItem, Shard, m2n
+
+    def item(n_src: int, n_dst: int) -> ReshardItem:
+        src = Layout(Mesh(list(range(n_src)), ("s",)), [Shard(0)], (4096, 8))
+        dst = Layout(Mesh(list(range(n_src, n_src + n_dst)), ("d",)), [Shard(1)], (4096, 8))
+        return ReshardItem(src, dst, torch.float32, "w")
+
+    assert m2n._fan(item(16, 2)) is None
+    assert "fed by 32 source shards" in m2n._fan(item(32, 2))
+    assert m2n._fan(item(2, 8)) is None
