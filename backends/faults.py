@@ -72,19 +72,24 @@ class Campaign:
         self.work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-faults-"))
         self.path = str(self.work / "qwen3_moe")
         self.config = build("qwen3_moe", self.path)
+        import torch
+
         ray.init(
             num_cpus=8,
+            num_gpus=torch.cuda.device_count(),
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
             runtime_env={"env_vars": {fault_injection.ENV: "1"}},  # arm the test hooks
         )
         self.stage_ranks = [m.flat for m in stage_meshes(1, 1, 2)]
+        gpu = args.device == "cuda"
         self.trainer = TorchTrainerGroup.launch(
-            2, checkpoint_shards, self.path, 1, 2, False, 1, None, stage_ranks=self.stage_ranks
-        )
-        self._engine_cls = ray.remote(num_cpus=0.5)(VllmEngineActor)
-        self._kwargs = engine_kwargs(self.path, self.config, 1)
+            2, checkpoint_shards, self.path, 1, 2, False, 1, None, args.device,
+            stage_ranks=self.stage_ranks, num_gpus=1 if gpu else 0,
+        )  # fmt: skip
+        self._engine_cls = ray.remote(num_cpus=0.5, num_gpus=1 if gpu else 0)(VllmEngineActor)
+        self._kwargs = engine_kwargs(self.path, self.config, 1, gpu=gpu)
         self.engine_actor = self._engine_cls.remote(self._kwargs)
         self.engine = RayEngine(self.engine_actor, name="engine replica 0")
         self.refitter = Refitter(self.trainer, [self.engine], timeout_s=args.timeout, verify=True)
@@ -150,10 +155,15 @@ class Campaign:
         }
 
     # -- a case ----------------------------------------------------------------------------
+    def _wanted(self, name: str) -> bool:
+        return not self.args.only or self.args.only in name
+
     def case(self, name: str, cause: Any, fix: Any, *, refit: bool = True) -> None:
         from refit.errors import RefitError
         from refit.watch import RefitFailed
 
+        if not self._wanted(name):
+            return
         print(f"-- {name}", flush=True)
         rec: dict[str, Any] = {"case": name}
         self.new_weights()
@@ -271,12 +281,17 @@ class Campaign:
             self._drop_other_model,
             refit=False,
         )
-        self.hostile_store()
-        self.stopped_engine()
-        self.concurrent_refits()
-        self.duplicated_engine()
-        self.generation_races_install()
-        self.many_failures(self.args.failures)
+        for case in (
+            self.killed_driver,
+            self.hostile_store,
+            self.stopped_engine,
+            self.concurrent_refits,
+            self.duplicated_engine,
+            self.generation_races_install,
+            self.many_failures,
+        ):
+            if self._wanted(case.__doc__ or case.__name__):
+                case()
         return self.records
 
     # -- the security campaign's cases ------------------------------------------------------
@@ -293,8 +308,45 @@ class Campaign:
         out["engine"] = ray.get(self.engine_actor.call.remote(proc_stats))
         return out
 
+    def killed_driver(self) -> None:
+        """driver killed mid-refit: another driver (its own Ray, trainer ranks and engine)
+        is killed with SIGKILL while a trainer rank stalls in a refit; every process it
+        started must end."""
+        import subprocess
+
+        script = self.work / "driver.py"
+        script.write_text(_DRIVER.format(path=str(self.work / "qwen3_driver")))
+        log = self.work / "driver.log"
+        env = dict(os.environ, **{fault_injection.ENV: "1"})
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, str(script)], stdout=out, stderr=out, env=env)
+        deadline = time.monotonic() + 240
+        while "REFITTING" not in log.read_text() and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            time.sleep(1)
+        time.sleep(2)  # inside the refit
+        started = _descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+        t0 = time.monotonic()
+        left = started
+        while left and time.monotonic() - t0 < 180:
+            time.sleep(1)
+            left = [p for p in left if _alive(p)]
+        self._extra(
+            "driver killed (SIGKILL) mid-refit",
+            {
+                "processes": len(started),
+                "left": len(left),
+                "seconds_until_none": round(time.monotonic() - t0, 1),
+                "recovered": True,  # the campaign's own refitter is not involved
+            },
+            lambda x: x["processes"] >= 3 and x["left"] == 0,
+        )
+
     def hostile_store(self) -> None:
-        """Forged, pickled and garbled records under the next refit's keys."""
+        """hostile records: forged, pickled and garbled records under the next refit's keys."""
         from xfer import tcp_store, wire
 
         r = self.refitter
@@ -331,7 +383,7 @@ class Campaign:
         )
 
     def stopped_engine(self) -> None:
-        """SIGSTOP the engine's process during a refit, SIGCONT it after the deadline."""
+        """engine process stopped: SIGSTOP during a refit, SIGCONT after the deadline."""
         import ray
 
         pid = ray.get(self.engine_actor.call.remote(proc_stats))["pid"]
@@ -360,6 +412,7 @@ class Campaign:
         )  # fmt: skip
 
     def concurrent_refits(self) -> None:
+        """two refits started at once on one Refitter."""
         from concurrent.futures import ThreadPoolExecutor
 
         self.new_weights()
@@ -382,6 +435,7 @@ class Campaign:
         )
 
     def duplicated_engine(self) -> None:
+        """the same engine listed twice."""
         from refit.refitter import Refitter
 
         try:
@@ -396,8 +450,8 @@ class Campaign:
         )
 
     def generation_races_install(self) -> None:
-        """Generate while a refit installs: the actor serializes them, so generation sees
-        the old weights or the new ones, never a mix."""
+        """generation racing an install: the actor serializes them, so generation sees the
+        old weights or the new ones, never a mix."""
         import ray
 
         from backends.hf_checkpoint import load_grouped, save_grouped
@@ -430,9 +484,10 @@ class Campaign:
             lambda x: x["generations"] >= 1 and x["each_old_or_new"],
         )
 
-    def many_failures(self, n: int) -> None:
-        """`n` refits in a row that fail (a trainer rank raises), then one that succeeds:
-        every process's threads, descriptors and memory before and after."""
+    def many_failures(self, n: int | None = None) -> None:
+        """failing refits in a row (a trainer rank raises), then one that succeeds: every
+        process's threads, descriptors and memory before and after."""
+        n = self.args.failures if n is None else n
         import ray
 
         t = self.trainer.actors
@@ -522,6 +577,60 @@ def proc_stats(_obj: Any = None) -> dict[str, int]:
     return {"threads": threads, "fds": fds, "rss": rss, "pid": os.getpid()}
 
 
+_DRIVER = """
+import os
+import ray
+from backends.ray_engine import RayEngine, VllmEngineActor, engine_kwargs
+from backends.tiny_models import build
+from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards
+from refit import Refitter
+
+path = {path!r}
+config = build("qwen3", path)
+ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False,
+         runtime_env={{"env_vars": {{"REFIT_FAULT_INJECTION": "1"}}}})
+trainer = TorchTrainerGroup.launch(2, checkpoint_shards, path, 1, 2)
+engine = ray.remote(num_cpus=0.5)(VllmEngineActor).remote(engine_kwargs(path, config))
+refitter = Refitter(trainer, RayEngine(engine), timeout_s=60)
+refitter.refit()
+ray.get(trainer.actors[1].set_fault.remote("sleep:600", "transfer"))
+print("REFITTING", flush=True)
+refitter.refit()
+"""
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        out.setdefault(ppid, []).append(int(d))
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in kids.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 class _Boom:
     """Unpickling this would write a file."""
 
@@ -568,6 +677,11 @@ def _extra_row(r: dict[str, Any]) -> str:
         )
     elif "outcomes" in r:
         what = "; ".join(_clean(o)[:70] for o in r["outcomes"])
+    elif "seconds_until_none" in r:
+        what = (
+            f"{r['processes']} processes it started; {r['left']} left after "
+            f"{r['seconds_until_none']} s"
+        )
     elif "generations" in r:
         what = (
             f"{r['generations']} generations during the refit, each on the old or the new "
@@ -646,6 +760,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--failures", type=int, default=200, help="failing refits in a row, for the leak count"
     )
+    ap.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: a GPU per rank, NCCL"
+    )
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this")
     ap.add_argument("--workdir", help="where models are written (default: a temporary dir)")
     ap.add_argument("--json", help="write every case's record here")
     ap.add_argument("--markdown", action="store_true", help="print the results as a table")

@@ -208,7 +208,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from backends.ray_trainer import free_port
     from backends.tiny_models import build, build_from_config, step_weights
     from backends.torch_trainer import TorchTrainerGroup, hf_model_shards
-    from refit.refitter import Refitter
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-scenario-"))
     if args.config_json:
@@ -228,14 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         trainer = _torch_trainer(args, path, world, port)
     replicas = start_engines(args, path, config)
-    refitter = Refitter(
-        trainer,
-        [r.side for r in replicas],
-        staging_bytes=args.staging_bytes,
-        verify=args.verify,
-        strict=args.strict,
-        install=args.install,
-    )
+    refitter = make_refitter(args, trainer, replicas)
     t0 = time.perf_counter()
     plan = refitter.prepare()
     report: dict[str, Any] = {
@@ -262,6 +254,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     ray.shutdown()
     return report
+
+
+def make_refitter(args: argparse.Namespace, trainer: Any, replicas: list[Any]) -> Any:
+    """The scenario's `Refitter`, with the options of the command line."""
+    from refit import Refitter
+
+    return Refitter(
+        trainer,
+        [r.side for r in replicas],
+        staging_bytes=args.staging_bytes,
+        verify=args.verify,
+        strict=args.strict,
+        install=args.install,
+    )
 
 
 def plan_facts(plan: Any) -> dict[str, int]:
@@ -415,7 +421,6 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
     from backends.megatron_layout import megatron_spec
     from backends.megatron_worker import MegatronTrainerGroup
     from backends.tiny_models import build, step_weights
-    from refit.refitter import Refitter
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-scenario-"))
     overrides: dict[str, Any] = {"num_hidden_layers": args.layers}
@@ -451,13 +456,7 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
                     == sorted(meta.params, key=lambda p: p.name)
                     and spec.stage_ranks == meta.stage_ranks
                 )
-            refitter = Refitter(
-                group,
-                [r.side for r in replicas],
-                verify=args.verify,
-                strict=args.strict,
-                install=args.install,
-            )
+            refitter = make_refitter(args, group, replicas)
             plan = refitter.prepare()
             lay["plan"] = plan.summary()
             lay["plan_facts"] = plan_facts(plan)

@@ -206,3 +206,42 @@ def test_refit_into_a_vllm_engine_with_cuda_graphs(tmp_path):
     assert_good(r, 3)
     for s in r["steps"]:
         assert s["engine_extra_bytes"] > 0 and s["trainer_extra_bytes"] >= 0
+
+
+@two_gpus
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_megatron_rank_into_a_vllm_engine_over_20_steps_verified(tmp_path):
+    from tests.test_megatron_e2e import check
+    from tests.test_refit_e2e import scenario
+
+    layout = "tp2" if torch.cuda.device_count() >= 3 else "tp1"  # one GPU left for the engine
+    r = scenario(
+        tmp_path, "--trainer", "megatron", "--model", "qwen3_moe", "--device", "cuda",
+        "--layouts", layout, "--steps", "20", "--verify", timeout=1700,
+    )  # fmt: skip
+    assert len(r["layouts"][0]["steps"]) == 20
+    check(r, [layout], steps=20)
+
+
+@two_gpus
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_trainer_rank_killed_mid_refit_leaves_the_engine_alive_and_stale(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    if torch.cuda.device_count() < 3:
+        pytest.skip("needs 3 GPUs: two trainer ranks and an engine")
+    out = tmp_path / "faults.json"
+    subprocess.run(
+        [sys.executable, "-m", "backends.faults", "--device", "cuda", "--timeout", "20",
+         "--only", "trainer rank process dies", "--json", str(out)],
+        timeout=850, check=False,
+    )  # fmt: skip
+    (rec,) = json.loads(out.read_text())
+    assert rec["raised"] and set(rec["sides_raised"]) == {"trainer", "engine"}
+    st = rec["status_after"]
+    assert st["alive"] and st["stale"] and st["generate_refused"]  # NCCL aborted, engine up
+    assert rec["recovered"]

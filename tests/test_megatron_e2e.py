@@ -31,7 +31,7 @@ DENSE = ["tp2", "pp2", "tp2pp2", "pp2vpp2", "tp2vocab96"]
 MOE = ["tp2", "pp2", "tp2pp2", "ep2", "tp2ep2etp1", "tp2ep2etp2", "pp2vpp2"]
 
 
-def check(report: dict, layouts: list[str]) -> dict[str, dict]:
+def check(report: dict, layouts: list[str], steps: int = 2) -> dict[str, dict]:
     assert all(map(all, report["initial_tokens_equal"])), report["initial_tokens_equal"]
     by = {lay["layout"]: lay for lay in report["layouts"]}
     assert list(by) == layouts
@@ -40,7 +40,7 @@ def check(report: dict, layouts: list[str]) -> dict[str, dict]:
         assert lay["init_logits_diff"] <= 1e-5 and lay["init_logits_max"] > 0.1, name
         if "vocab" not in name:  # the metadata model knows only the default vocab padding
             assert lay["metadata_spec_equal"], name
-        assert len(lay["steps"]) == 2, name
+        assert len(lay["steps"]) == steps, name
         for s in lay["steps"]:
             assert s["export_differs"] == [], (name, s["export_differs"])
             assert s["logits_diff"] <= 1e-5, (name, s["logits_diff"])

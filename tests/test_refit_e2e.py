@@ -148,6 +148,13 @@ def test_more_moe_architectures(workdir, model, engine_tp):
     assert r["bulk_fraction"] == 1.0 and r["misc"] == []
 
 
+@pytest.mark.parametrize(("model", "engine_tp"), [("qwen3_moe", 1), ("dsv3", 2)])
+def test_llm_with_the_xfer_weight_transfer_backend(workdir, model, engine_tp):
+    # LLM(weight_transfer_config={"backend": "xfer"}): vLLM's own API, no worker extension
+    r = scenario(workdir, "--model", model, "--engine-api", "native", "--engine-tp", str(engine_tp))
+    assert_good(r, 2)
+
+
 def test_gpt_oss_is_refused_with_the_reason():
     from refit.hf import UnsupportedModel, hf_params
 

@@ -147,11 +147,13 @@ def test_fault_campaign(tmp_path):
     records = json.loads(report.read_text())
     cases = {r["case"]: r for r in records if not r.get("extra")}
     extra = {r["case"]: r for r in records if r.get("extra")}
-    assert len(cases) == 11 and len(extra) == 6
+    assert len(cases) == 11 and len(extra) == 7
     for name, r in extra.items():
         assert r["passed"] and r["recovered"], (name, r)
     hostile = next(r for n, r in extra.items() if n.startswith("hostile records"))
     assert hostile["ignored_by_ranks"] >= 3 and not hostile["code_ran"]
+    killed = extra["driver killed (SIGKILL) mid-refit"]
+    assert killed["processes"] >= 3 and killed["left"] == 0  # nothing it started runs on
     leaks = extra["200 failing refits in a row"]
     assert leaks["failed"] == 200
     for proc, before in leaks["before"].items():
