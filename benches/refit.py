@@ -279,8 +279,24 @@ def run_engines(cfg: BenchConfig) -> dict[str, Any]:
             cmd.append("--trainer-ep")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if not out.exists():
-            return {"ok": False, "error": proc.stderr[-4000:]}
-        return json.loads(out.read_text())
+            return {"ok": False, "error": proc.stderr[-4000:], "vllm_backends": vllm_backends()}
+        report = json.loads(out.read_text())
+        report["vllm_backends"] = vllm_backends()
+        return report
+
+
+def vllm_backends() -> dict[str, str]:
+    """vLLM's own weight-transfer backends beside xfer on this machine: why each did not run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        why = (
+            "not run: needs CUDA (vLLM's engine calls torch.accelerator.current_device_index(), "
+            "which raises without an accelerator)"
+        )
+        return {"nccl": why, "nccl_m2n": why + "; also needs nccl-extensions with NCCL >= 2.30.5"}
+    why = "not run: the side-by-side measurement of vLLM's own backends is not implemented yet"
+    return {"nccl": why, "nccl_m2n": why}
 
 
 def simulate_full(cfg: BenchConfig, progress: Any) -> dict[str, Any]:
@@ -376,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if local and "engines" in local:
         ok = ok and bool(local["engines"].get("ok"))
+        for name, why in local["engines"]["vllm_backends"].items():
+            print(f"vLLM's {name} backend: {why}")
     return 0 if ok else 1
 
 
