@@ -264,6 +264,7 @@ def make_refitter(args: argparse.Namespace, trainer: Any, replicas: list[Any]) -
         trainer,
         [r.side for r in replicas],
         staging_bytes=args.staging_bytes,
+        max_extra_bytes=args.max_extra_bytes,
         verify=args.verify,
         strict=args.strict,
         install=args.install,
@@ -279,6 +280,7 @@ def plan_facts(plan: Any) -> dict[str, int]:
         "replica_world": plan.replica_world,
         "bulk": plan.bulk,
         "misc": len(plan.misc),
+        "misc_bytes_per_engine_rank": sum(e.nbytes for e in plan.misc),
     }
 
 
@@ -542,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trainer-pp", type=int, default=1, help="trainer pipeline stages")
     ap.add_argument("--dtensor", action="store_true", help="trainer ranks hold torch DTensors")
     ap.add_argument("--staging-bytes", type=int, default=None, help="cap on engine staging")
+    ap.add_argument(
+        "--max-extra-bytes",
+        type=int,
+        default=None,
+        help="Refitter(max_extra_bytes=...): engine memory budget the bucket comes from",
+    )
     ap.add_argument(
         "--device",
         choices=["cpu", "cuda"],

@@ -39,7 +39,9 @@ debugging) holds every rank to NCCL's completion and ordering rules on any backe
 
 Memory: a rank keeps two send and two receive staging buffers of at most `bucket_bytes`
 (per round, a rank sends and receives at most that); `staging_bytes` caps what an engine rank
-stages (the bucket becomes ``staging_bytes // 2``). Engine ranks also hold each misc tensor
+stages (the bucket becomes ``staging_bytes // 2``); `max_extra_bytes` is a budget per engine
+rank from which the bucket is derived once the plan knows the misc tensors
+(``(max_extra_bytes - misc bytes) // 2``). Engine ranks also hold each misc tensor
 whole while they load it, and, for modules installed *staged*, a checkpoint-format copy
 until the install finishes. ``install="live"`` (the default on GPUs) writes bulk straight
 into the running weights wherever nothing processes them after loading: no copy, but a
@@ -72,6 +74,7 @@ from xfer.net import is_local, routable_address
 __all__ = ["BACKENDS", "RefitStats", "Refitter", "choose_backend"]
 
 log = logging.getLogger(__name__)
+MIN_BUDGET_BUCKET = 1 << 16  # smallest bucket a memory budget may leave
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -153,6 +156,20 @@ def _one_engine(x: Any, i: int, pause: str | None = "wait") -> EngineSide:
     return RpcEngine(x, name=f"engine replica {i}")
 
 
+def budget_bucket(budget: int, misc_bytes: int, bucket_bytes: int) -> int:
+    """The bucket that keeps an engine rank's extra memory within `budget` bytes: two receive
+    buffers of one bucket plus every misc tensor whole (`misc_bytes`), at most `bucket_bytes`.
+    A staged install's copies come on top: use ``install="live"`` where the budget is tight."""
+    bucket = min(bucket_bytes, (budget - misc_bytes) // 2)
+    if bucket < MIN_BUDGET_BUCKET:
+        raise RefitError(
+            f"max_extra_bytes={budget} does not fit: the misc tensors alone take {misc_bytes} B "
+            f"on every engine rank, leaving buckets of {bucket} B (at least {MIN_BUDGET_BUCKET})"
+        )
+    log.info("memory budget %d B: bucket %d B (misc %d B)", budget, bucket, misc_bytes)
+    return bucket
+
+
 class Refitter:
     """Moves the trainer's weights into the engine replicas, shard to shard."""
 
@@ -164,6 +181,7 @@ class Refitter:
         path: Path = "auto",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         staging_bytes: int | None = None,
+        max_extra_bytes: int | None = None,
         host: str = "auto",
         backend: str = "auto",
         timeout_s: float = 600.0,
@@ -199,6 +217,7 @@ class Refitter:
         self.engines = _engine_sides(vllm_engine, pause)
         self.path: Path = path
         self.staging_bytes = staging_bytes
+        self.max_extra_bytes = max_extra_bytes
         self.bucket_bytes = bucket_bytes
         self.host = host
         self.backend = backend
@@ -241,6 +260,9 @@ class Refitter:
             engine_specs = [e.describe() for e in self.engines]
             plan = plan_refit(trainer_spec, engine_specs)
             self.backend = choose_backend(self.backend, trainer_spec.device, engine_specs[0].device)
+            if self.max_extra_bytes is not None:
+                misc = sum(e.nbytes for e in plan.misc)
+                self.bucket_bytes = budget_bucket(self.max_extra_bytes, misc, self.bucket_bytes)
             self._specs = (trainer_spec, engine_specs)
             self.plan = plan
             log.info(

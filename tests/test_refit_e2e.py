@@ -97,7 +97,34 @@ def test_deepseek_v3_pipeline_misc_and_staging_cap(workdir):
         "model.layers.0.self_attn.q_b_proj.weight" in misc
     )  # sharded on the trainer: its shards go to every engine rank
     assert all(0 < s["engine_staging_bytes"] <= cap for s in r["steps"])
+    assert all(s["engine_extra_bytes"] >= s["engine_staging_bytes"] for s in r["steps"])
     assert all(s["misc_bytes"] > 0 for s in r["steps"])
+
+
+def test_memory_budget_sets_the_bucket(workdir):
+    # max_extra_bytes: the bucket comes from the budget once the plan knows the misc tensors
+    # every engine rank holds whole; staging plus misc stays inside it
+    budget = 1 << 20
+    r = scenario(
+        workdir, "--model", "dsv3", "--trainer-tp", "2", "--install", "live",
+        "--force-misc", "input_layernorm", "--max-extra-bytes", str(budget),
+    )  # fmt: skip
+    assert_good(r, 2)
+    misc = r["plan_facts"]["misc_bytes_per_engine_rank"]
+    assert misc > 0
+    assert all(s["bulk_bytes"] > 2 * budget for s in r["steps"])  # the budget binds
+    assert all(0 < s["engine_staging_bytes"] <= budget - misc for s in r["steps"])
+
+
+def test_memory_budget_too_small_is_refused_before_any_transfer():
+    from refit.errors import RefitError
+    from refit.refitter import budget_bucket
+
+    misc = 2 << 20
+    assert budget_bucket(4 << 20, misc, 1 << 30) == 1 << 20  # two buffers of a bucket
+    assert budget_bucket(64 << 20, misc, 8 << 20) == 8 << 20  # never above bucket_bytes
+    with pytest.raises(RefitError, match=f"max_extra_bytes={2 << 20} does not fit"):
+        budget_bucket(2 << 20, misc, 1 << 30)
 
 
 def test_live_install_writes_the_running_weights_without_copies(workdir):
