@@ -53,12 +53,12 @@ def long_prompt(n: int, seed: int) -> list[int]:
 PROMPTS = [long_prompt(150, 0), [*long_prompt(96, 0), 7, 8, 9], [100, 3, 42, 17]]
 
 
-def set_step(rank_obj: Any, path: str, step: int) -> None:
+def set_step(rank_obj: Any, path: str, step: int, changed: float | None = None) -> None:
     """Trainer-side 'training step': this rank's shards of `step_weights(base, step)`."""
     from backends.hf_checkpoint import load_grouped
     from backends.tiny_models import step_weights
 
-    full = step_weights(load_grouped(path), step)
+    full = step_weights(load_grouped(path), step, changed=changed)
     for name, ref in rank_obj.params.items():
         ref.local.copy_(full[name][ref.layout.box(rank_obj.rank)])
 
@@ -243,9 +243,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     previous = hf_generate(path, PROMPTS, args.tokens)
     report["initial_tokens_equal"] = warm_prefix_cache(replicas, previous, args.tokens)
     for step in range(1, args.steps + 1):
-        trainer.call(set_step, path, step)
+        trainer.call(set_step, path, step, args.changed)
         step_dir = str(work / f"{Path(path).name}_step{step}")
-        save_grouped(step_weights(base, step), config, step_dir)
+        save_grouped(step_weights(base, step, changed=args.changed), config, step_dir)
         rec, previous = check_step(refitter, replicas, hf_model(step_dir), previous, args)
         rec["step"] = step
         report["steps"].append(rec)
@@ -267,6 +267,7 @@ def make_refitter(args: argparse.Namespace, trainer: Any, replicas: list[Any]) -
         max_extra_bytes=args.max_extra_bytes,
         verify=args.verify,
         strict=args.strict,
+        delta=args.delta,
         install=args.install,
     )
 
@@ -341,6 +342,11 @@ def check_step(
     cap_g = [[_load(b) for b in r.rpc("refit_captured")] for r in replicas]
     sd_g = [[_load(b) for b in r.rpc("refit_state_dict")] for r in replicas]
     rec["p2p_seconds"], rec["golden_seconds"] = p2p.seconds, golden.seconds
+    rec["delta"], rec["wire_bytes"], rec["baseline_bytes"] = (
+        p2p.delta,
+        p2p.wire_bytes,
+        p2p.baseline_bytes,
+    )
     rec["peak_staging_bytes"] = p2p.peak_staging_bytes
     rec["engine_staging_bytes"] = max(s.staging_bytes for s in p2p.ranks if s.role == "engine")
     rec["engine_extra_bytes"] = p2p.engine_extra_bytes
@@ -558,6 +564,15 @@ def main(argv: list[str] | None = None) -> int:
         "engine rank, NCCL, CUDA graphs on)",
     )
     ap.add_argument("--verify", action="store_true", help="Refitter(verify=True): checksums")
+    ap.add_argument(
+        "--delta", action="store_true", help="Refitter(delta=True): sparse deltas after the first"
+    )
+    ap.add_argument(
+        "--changed",
+        type=float,
+        default=None,
+        help="each step changes this fraction of the elements (default: all, a little)",
+    )
     ap.add_argument(
         "--install",
         choices=["auto", "live", "staged"],

@@ -209,9 +209,23 @@ def build_from_config(config: dict[str, Any], path: str | Path, *, seed: int = 0
 
 
 def step_weights(
-    base: dict[str, torch.Tensor], step: int, *, scale: float = 0.02
+    base: dict[str, torch.Tensor], step: int, *, scale: float = 0.02, changed: float | None = None
 ) -> dict[str, torch.Tensor]:
-    """The full weights after training step `step`: base + a deterministic per-name delta."""
+    """The full weights after training step `step`: base + a deterministic per-name delta.
+
+    With `changed`, each step instead gives new values to that fraction of the previous
+    step's elements (chosen at random, deterministically), as sparse updates do."""
+    if changed is not None:
+        out = dict(base)
+        for k in range(1, step + 1):
+            for name, t in out.items():
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 1000 + k)
+                mask = torch.rand(t.shape, generator=g) < changed
+                new = t.float() + torch.randn(t.shape, generator=g) * scale * (
+                    1 + t.float().abs().mean()
+                )
+                out[name] = torch.where(mask, new.to(t.dtype), t)
+        return out
     out = {}
     for name, t in base.items():
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 1000 + step)

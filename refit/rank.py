@@ -52,7 +52,9 @@ from refit.planner import RefitPlan, plan_refit
 from refit.spec import EngineSpec, TrainerSpec
 from refit.watch import Failure, FailureBoard, RefitFailed
 from xfer import DEFAULT_BUCKET_BYTES, Comm, Resharder, TorchComm, tcp_store
-from xfer.api import PATHS, Path
+from xfer.api import PATHS, Delta, Path
+from xfer.delta import Baselines
+from xfer.execute import XferStats
 from xfer.net import local_address_for
 from xfer.segments import Local
 from xfer.strict import StrictComm
@@ -75,6 +77,13 @@ class RankOptions:
     # second copy, no rollback), "staged" into checkpoint-format copies (rollback possible);
     # "auto": live on GPUs, staged where the platform repacks weights (CPU)
     install: str = "auto"
+    # sparse deltas (`xfer.delta`): the first refit of every communicator generation is
+    # dense, then each refit sends only what changed since the previous one; `full_every`
+    # forces a dense refit every that many refits (0: never); baselines live in host memory
+    # ("cpu") or on the rank's GPU ("device")
+    delta: bool = False
+    full_every: int = 0
+    baselines: str = "cpu"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,6 +94,9 @@ class RankOptions:
             "verify": self.verify,
             "strict": self.strict,
             "install": self.install,
+            "delta": self.delta,
+            "full_every": self.full_every,
+            "baselines": self.baselines,
         }
 
     @classmethod
@@ -106,10 +118,21 @@ class RankOptions:
             bool(x.get("verify")),
             bool(x.get("strict")),
             _install(x.get("install", "auto")),
+            bool(x.get("delta", False)),
+            as_int(x.get("full_every", 0), "full_every", lo=0),
+            _baselines(x.get("baselines", "cpu")),
         )
 
 
 INSTALLS = ("auto", "live", "staged")
+BASELINES = ("cpu", "device")
+
+
+def _baselines(x: Any) -> str:
+    where = as_str(x, "baselines")
+    if where not in BASELINES:
+        raise WireError(f"options: baselines {where!r} is not one of {BASELINES}")
+    return where
 
 
 def _install(x: Any) -> str:
@@ -187,6 +210,9 @@ class RankStats:
     misc_bytes: int = 0  # misc tensors received (engine ranks)
     staging_bytes: int = 0  # staging buffers held
     extra_bytes: int = 0  # peak memory this rank allocated for the refit (staging + misc)
+    wire_bytes: int = 0  # payload bytes this rank put on the wire (a delta: encoded bytes)
+    delta: bool = False  # this refit was a delta against the previous one
+    baseline_bytes: int = 0  # delta baselines kept (host memory unless baselines="device")
     ignored: int = 0  # records in the store this rank ignored as not authentic (so far)
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -260,6 +286,9 @@ class RefitRank:
             bucket_bytes=self.options.bucket_bytes,
         )
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        where = self.device if self.options.baselines == "device" else torch.device("cpu")
+        self.baselines = Baselines(where)  # this generation's (a new generation starts dense)
+        self._since_dense = 0
         log.debug(
             "%s rank %d joined %s (%d ranks, %d items, %s)",
             self.role,
@@ -345,6 +374,32 @@ class RefitRank:
             yield
         main.wait_stream(self.stream)
 
+    # -- delta -----------------------------------------------------------------------------
+    def _delta(self, version: int, path: Path | None) -> Delta | None:
+        """This refit's delta request (the same on every rank: they ran the same refits of
+        this generation), or None for a plain run."""
+        if not self.options.delta:
+            return None
+        if path == "golden":
+            # the reference path leaves the baselines as they are: a delta applies to the
+            # receivers' baselines (not to the engine's weights), so they stay true
+            return None
+        held = self.baselines.version
+        every = self.options.full_every
+        if held is None or (every and self._since_dense + 1 >= every):
+            return Delta(self.baselines, version, None)
+        return Delta(self.baselines, version, held)
+
+    def _run(
+        self, srcs: list[Local | None], dsts: list[Local | None], path: Path | None, version: int
+    ) -> tuple[XferStats, bool]:
+        """Run the plan (as a delta where this refit is one); its stats, and whether it was."""
+        delta = self._delta(version, path)
+        x = self.resharder.run(srcs, dsts, path=path, delta=delta)
+        if delta is not None:
+            self._since_dense = 0 if delta.against is None else self._since_dense + 1
+        return x, delta is not None and delta.against is not None
+
     # -- trainer ---------------------------------------------------------------------------
     def trainer_step(
         self, local: LocalShard, path: Path | None = None, version: int = 0
@@ -355,11 +410,13 @@ class RefitRank:
             self.enter("transfer")
             srcs = [local(it.name) if it.src.holds(self.rank) else None for it in self.plan.items]
             with self._transfer_stream():
-                x = self.resharder.run(srcs, [None] * len(srcs), path=path)
+                x, stats.delta = self._run(srcs, [None] * len(srcs), path, version)
                 if self.options.verify:
                     self.enter("verify")
                     self.resharder.verify(srcs, [None] * len(srcs))
             stats.bulk_sent = x.bytes_sent
+            stats.wire_bytes = x.wire_bytes_sent
+            stats.baseline_bytes = self.baselines.nbytes
             stats.staging_bytes = stats.extra_bytes = self.resharder.staging.nbytes
             stats.ignored = len(self.board.ignored)
             stats.phases["transfer"] = time.perf_counter() - t0
@@ -389,7 +446,7 @@ class RefitRank:
             dsts[e.item] = buf
             misc.append((e.name, buf))
         with self._transfer_stream():
-            self.resharder.run([None] * len(dsts), dsts, path=path)
+            x, stats.delta = self._run([None] * len(dsts), dsts, path, version)
             if self.options.verify:
                 self.enter("verify")
                 bad = self.resharder.verify([None] * len(dsts), dsts)
@@ -402,6 +459,8 @@ class RefitRank:
             math.prod(it.dst.local_shape(rank)) * it.itemsize for it in plan.items[: plan.bulk]
         )
         stats.misc_bytes = sum(e.nbytes for e in plan.misc)
+        stats.wire_bytes = x.wire_bytes_received
+        stats.baseline_bytes = self.baselines.nbytes
         stats.staging_bytes = self.resharder.staging.nbytes
         # staging, the misc tensors, and the checkpoint-format copies the install made
         stats.extra_bytes = stats.staging_bytes + stats.misc_bytes + hooks.extra_bytes

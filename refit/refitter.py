@@ -47,6 +47,15 @@ until the install finishes. ``install="live"`` (the default on GPUs) writes bulk
 into the running weights wherever nothing processes them after loading: no copy, but a
 failed refit cannot roll those modules back; ``install="staged"`` keeps the rollback.
 `RefitStats.engine_extra_bytes` reports the largest total per engine rank.
+
+Deltas: ``delta=True`` sends, after the first refit of each communicator generation, only
+what changed since the previous refit, message by message on the same plan (`xfer.delta`):
+bit-identical to a dense refit. Every rank keeps baselines, a copy of the bytes it last sent
+or received (`RefitStats.baseline_bytes`, host memory unless ``baselines="device"``). A
+generation's first refit, every refit after a failure or a replaced engine, and every
+`full_every`-th refit are dense; ranks agree on the version a delta is against before any
+byte moves, and a refused delta (a rank holding other baselines) is followed at once by a
+dense refit (`RefitStats.resynced`).
 """
 
 from __future__ import annotations
@@ -56,14 +65,14 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from refit.errors import RefitError
 from refit.native import NativeEngine, is_native
 from refit.pending import wait_all
 from refit.planner import RefitPlan, plan_refit
-from refit.rank import INSTALLS, RankOptions, RankSetup, RankStats
+from refit.rank import BASELINES, INSTALLS, RankOptions, RankSetup, RankStats
 from refit.rpc import RpcEngine
 from refit.spec import EngineSide, EngineSpec, EngineStatus, TrainerSide
 from refit.watch import Failure, FailureBoard, RefitFailed
@@ -93,6 +102,10 @@ class RefitStats:
     # records in the refit's store that ranks ignored as not authentic (written by someone
     # without the refit's token): should be 0; anything else means someone reaches the store
     ignored_records: int = 0
+    delta: bool = False  # sent as a sparse delta against the previous refit
+    wire_bytes: int = 0  # payload bytes the engines received (a delta: the encoded bytes)
+    baseline_bytes: int = 0  # most delta baselines one rank keeps (host memory by default)
+    resynced: bool = False  # a refused delta was followed at once by a dense refit
 
     @property
     def gbps(self) -> float:
@@ -105,6 +118,12 @@ class RefitStats:
             f"+ {self.misc_bytes / 2**20:.2f} MiB misc, {self.gbps:.2f} GB/s; extra memory per "
             f"engine rank {self.engine_extra_bytes / 2**20:.1f} MiB, per trainer rank "
             f"{self.trainer_extra_bytes / 2**20:.1f} MiB"
+            + (
+                f"; delta: {self.wire_bytes / 2**20:.2f} MiB on the wire, baselines "
+                f"{self.baseline_bytes / 2**20:.1f} MiB per rank"
+                if self.delta
+                else ""
+            )
         )
 
 
@@ -156,6 +175,10 @@ def _one_engine(x: Any, i: int, pause: str | None = "wait") -> EngineSide:
     return RpcEngine(x, name=f"engine replica {i}")
 
 
+def _refused_delta(e: RefitFailed) -> bool:
+    return any("asked for a delta against version" in f.message for f in e.failures)
+
+
 def budget_bucket(budget: int, misc_bytes: int, bucket_bytes: int) -> int:
     """The bucket that keeps an engine rank's extra memory within `budget` bytes: two receive
     buffers of one bucket plus every misc tensor whole (`misc_bytes`), at most `bucket_bytes`.
@@ -188,6 +211,9 @@ class Refitter:
         verify: bool = False,
         strict: bool = False,
         install: str = "auto",
+        delta: bool = False,
+        full_every: int = 0,
+        baselines: str = "cpu",
         pause: str | None = "wait",
         store: Any = None,
         token: bytes | None = None,
@@ -211,6 +237,12 @@ class Refitter:
                 )
         if install not in INSTALLS:
             problems.append(f"install must be one of {INSTALLS}, got {install!r}")
+        if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 0:
+            problems.append(f"full_every must be an int >= 0 (0: never), got {full_every!r}")
+        if baselines not in BASELINES:
+            problems.append(f"baselines must be one of {BASELINES}, got {baselines!r}")
+        if delta and path not in ("auto", "p2p"):
+            problems.append(f"delta=True moves bytes on path 'p2p' (or 'auto'), not {path!r}")
         if problems:
             raise RefitError(problems)
         self.trainer = train_worker
@@ -225,6 +257,9 @@ class Refitter:
         self.verify = verify
         self.strict = strict
         self.install = install
+        self.delta = bool(delta)
+        self.full_every = full_every
+        self.baselines = baselines
         self.plan: RefitPlan | None = None
         self.version = 0  # the last refit attempted
         self.installed = 0  # the last refit that completed on every engine
@@ -320,6 +355,9 @@ class Refitter:
                 verify=self.verify,
                 strict=self.strict,
                 install=self.install,
+                delta=self.delta,
+                full_every=self.full_every,
+                baselines=self.baselines,
             ),
         )
         pendings = [self.trainer.connect(base.to_json())]
@@ -347,7 +385,15 @@ class Refitter:
                 "a time"
             )
         try:
-            return self._refit(path)
+            try:
+                return self._refit(path)
+            except RefitFailed as e:
+                if not (self.delta and _refused_delta(e)):
+                    raise
+                # a rank's baselines are not the weights the others diffed against (nothing
+                # moved): every rank reconnects, and a new generation starts dense
+                log.warning("refit %d: a delta was refused (%s); resyncing dense", e.version, e)
+                return replace(self._refit(path), resynced=True)
         finally:
             self._lock.release()
 
@@ -411,6 +457,9 @@ class Refitter:
             trainer_extra_bytes=max((s.extra_bytes for s in trainer), default=0),
             ranks=ranks,
             ignored_records=ignored,
+            delta=any(s.delta for s in ranks),
+            wire_bytes=sum(s.wire_bytes for s in engine),
+            baseline_bytes=max((s.baseline_bytes for s in ranks), default=0),
         )
         log.info("%s", stats.summary())
         return stats

@@ -7,8 +7,9 @@ computes, purely, who sends which bytes to whom; `xferdtensor`, `xferdtensors` a
 
 import logging
 
-from xfer.api import PATHS, DTensorRef, Path, Resharder, xferdtensor, xferdtensors
+from xfer.api import PATHS, Delta, DTensorRef, Path, Resharder, xferdtensor, xferdtensors
 from xfer.comm import Comm, Recorded, RecordingComm, TorchComm, Transfer, Work, tcp_store
+from xfer.delta import Baselines
 from xfer.errors import XferError
 from xfer.execute import Staging, XferStats
 from xfer.layout import Layout, Replicate, Shard
@@ -20,8 +21,10 @@ from xfer.segments import Segments
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "PATHS",
+    "Baselines",
     "Comm",
     "DTensorRef",
+    "Delta",
     "Layout",
     "Mesh",
     "Path",

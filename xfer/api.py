@@ -26,6 +26,7 @@ import torch
 
 from xfer import m2n, wire
 from xfer.comm import Comm
+from xfer.delta import Baselines, run_p2p_delta
 from xfer.errors import XferError
 from xfer.execute import Staging, XferStats, run_golden, run_p2p
 from xfer.layout import Layout
@@ -35,7 +36,7 @@ from xfer.program import RankProgram, build_program
 from xfer.segments import Local, Segments
 from xfer.validate import agree, check_locals
 
-__all__ = ["PATHS", "DTensorRef", "Path", "Resharder", "xferdtensor", "xferdtensors"]
+__all__ = ["PATHS", "DTensorRef", "Delta", "Path", "Resharder", "xferdtensor", "xferdtensors"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,16 @@ class DTensorRef:
         names = dm.mesh_dim_names or tuple(f"axis{i}" for i in range(dm.ndim))
         layout = Layout(Mesh(ranks, names), dt.placements, tuple(dt.shape))
         return cls(dt.to_local(), layout)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A delta run's request: this rank's `baselines`, the `version` the run produces, and
+    the version the delta is `against` (None: run dense and record the baselines)."""
+
+    baselines: Baselines
+    version: int
+    against: int | None = None
 
 
 def _check_path(path: str) -> None:
@@ -124,14 +135,23 @@ class Resharder:
         stream: Any = None,
         path: Path | None = None,
         staging: Staging | None = None,
+        delta: Delta | None = None,
     ) -> XferStats:
         """Move this step's tensors. `path` overrides the resharder's path for this run;
-        `staging` replaces the resharder's own staging buffers (to share them)."""
+        `staging` replaces the resharder's own staging buffers (to share them).
+
+        `delta` (p2p only, on every rank alike) sends only what changed since the run its
+        baselines come from (`xfer.delta`): ``Delta(baselines, version, against)``, with
+        ``against=None`` for a dense run that records the baselines. Every rank agrees on
+        ``against`` before data moves; a rank whose baselines hold another version makes
+        every rank raise the same `XferError`, naming it."""
         path = path or self.path
         _check_path(path)
         t0 = time.perf_counter()
         items = self.plan.items
         problems = check_locals(items, self.comm.rank, srcs, dsts)
+        if delta is not None:
+            return self._run_delta(srcs, dsts, problems, path, delta, stream, staging)
         use_m2n = self._m2n_items(path, srcs, dsts, problems)
         if path == "golden":
             return run_golden(items, srcs, dsts, self.comm, stream=stream, staging=self._golden)
@@ -169,6 +189,43 @@ class Resharder:
                 staging=staging or self.staging,
             )
         return replace(stats, path="m2n+p2p" if rest else "m2n", seconds=time.perf_counter() - t0)
+
+    def _run_delta(
+        self,
+        srcs: Sequence[Local | None],
+        dsts: Sequence[Local | None],
+        problems: list[str],
+        path: str,
+        delta: Delta,
+        stream: Any,
+        staging: Staging | None,
+    ) -> XferStats:
+        if path not in ("auto", "p2p"):
+            problems = [*problems, f"a delta run takes path 'p2p' (or 'auto'), not {path!r}"]
+        held = delta.baselines.version
+        if delta.against is not None and held != delta.against:
+            problems = [
+                *problems,
+                f"asked for a delta against version {delta.against}, but this rank's "
+                f"baselines hold {'none' if held is None else f'version {held}'}: run dense",
+            ]
+        against = "dense" if delta.against is None else f"delta against {delta.against}"
+        agree(self.comm, problems, f"{self.plan.fingerprint}|p2p|{against}")
+        try:
+            return run_p2p_delta(
+                self.program,
+                [it.itemsize for it in self.plan.items],
+                srcs,
+                dsts,
+                self.comm,
+                delta.baselines,
+                version=delta.version,
+                against=delta.against,
+                stream=stream,
+                staging=staging or self.staging,
+            )
+        except ValueError as e:
+            raise XferError(str(e)) from None
 
     def verify(self, srcs: Sequence[Local | None], dsts: Sequence[Local | None]) -> list[str]:
         """After `run`, on every rank: the items whose destination box on this rank differs

@@ -57,6 +57,14 @@ class XferStats:
     staging_bytes: int
     packed_bytes: int = 0  # bytes copied into send staging (the rest went straight out)
     unpacked_bytes: int = 0  # bytes copied out of receive staging (the rest landed in place)
+    wire_bytes_sent: int = 0  # payload bytes on the wire (delta runs: the encoded bytes)
+    wire_bytes_received: int = 0
+    kinds_sent: tuple[int, ...] = (
+        0,
+        0,
+        0,
+        0,
+    )  # delta runs: messages sent same/positions/bitmap/dense
 
 
 class Staging:
@@ -268,6 +276,9 @@ def run_p2p(
         staging_bytes=2 * (send_staging + recv_staging),
         packed_bytes=sum(d.staged for d in sends),
         unpacked_bytes=sum(d.staged for d in recvs),
+        wire_bytes_sent=program.bytes_sent,
+        wire_bytes_received=program.bytes_received,
+        kinds_sent=(0, 0, 0, sum(len(r.sends) for r in rounds)),
     )
 
 
@@ -358,4 +369,6 @@ def run_golden(
         messages_received=0,
         rounds=nbcast,
         staging_bytes=0,
+        wire_bytes_sent=sent,
+        wire_bytes_received=received,
     )

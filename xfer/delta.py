@@ -1,0 +1,416 @@
+"""Sparse-delta p2p: each message carries only what changed since the last run, exactly.
+
+Between two RL steps most BF16 weights keep every bit (an update below half an ulp is
+rounded away when the master weights are cast). `run_p2p_delta` replays the same plan as
+`xfer.execute.run_p2p`, message for message, but every rank keeps a *baseline* per message
+(`Baselines`): the bytes it last sent (senders) or last received (receivers).
+
+Encoding, per message, in words of the message's item size (``w`` bytes): compare the
+message's current bytes with the sender's baseline and send the cheapest exact form:
+
+=========  ======================================  =====================
+kind       payload                                 bytes
+=========  ======================================  =====================
+same       nothing (no message at all)             0
+positions  int32 word offsets, then the new words  ``k * (4 + w)``
+bitmap     one bit per word, then the new words    ``ceil(n / 8) + k * w``
+dense      the message's bytes, as `run_p2p`       ``n * w``
+=========  ======================================  =====================
+
+(``n`` words, ``k`` changed). Sizes are data-dependent while a point-to-point receive must
+know its size, so a delta run first encodes every message, then exchanges one small header
+per peer pair (an int64 per message: ``kind | size << 2``) in one batch, then runs the
+rounds with exact sizes. The receiver applies the payload to its baseline and writes the
+whole message into its destination (so a destination that is a fresh buffer each run, such
+as an engine's checkpoint-format copy, ends up whole): the result is bit-identical to a
+dense run. Local copies run dense.
+
+Dense runs (``against=None``) move bytes exactly as `run_p2p` and record the baselines.
+Baselines are only true if every rank completed the run they come from: a run that raises
+drops this rank's baselines (`Baselines.reset`), and callers run dense whenever any rank may
+have lost them (the refit runtime starts every communicator generation dense). The version
+check lives with the caller (`xfer.api.Resharder.run` agrees on ``against`` before any
+data moves, and refuses a rank whose baselines hold another version).
+
+Memory (stated by `Baselines.nbytes`): a copy of every byte the rank sends and receives,
+on `Baselines.device` (host memory by default, pinned when the transfer runs on a GPU); a
+sender holds the encoded payloads of one run (never more than the dense bytes, only
+messages that encode smaller than dense); a receiver stages encoded payloads in two
+buffers of at most one round each.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from xfer.comm import Comm, Transfer, Work
+from xfer.execute import (
+    Staging,
+    XferStats,
+    _device_of,
+    _directs,
+    _local_copies,
+    _Locals,
+    _pack,
+    _recv_buffers,
+)
+from xfer.program import Message, RankProgram
+from xfer.segments import Local, copy_in
+
+__all__ = ["KINDS", "Baselines", "decode", "encode", "run_p2p_delta"]
+
+SAME, POSITIONS, BITMAP, DENSE = 0, 1, 2, 3
+KINDS = ("same", "positions", "bitmap", "dense")
+_WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+class Baselines:
+    """One rank's baselines for delta runs: the bytes of every message it last sent and
+    received, and the `version` they hold (None: none yet, the next run must be dense)."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.version: int | None = None
+        self.sent: dict[tuple[int, int], torch.Tensor] = {}
+        self.received: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() for d in (self.sent, self.received) for t in d.values())
+
+    def reset(self) -> None:
+        self.version = None
+        self.sent.clear()
+        self.received.clear()
+
+    def _keep(self, store: dict[tuple[int, int], torch.Tensor], key: Any, b: torch.Tensor) -> None:
+        """Record `b` (a message's bytes) as the baseline of `key`."""
+        base = store.get(key)
+        if base is None or base.numel() != b.numel():
+            pin = self.device.type == "cpu" and b.device.type == "cuda"
+            base = torch.empty(b.numel(), dtype=torch.uint8, device=self.device, pin_memory=pin)
+            store[key] = base
+        base.copy_(b)
+
+
+def word_size(itemsizes: Sequence[int], msg: Message) -> int:
+    """The word the message is compared in: the gcd of its items' sizes (1, 2, 4 or 8)."""
+    w = 0
+    for c in msg.copies:
+        w = math.gcd(w, itemsizes[c.item])
+    w = w or 1
+    while w > 1 and msg.nbytes % w:
+        w //= 2
+    return w if w in _WORD else 1
+
+
+def _words(b: torch.Tensor, w: int) -> torch.Tensor:
+    return _view(b, _WORD[w])
+
+
+def encode(cur: torch.Tensor, base: torch.Tensor, w: int) -> tuple[int, torch.Tensor | None]:
+    """The cheapest exact encoding of `cur` (a message's bytes) against `base` (the same
+    message's baseline bytes): ``(kind, payload)``; payload None for ``same`` and ``dense``."""
+    cw = _words(cur, w)
+    bw = base.to(cur.device).view(_WORD[w])
+    changed = cw != bw
+    idx = changed.nonzero().flatten()
+    k, n = int(idx.numel()), int(cw.numel())
+    if k == 0:
+        return SAME, None
+    sizes = {DENSE: n * w, BITMAP: (n + 7) // 8 + k * w}
+    if n < 2**31:
+        sizes[POSITIONS] = k * (4 + w)
+    kind = min(sizes, key=lambda x: (sizes[x], -x))  # dense wins ties
+    if kind == DENSE:
+        return DENSE, None
+    values = cw[idx].view(torch.uint8)
+    if kind == POSITIONS:
+        head = idx.to(torch.int32).view(torch.uint8)
+    else:
+        pad = torch.zeros(-n % 8, dtype=torch.bool, device=changed.device)
+        bits = torch.cat([changed, pad]).view(-1, 8).to(torch.uint8)
+        head = (bits * _BITS.to(bits.device)).sum(dim=1, dtype=torch.uint8)
+    return kind, torch.cat([head, values])
+
+
+def decode(kind: int, payload: torch.Tensor, base: torch.Tensor, w: int) -> None:
+    """Apply an encoded payload to `base` (the receiver's baseline bytes), in place."""
+    bw = base.view(_WORD[w])
+    n = bw.numel()
+    payload = payload.to(base.device)
+    if kind == POSITIONS:
+        k = payload.numel() // (4 + w)
+        idx = _view(payload[: 4 * k], torch.int32).long()
+        vals = payload[4 * k :]
+    else:
+        nb = (n + 7) // 8
+        bits = (payload[:nb, None] & _BITS.to(payload.device)) != 0
+        idx = bits.flatten()[:n].nonzero().flatten()
+        vals = payload[nb:]
+    bw[idx] = _view(vals, _WORD[w])
+
+
+def _align(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` (uint8, 1-d) viewed as `dtype`, through an aligned copy where its offset is not."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if size > 1 and t.storage_offset() % size:
+        t = t.clone()
+    return t.view(dtype)
+
+
+def _header(kind: int, size: int) -> int:
+    return kind | size << 2
+
+
+def run_p2p_delta(
+    program: RankProgram,
+    itemsizes: Sequence[int],
+    srcs: Sequence[Local | None],
+    dsts: Sequence[Local | None],
+    comm: Comm,
+    baselines: Baselines,
+    *,
+    version: int,
+    against: int | None,
+    stream: Any = None,
+    staging: Staging | None = None,
+) -> XferStats:
+    """Run `program` as a delta against `baselines` (``against``: the version they must
+    hold) or, with ``against=None``, dense while recording them. On success the baselines
+    hold `version`; on any error they are dropped."""
+    try:
+        stats = _run(program, itemsizes, srcs, dsts, comm, baselines, against, stream, staging)
+    except BaseException:
+        baselines.reset()
+        raise
+    baselines.version = version
+    return stats
+
+
+def _run(
+    program: RankProgram,
+    itemsizes: Sequence[int],
+    srcs: Sequence[Local | None],
+    dsts: Sequence[Local | None],
+    comm: Comm,
+    base: Baselines,
+    against: int | None,
+    stream: Any,
+    staging: Staging | None,
+) -> XferStats:
+    t0 = time.perf_counter()
+    if against is not None and base.version != against:
+        raise ValueError(f"baselines hold version {base.version}, not {against}")
+    loc = _Locals(srcs, dsts)
+    device = _device_of(srcs, dsts, comm)
+    rounds = program.rounds
+    staging = staging or Staging()
+    sends = [_directs(r.sends, loc.src_bytes) for r in rounds]
+    recvs = [_directs(r.recvs, loc.dst_bytes) for r in rounds]
+    send_staging = max((d.staged for d in sends), default=0)
+    recv_staging = max((d.staged for d in recvs), default=0)
+    sbufs = [staging.get("send", i, send_staging, device) for i in (0, 1)]
+    rbufs = [staging.get("recv", i, recv_staging, device) for i in (0, 1)]
+
+    # kinds and payloads of every send (dense: as run_p2p)
+    skind: dict[tuple[int, int], int] = {}
+    spay: dict[tuple[int, int], torch.Tensor] = {}
+    if against is not None:
+        for i, rnd in enumerate(rounds):
+            cur = _pack(rnd, sends[i], sbufs[0], loc)
+            for j, (m, b) in enumerate(zip(rnd.sends, cur, strict=True)):
+                kind, payload = encode(b, base.sent[(i, j)], word_size(itemsizes, m))
+                skind[(i, j)] = kind
+                if payload is not None:
+                    spay[(i, j)] = payload
+                if kind != SAME:
+                    base._keep(base.sent, (i, j), b)
+    rkind = _exchange_headers(program, comm, skind, spay, stream) if against is not None else {}
+
+    def send_list(i: int) -> list[Transfer]:
+        rnd = rounds[i]
+        dense = _pack(rnd, sends[i], sbufs[i % 2], loc)  # direct views cost nothing
+        out = []
+        for j, (m, b) in enumerate(zip(rnd.sends, dense, strict=True)):
+            kind = skind.get((i, j), DENSE)
+            if kind == DENSE:
+                out.append(Transfer(m.peer, b))
+                if against is None:
+                    base._keep(base.sent, (i, j), b)
+            elif kind != SAME:
+                out.append(Transfer(m.peer, spay[(i, j)]))
+        return out
+
+    rsize = [
+        sum(
+            _align(rkind[(i, j)][1])
+            for j in range(len(r.recvs))
+            if rkind.get((i, j), (DENSE, 0))[0] in (POSITIONS, BITMAP)
+        )
+        for i, r in enumerate(rounds)
+    ]
+    dbufs = [staging.get("delta", i, max(rsize, default=0), device) for i in (0, 1)]
+
+    def recv_list(i: int) -> tuple[list[Transfer], list[torch.Tensor | None]]:
+        rnd = rounds[i]
+        dense = _recv_buffers(rnd, recvs[i], rbufs[i % 2])
+        out: list[Transfer] = []
+        into: list[torch.Tensor | None] = []
+        at = 0
+        for j, (m, b) in enumerate(zip(rnd.recvs, dense, strict=True)):
+            kind, size = rkind.get((i, j), (DENSE, m.nbytes))
+            if kind == DENSE:
+                buf: torch.Tensor | None = b
+            elif kind == SAME:
+                buf = None
+            else:
+                buf = dbufs[i % 2][at : at + size]
+                at += _align(size)  # payloads start 8-byte aligned (their words are viewed)
+            if buf is not None:
+                out.append(Transfer(m.peer, buf))
+            into.append(buf)
+        return out, into
+
+    def apply(i: int, into: list[torch.Tensor | None]) -> None:
+        rnd = rounds[i]
+        dense = [
+            b if rkind.get((i, j), (DENSE, 0))[0] == DENSE else None for j, b in enumerate(into)
+        ]
+        _unpack_some(rnd, recvs[i].views, dense, loc)
+        for j, (m, b) in enumerate(zip(rnd.recvs, into, strict=True)):
+            kind = rkind.get((i, j), (DENSE, 0))[0]
+            if kind == DENSE:
+                assert b is not None
+                base._keep(base.received, (i, j), b)
+                continue
+            bb = base.received[(i, j)]
+            if kind != SAME:
+                assert b is not None
+                decode(kind, b, bb, word_size(itemsizes, m))
+            _write(m, recvs[i].views[j], bb, loc)
+
+    wire_sent = wire_received = 0
+    pending: tuple[int, list[torch.Tensor | None], Work] | None = None
+    local_bytes = 0
+    for i in range(len(rounds)):
+        out = send_list(i)
+        incoming, into = recv_list(i)
+        wire_sent += sum(t.buffer.numel() for t in out)
+        wire_received += sum(t.buffer.numel() for t in incoming)
+        work = comm.send_recv(out, incoming, stream=stream)
+        if i == 0:
+            local_bytes = _local_copies(program, loc)
+        if pending is not None:
+            pending[2].wait()
+            apply(pending[0], pending[1])
+        pending = (i, into, work)
+    if pending is not None:
+        pending[2].wait()
+        apply(pending[0], pending[1])
+    else:
+        local_bytes = _local_copies(program, loc)
+    loc.finish()
+    return XferStats(
+        path="p2p-delta" if against is not None else "p2p",
+        seconds=time.perf_counter() - t0,
+        bytes_sent=program.bytes_sent,
+        bytes_received=program.bytes_received,
+        local_bytes=local_bytes,
+        messages_sent=sum(len(r.sends) for r in rounds),
+        messages_received=sum(len(r.recvs) for r in rounds),
+        rounds=len(rounds),
+        staging_bytes=2 * (send_staging + recv_staging + max(rsize, default=0)),
+        packed_bytes=sum(d.staged for d in sends),
+        unpacked_bytes=sum(d.staged for d in recvs),
+        wire_bytes_sent=wire_sent,
+        wire_bytes_received=wire_received,
+        kinds_sent=tuple(sum(1 for k in skind.values() if k == x) for x in range(4))
+        if against is not None
+        else (0, 0, 0, sum(len(r.sends) for r in rounds)),
+    )
+
+
+def _unpack_some(
+    rnd: Any, views: list[torch.Tensor | None], bufs: list[torch.Tensor | None], loc: _Locals
+) -> None:
+    """`_unpack` for the messages received dense (the others are None)."""
+    for m, v, b in zip(rnd.recvs, views, bufs, strict=True):
+        if v is not None or b is None:
+            continue
+        for c in m.copies:
+            dst = loc.dst_bytes[c.item]
+            assert dst is not None
+            copy_in(dst, c.index, b[c.offset : c.offset + c.nbytes].view(c.shape))
+
+
+def _write(m: Message, view: torch.Tensor | None, b: torch.Tensor, loc: _Locals) -> None:
+    """Write a whole message's bytes `b` into this rank's destinations."""
+    if view is not None:
+        view.copy_(b)
+        return
+    for c in m.copies:
+        dst = loc.dst_bytes[c.item]
+        assert dst is not None
+        copy_in(dst, c.index, b[c.offset : c.offset + c.nbytes].to(dst.device).view(c.shape))
+
+
+def _exchange_headers(
+    program: RankProgram,
+    comm: Comm,
+    skind: dict[tuple[int, int], int],
+    spay: dict[tuple[int, int], torch.Tensor],
+    stream: Any,
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """Send every peer the kind and size of each message to it, in plan order; return the
+    kind and size of every message this rank receives."""
+    out: dict[int, list[int]] = {}
+    expect: dict[int, list[tuple[int, int]]] = {}
+    for i, rnd in enumerate(program.rounds):
+        for j, m in enumerate(rnd.sends):
+            kind = skind[(i, j)]
+            size = {SAME: 0, DENSE: m.nbytes}.get(kind, 0)
+            if kind in (POSITIONS, BITMAP):
+                size = spay[(i, j)].numel()
+            out.setdefault(m.peer, []).append(_header(kind, size))
+        for j, m in enumerate(rnd.recvs):
+            expect.setdefault(m.peer, []).append((i, j))
+    device = getattr(comm, "device", None)
+    device = device if isinstance(device, torch.device) else torch.device("cpu")
+    sends = [
+        Transfer(p, torch.tensor(v, dtype=torch.int64, device=device))
+        for p, v in sorted(out.items())
+    ]
+    recvs = [
+        Transfer(p, torch.empty(len(keys), dtype=torch.int64, device=device))
+        for p, keys in sorted(expect.items())
+    ]
+    comm.send_recv(sends, recvs, stream=stream).wait()
+    kinds: dict[tuple[int, int], tuple[int, int]] = {}
+    for t in recvs:
+        for key, h in zip(expect[t.peer], t.buffer.cpu().tolist(), strict=True):
+            kind, size = h & 3, h >> 2
+            i, j = key
+            m = program.rounds[i].recvs[j]
+            ok = (
+                (kind == SAME and size == 0)
+                or (kind == DENSE and size == m.nbytes)
+                or (kind in (POSITIONS, BITMAP) and 0 < size <= m.nbytes)
+            )
+            if not ok:
+                raise ValueError(
+                    f"rank {comm.rank}: peer {t.peer} announced a {KINDS[kind]} message of {size} B "
+                    f"for a {m.nbytes} B region (round {i})"
+                )
+            kinds[key] = (kind, size)
+    return kinds
