@@ -92,7 +92,9 @@ class Campaign:
         self._kwargs = engine_kwargs(self.path, self.config, 1, gpu=gpu)
         self.engine_actor = self._engine_cls.remote(self._kwargs)
         self.engine = RayEngine(self.engine_actor, name="engine replica 0")
-        self.refitter = Refitter(self.trainer, [self.engine], timeout_s=args.timeout, verify=True)
+        self.refitter = Refitter(
+            self.trainer, [self.engine], timeout_s=args.timeout, verify=True, delta=True
+        )
         self.step = 0
         self.records: list[dict[str, Any]] = []
         self._other: Any = None  # a trainer of another model, for one description case
@@ -288,6 +290,7 @@ class Campaign:
             self.concurrent_refits,
             self.duplicated_engine,
             self.generation_races_install,
+            self.refused_delta,
             self.many_failures,
         ):
             if self._wanted(case.__doc__ or case.__name__):
@@ -482,6 +485,27 @@ class Campaign:
                 "recovered": self.matches_hf(),
             },
             lambda x: x["generations"] >= 1 and x["each_old_or_new"],
+        )
+
+    def refused_delta(self) -> None:
+        """a trainer rank lost its delta baselines behind the driver's back."""
+        import ray
+
+        self.new_weights()
+        self.refitter.refit()  # baselines on every rank (this generation's first is dense)
+        self.new_weights()
+        ray.get(self.trainer.actors[1].set_fault.remote("forget-baselines"))
+        try:
+            stats = self.refitter.refit()
+            outcome = {"outcome": "ok", "resynced": stats.resynced, "delta": stats.delta}
+        except Exception as e:
+            outcome = {"outcome": f"{type(e).__name__}: {e}", "resynced": False, "delta": None}
+        self.new_weights()
+        again = self.refitter.refit()  # the new generation's second refit: a delta again
+        self._extra(
+            "a delta refused: a trainer rank lost its baselines",
+            {**outcome, "next_delta": again.delta, "recovered": self.matches_hf()},
+            lambda x: x["outcome"] == "ok" and x["resynced"] and not x["delta"] and x["next_delta"],
         )
 
     def many_failures(self, n: int | None = None) -> None:
@@ -686,6 +710,11 @@ def _extra_row(r: dict[str, Any]) -> str:
         what = (
             f"{r['generations']} generations during the refit, each on the old or the new "
             f"weights: {r['each_old_or_new']}"
+        )
+    elif "resynced" in r:
+        what = (
+            f"refit {_clean(r['outcome'])[:60]}; resynced dense at once: {r['resynced']}; "
+            f"next refit a delta: {r['next_delta']}"
         )
     elif "seconds_to_raise" in r:
         st = r["status_after"]

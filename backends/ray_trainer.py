@@ -67,7 +67,10 @@ class TrainerRankBase:
         if self._refit is None:
             raise RefitError(f"trainer rank {self.rank}: refit_step before refit_connect")
         hook = None
-        if self._fault and self._fault[0] == "mutate":
+        if self._fault and self._fault[0] == "forget-baselines":
+            self._refit.baselines.reset()  # as a rank restarted behind the driver's back
+            self._fault = None
+        elif self._fault and self._fault[0] == "mutate":
             hook = self._mutate_at(self._fault[1])
         elif self._fault:
             hook = fault_injection.hook(*self._fault)
@@ -79,7 +82,8 @@ class TrainerRankBase:
         """Fault injection for tests (processes started with ``REFIT_FAULT_INJECTION=1``;
         refused otherwise): `backends.fault_injection.hook(kind, phase)` on every refit, or
         ``"mutate"``: change this rank's weights in place when `phase` starts (as an
-        optimizer step racing a refit would). None clears it."""
+        optimizer step racing a refit would), or ``"forget-baselines"``: drop this rank's
+        delta baselines before the next refit (once). None clears it."""
         if kind and not fault_injection.enabled():
             raise RefitError(
                 f"trainer rank {self.rank}: fault injection is disabled in this process (set "

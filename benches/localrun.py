@@ -44,7 +44,7 @@ from xfer.comm import Comm
 from xfer.local import RankPool
 from xfer.program import as_bytes
 
-__all__ = ["PATHS", "BufferEngine", "execute", "full_tensor"]
+__all__ = ["PATHS", "BufferEngine", "changed", "execute", "execute_delta", "full_tensor"]
 
 PATHS = ("p2p", "golden", "gather+bcast")
 HOST = "127.0.0.1"
@@ -53,6 +53,21 @@ HOST = "127.0.0.1"
 def full_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 7919 * seed)
     return torch.randn(shape, generator=g).to(dtype)
+
+
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def changed(name: str, full: torch.Tensor, fraction: float, step: int) -> torch.Tensor:
+    """`full` after a training step that gave new bits to `fraction` of its elements
+    (chosen at random, the same on every rank): the synthetic knob of the delta run."""
+    if fraction <= 0 or full.numel() == 0:
+        return full
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 104729 * step)
+    mask = torch.rand(full.shape, generator=g) < fraction
+    bits = full.view(_INT[full.element_size()])
+    flip = torch.randint(1, 127, full.shape, generator=g).to(bits.dtype)
+    return torch.where(mask, bits ^ flip, bits).view(full.dtype)
 
 
 class BufferEngine:
@@ -356,4 +371,132 @@ def execute(
         out["paths"][path] = row
     out["identical"] = all(len({r["digests"][p] for p in PATHS}) == 1 for r in engines)
     out["phases"] = {r["rank"]: r["phases"] for r in results}
+    return out
+
+
+def rank_delta(
+    comm: Comm, setup_json: bytes, reps: int, fraction: float, seed: int
+) -> dict[str, Any]:
+    """One local rank of the delta run: refits alternate dense and delta (``full_every=2``),
+    each after a step that changed `fraction` of every tensor; the first pair warms up.
+    Engine ranks check the last delta's result against the full tensors."""
+    setup = RankSetup.from_json(setup_json).for_rank(comm.rank)
+    rank = comm.rank
+    device = torch.device("cpu")
+    if setup.options.backend == "nccl":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    rr = RefitRank(setup, device=device)
+    try:
+        plan = rr.plan
+        engine = BufferEngine(plan, rank, device) if rank >= plan.trainer_world else None
+        fulls, shards = _tensors(plan, rank, engine, seed, device)
+        rows: dict[str, list[dict[str, float]]] = {"dense": [], "delta": []}
+        ok = True
+        version = 0
+        for rep in range(reps + 1):
+            for kind in ("dense", "delta"):
+                version += 1
+                fulls = {n: changed(n, f, fraction, version) for n, f in fulls.items()}
+                for n in shards:
+                    it = next(i for i in plan.items if i.name == n)
+                    shards[n].copy_(fulls[n][it.src.box(rank)])
+                if engine is not None:
+                    engine.reset()  # the destinations hold nothing of the last refit
+                _sync(device)
+                comm.barrier()
+                t0 = time.perf_counter()
+                st = (
+                    rr.engine_step(engine, version, "p2p")
+                    if engine is not None
+                    else rr.trainer_step(shards.__getitem__, "p2p", version)
+                )
+                _sync(device)
+                seconds = time.perf_counter() - t0
+                comm.barrier()
+                assert st.delta == (kind == "delta"), (kind, st.delta)
+                if rep:
+                    rows[kind].append(
+                        {
+                            "seconds": seconds,
+                            "engine_busy_s": st.seconds if engine is not None else 0.0,
+                            "wire_bytes": st.wire_bytes,
+                            "dense_bytes": st.bulk_received + st.misc_bytes
+                            if engine is not None
+                            else st.bulk_sent,
+                            "baseline_bytes": st.baseline_bytes,
+                            "extra_bytes": st.extra_bytes,
+                        }
+                    )
+                if engine is not None and rep == reps:
+                    ok = ok and _check(engine, fulls)
+    finally:
+        rr.close()
+    return {"rank": rank, "engine": engine is not None, "rows": rows, "ok": ok}
+
+
+def execute_delta(
+    trainer: TrainerSpec,
+    engine: EngineSpec,
+    replicas: int,
+    *,
+    fraction: float,
+    bucket_bytes: int,
+    reps: int,
+    pool: RankPool,
+    seed: int = 0,
+    backend: str = "gloo",
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Dense vs delta refits through the real runtime, alternating in one run, every step
+    changing `fraction` of each tensor's elements; per kind the median of the slowest
+    rank's seconds, the engines' busy seconds (the engine serves nothing during a refit:
+    this is its pause), wire bytes the engines received, and memory."""
+    world = trainer.world + engine.world * replicas
+    if backend == "nccl":
+        trainer, engine = replace(trainer, device="cuda"), replace(engine, device="cuda")
+    store = tcp_store(HOST, 0, is_master=True)
+    setup = RankSetup(
+        host=HOST,
+        port=store.port,
+        prefix=f"delta{time.time_ns()}",
+        token=secrets.token_hex(16),
+        rank=0,
+        trainer=trainer,
+        engine=engine,
+        replicas=replicas,
+        options=RankOptions(
+            path="p2p",
+            bucket_bytes=bucket_bytes,
+            backend=backend,
+            timeout_s=timeout_s,
+            delta=True,
+            full_every=2,
+        ),
+    )
+    results = pool.run(
+        rank_delta, world, setup.to_json(), reps, fraction, seed, timeout=timeout_s + 60
+    )
+    del store
+    engines = [r for r in results if r["engine"]]
+    trainers = [r for r in results if not r["engine"]]
+    out: dict[str, Any] = {"fraction": fraction, "correct": all(r["ok"] for r in engines)}
+    for kind in ("dense", "delta"):
+        per_rep = [max(r["rows"][kind][k]["seconds"] for r in results) for k in range(reps)]
+        busy = [max(r["rows"][kind][k]["engine_busy_s"] for r in engines) for k in range(reps)]
+        out[kind] = {
+            "seconds": statistics.median(per_rep),
+            "all_seconds": per_rep,
+            "pause_s": statistics.median(busy),
+            "wire_bytes": sum(r["rows"][kind][-1]["wire_bytes"] for r in engines),
+            "dense_bytes": sum(r["rows"][kind][-1]["dense_bytes"] for r in engines),
+            "baseline_bytes": {
+                "engine": max(r["rows"][kind][-1]["baseline_bytes"] for r in engines),
+                "trainer": max(r["rows"][kind][-1]["baseline_bytes"] for r in trainers),
+            },
+            "extra_bytes": {
+                "engine": max(r["rows"][kind][-1]["extra_bytes"] for r in engines),
+                "trainer": max(r["rows"][kind][-1]["extra_bytes"] for r in trainers),
+            },
+        }
     return out

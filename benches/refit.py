@@ -15,7 +15,13 @@
    per rank): p2p vs golden vs gather + broadcast through the real runtime, measured in one
    run with their results checked identical, with the memory each rank used; then predict
    the local run with the calibrated model and print prediction and measurement side by side.
-5. With ``--engines``, the scaled-down copy also runs through real torch trainer ranks and
+5. Deltas (``--delta FRACTION``, 3% by default, 0 to skip): the simulator's model of a
+   sparse-delta refit at full scale with that fraction of the elements changed
+   (`benches.simulate.simulate_delta`, baselines on the GPU and in host memory); the local
+   copy alternating dense and delta refits through the real runtime at that fraction and at
+   100% (where every message falls back to dense), checked exact; and the fraction of BF16
+   elements AdamW steps at RL learning rates change (`benches.update`).
+6. With ``--engines``, the scaled-down copy also runs through real torch trainer ranks and
    real vLLM engines via Ray (`backends.scenario`), checked against HF transformers.
 
 Everything goes to ``<out>/<config>.json`` (standard JSON, with the versions, command and
@@ -43,7 +49,8 @@ from backends.vllm_layout import engine_spec
 from benches import calibrate, localrun, report
 from benches.config import BenchConfig, Side, load
 from benches.memory import extra_memory, misc_bytes, zero_copy_extra
-from benches.simulate import simulate
+from benches.simulate import simulate, simulate_delta
+from benches.update import LEARNING_RATES, adam_changed_fraction
 from refit.planner import RefitPlan, plan_refit
 from refit.spec import EngineSpec, TrainerSpec
 from xfer import Plan, plan_reshard
@@ -193,7 +200,7 @@ def gpu_count() -> int:
 
 
 def run_local(
-    cfg: BenchConfig, reps: int, engines: bool, progress: Any, backend: str
+    cfg: BenchConfig, reps: int, engines: bool, progress: Any, backend: str, delta: float = 0.0
 ) -> dict[str, Any]:
     side = cfg.local
     built = build_plans(side)
@@ -220,6 +227,22 @@ def run_local(
         progress.set_description("executing the scaled-down copy")
         measured = execute(trainer, engine)
         progress.update(1)
+        deltas = []
+        for fraction in (delta, 1.0) if delta else ():
+            progress.set_description(f"dense vs delta refits, {100 * fraction:g}% changed")
+            deltas.append(
+                localrun.execute_delta(
+                    trainer,
+                    engine,
+                    side.replicas,
+                    fraction=fraction,
+                    bucket_bytes=bucket,
+                    reps=reps,
+                    pool=pool,
+                    backend=backend,
+                )
+            )
+        progress.update(1)
     finally:
         pool.close()
     cluster = calibrate.local_cluster(figures, side.world)
@@ -240,6 +263,7 @@ def run_local(
         "predicted_memory": local_memory(built),
         "plan_seconds_cpu": built.seconds_cpu,
         "plan_peak_bytes": built.peak_bytes,
+        "delta": deltas,
     }
     if engines:
         progress.set_description("running real trainer + vLLM engines")
@@ -299,12 +323,17 @@ def vllm_backends() -> dict[str, str]:
     return {"nccl": why, "nccl_m2n": why}
 
 
-def simulate_full(cfg: BenchConfig, progress: Any) -> dict[str, Any]:
+def simulate_full(cfg: BenchConfig, progress: Any, delta: float = 0.0) -> dict[str, Any]:
     progress.set_description("planning at full scale")
     built = build_plans(cfg.full)
     progress.update(1)
     progress.set_description("simulating")
-    sim = simulate(built.refit, built.plan, cfg.cluster)
+    sim = simulate(built.refit, built.plan, cfg.cluster).to_dict()
+    if delta:
+        sim["delta"] = simulate_delta(built.refit, built.plan, cfg.cluster, delta)
+        sim["delta"]["host"] = simulate_delta(
+            built.refit, built.plan, cfg.cluster, delta, baselines="host"
+        )
     progress.update(1)
     progress.set_description("sweeping the bucket")
     sweep = bucket_sweep(built, cfg)
@@ -323,7 +352,8 @@ def simulate_full(cfg: BenchConfig, progress: Any) -> dict[str, Any]:
         "cluster": cfg.cluster.to_dict(),
         "plan": plan_figures(built.refit, built.plan),
         "memory": memory,
-        "sim": sim.to_dict(),
+        "sim": sim,
+        "update_model": [adam_changed_fraction(lr) for lr in LEARNING_RATES] if delta else [],
         "bucket_sweep": sweep,
         "plan_seconds_cpu": built.seconds_cpu,
         "plan_peak_bytes": built.peak_bytes,
@@ -346,6 +376,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions of the local run")
     ap.add_argument("--skip-local", action="store_true", help="plan and simulate only")
     ap.add_argument("--engines", action="store_true", help="also run real trainer + vLLM engines")
+    ap.add_argument(
+        "--delta",
+        type=float,
+        default=0.03,
+        metavar="FRACTION",
+        help="fraction of elements a step changes for the dense vs delta figures (0: skip)",
+    )
     ap.add_argument("--out", default="out", help="directory for the JSON and the plot")
     ap.add_argument(
         "--backend",
@@ -363,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     command = f"{PROG} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
     if args.reps < 1:
         ap.error(f"--reps must be at least 1, got {args.reps}")
+    if not 0 <= args.delta <= 1:
+        ap.error(f"--delta is a fraction of the elements, 0..1, got {args.delta}")
     cfg = load(args.config, precision=getattr(args, "precision", None))
     backend = pick_backend(args.backend, cfg.local.world)
     if backend == "nccl" and not args.skip_local and gpu_count() < cfg.local.world:
@@ -376,10 +415,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = 4 + (0 if args.skip_local else 3)
+    steps = 4 + (0 if args.skip_local else 4)
     with tqdm(total=steps, leave=False) as bar:
-        full = simulate_full(cfg, bar)
-        local = None if args.skip_local else run_local(cfg, args.reps, args.engines, bar, backend)
+        full = simulate_full(cfg, bar, args.delta)
+        local = (
+            None
+            if args.skip_local
+            else run_local(cfg, args.reps, args.engines, bar, backend, args.delta)
+        )
     report.print_report(cfg, full, local)
     record = {"full": full, "local": local, "provenance": report.provenance(command)}
     json_path, png_path = out_dir / f"{cfg.name}.json", out_dir / f"{cfg.name}.png"
@@ -389,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = local is None or (
         all(local["measured"]["paths"][p]["correct"] for p in localrun.PATHS)
         and local["measured"]["identical"]
+        and all(d["correct"] for d in local["delta"])
     )
     if local and "engines" in local:
         ok = ok and bool(local["engines"].get("ok"))

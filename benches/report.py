@@ -120,8 +120,28 @@ def print_report(cfg: BenchConfig, full: dict[str, Any], local: dict[str, Any] |
     for p in cfg.published:
         lo, hi = p["seconds"]
         print(f"   published: {p['what']}: {lo}-{hi} s")
+    if "delta" in sim:
+        _print_sim_delta(sim)
+    if full.get("update_model"):
+        rates = "; ".join(
+            f"lr {u['lr']:g}: {100 * u['steady']:.2f}% (first step {100 * u['per_step'][0]:.2f}%)"
+            for u in full["update_model"]
+        )
+        print(f"   BF16 elements an AdamW step changes (FP32 master weights): {rates}")
     if local is not None:
         _print_local(local)
+
+
+def _print_sim_delta(sim: dict[str, Any]) -> None:
+    d = sim["delta"]
+    for where, x in (("on the GPU", d), ("in host memory", d["host"])):
+        print(
+            f"   delta at {100 * d['fraction']:g}% changed, baselines {where}: "
+            f"{x['seconds']:.3f} s (compare {1e3 * x['compare']:.1f} ms + headers "
+            f"{1e3 * x['header']:.2f} ms + transfer {1e3 * x['transfer']:.1f} ms + host writes "
+            f"{1e3 * x['host_write']:.1f} ms); wire {100 * x['ratio']:.1f}% of dense; dense "
+            f"{x['dense_seconds']:.3f} s, engine receive bound {sim['receive_bound']:.3f} s"
+        )
 
 
 def _print_local(local: dict[str, Any]) -> None:
@@ -158,6 +178,18 @@ def _print_local(local: dict[str, Any]) -> None:
         "with zero copy from every rank's program, the plan's bound being engine "
         f"{fmt_bytes(bound['engine'])}, trainer {fmt_bytes(bound['trainer'])})"
     )
+    for d in local.get("delta", []):
+        dense, delta = d["dense"], d["delta"]
+        b = delta["baseline_bytes"]
+        print(
+            f"   {100 * d['fraction']:g}% changed: dense {dense['seconds']:.3f} s, delta "
+            f"{delta['seconds']:.3f} s ({dense['seconds'] / delta['seconds']:.2f}x); wire "
+            f"{fmt_bytes(delta['wire_bytes'])} of {fmt_bytes(delta['dense_bytes'])} "
+            f"({100 * delta['wire_bytes'] / max(1, delta['dense_bytes']):.1f}%); engine busy "
+            f"{delta['pause_s']:.3f} s vs {dense['pause_s']:.3f} s; baselines per rank: "
+            f"engine {fmt_bytes(b['engine'])}, trainer {fmt_bytes(b['trainer'])} (host); "
+            f"exact: {d['correct']}"
+        )
     if "engines" in local:
         e = local["engines"]
         for s in e.get("steps", []):

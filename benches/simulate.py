@@ -50,7 +50,15 @@ import numpy as np
 from refit.planner import RefitPlan
 from xfer import Plan, ReshardItem
 
-__all__ = ["Cluster", "SimResult", "nodes_of", "remote_cells", "simulate"]
+__all__ = [
+    "Cluster",
+    "SimResult",
+    "delta_ratio",
+    "nodes_of",
+    "remote_cells",
+    "simulate",
+    "simulate_delta",
+]
 
 _GB = 1e9
 
@@ -70,6 +78,7 @@ class Cluster:
     step_latency_us: float = 0.0  # once per refit through the runtime (the commit)
     copy_GBps: float = 1000.0  # pack/unpack copies, per rank (device memory on GPU)
     copy_overlaps: bool = True
+    host_GBps: float = 25.0  # a GPU's copies to and from host memory (delta baselines on host)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -283,3 +292,67 @@ def _largest_part(it: ReshardItem) -> float:
     d = it.dst.geometry
     boxes = np.prod(np.clip(d.stops - d.starts, 0, None), axis=1) * it.itemsize
     return float(boxes.max(initial=0))
+
+
+def delta_ratio(fraction: float, itemsize: int) -> float:
+    """Encoded bytes over dense bytes for a message in which `fraction` of the words (of
+    `itemsize` bytes) changed at random: the cheapest of int32 offsets + values, a bitmap +
+    values, and dense (`xfer.delta`)."""
+    w = itemsize
+    return min(1.0, fraction * (4 + w) / w, 1 / (8 * w) + fraction)
+
+
+def simulate_delta(
+    refit: RefitPlan,
+    plan: Plan,
+    cluster: Cluster,
+    fraction: float,
+    *,
+    baselines: str = "device",
+    nodes: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Seconds for a delta refit in which `fraction` of every tensor's elements changed.
+
+    Model (on top of `simulate`'s): every message shrinks to `delta_ratio` of its bytes on
+    the links (the message count stays: at a few percent every message has changes); one
+    more round exchanges the headers (a message per peer pair); before the rounds, each
+    sender reads its send bytes and its baselines to compare them (2 x its bytes at
+    `copy_GBps`; with baselines in host memory the baselines cross at `host_GBps`), not
+    overlapped; each receiver writes every message whole from its baselines while the
+    rounds run, like the unpack copies (with host baselines: at `host_GBps`, exposed)."""
+    if nodes is None:
+        nodes = nodes_of(
+            refit.trainer_world, refit.world - refit.trainer_world, cluster.gpus_per_node
+        )
+    loads = _Loads(plan, nodes)
+    itemsize = max((it.itemsize for it in refit.items), default=2)
+    ratio = delta_ratio(fraction, min(it.itemsize for it in refit.items) if refit.items else 2)
+    parts = loads.times(cluster)
+    link = parts["link"] * ratio
+    copies = loads.copies.max(axis=1) / (cluster.copy_GBps * _GB)
+    exposed = np.maximum(copies - link, 0.0) if cluster.copy_overlaps else copies
+    active = parts["latency"] > 0
+    sent = (loads.nic_out + loads.nvl_out).sum(0)
+    received = (loads.nic_in + loads.nvl_in).sum(0)
+    peers = float(loads.msgs.sum(0).max(initial=0.0)) / max(1, int(active.sum()))
+    header = (cluster.round_latency_us + cluster.msg_latency_us * peers) * 1e-6
+    compare = 2 * sent.max(initial=0.0) / (cluster.copy_GBps * _GB)
+    write = 0.0
+    if baselines == "host":
+        compare += sent.max(initial=0.0) / (cluster.host_GBps * _GB)
+        write = received.max(initial=0.0) / (cluster.host_GBps * _GB)
+    transfer = float((link + exposed * active).sum() + parts["latency"].sum())
+    total = compare + header + transfer + write + cluster.step_latency_us * 1e-6
+    return {
+        "fraction": fraction,
+        "ratio": ratio,
+        "itemsize": itemsize,
+        "baselines": baselines,
+        "seconds": total,
+        "compare": compare,
+        "header": header,
+        "transfer": transfer,
+        "host_write": write,
+        "dense_seconds": float(sum(v.sum() for v in parts.values()))
+        + cluster.step_latency_us * 1e-6,
+    }

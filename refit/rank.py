@@ -289,6 +289,9 @@ class RefitRank:
         where = self.device if self.options.baselines == "device" else torch.device("cpu")
         self.baselines = Baselines(where)  # this generation's (a new generation starts dense)
         self._since_dense = 0
+        # the version of this generation's last delta-capable run: what every rank's
+        # baselines hold (kept apart from them, so a rank that lost its own says so)
+        self._expected: int | None = None
         log.debug(
             "%s rank %d joined %s (%d ranks, %d items, %s)",
             self.role,
@@ -384,7 +387,7 @@ class RefitRank:
             # the reference path leaves the baselines as they are: a delta applies to the
             # receivers' baselines (not to the engine's weights), so they stay true
             return None
-        held = self.baselines.version
+        held = self._expected
         every = self.options.full_every
         if held is None or (every and self._since_dense + 1 >= every):
             return Delta(self.baselines, version, None)
@@ -398,6 +401,7 @@ class RefitRank:
         x = self.resharder.run(srcs, dsts, path=path, delta=delta)
         if delta is not None:
             self._since_dense = 0 if delta.against is None else self._since_dense + 1
+            self._expected = version
         return x, delta is not None and delta.against is not None
 
     # -- trainer ---------------------------------------------------------------------------

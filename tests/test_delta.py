@@ -235,3 +235,28 @@ def golden_delta(comm, its):
     ]
     dsts = _fresh_dsts(its, rank, "contiguous")
     Resharder(its, comm).run(srcs, dsts, path="golden", delta=Delta(Baselines(), 1))
+
+
+def test_a_shard_sent_to_every_replica_keeps_one_baseline(ranks):
+    from xfer import Layout, Mesh, Replicate, ReshardItem, Shard
+
+    train = Mesh([[0, 1], [2, 3]], ("dp", "tp"))
+    engines = Mesh([[4, 5], [6, 7]], ("replica", "tp"))  # two engine replicas of TP2
+    its = [
+        ReshardItem(
+            Layout(train, [Shard(0), Shard(1)], (128, 256)),
+            Layout(engines, [Replicate(), Shard(0)], (128, 256)),
+            torch.bfloat16,
+            name=f"w{i}",
+        )
+        for i in range(3)
+    ]
+    results = ranks.run(delta_steps, WORLD, its, 1 << 14, "contiguous", [0.03])
+    for rank, steps in enumerate(results):
+        assert all(all(s["ok"]) for s in steps)
+        last = steps[-1]["stats"]
+        if rank < 4:  # each shard goes to both replicas; its baseline is kept once
+            assert last.bytes_sent == 2 * 3 * 64 * 128 * 2
+            assert steps[-1]["baselines"] == last.bytes_sent // 2
+        else:
+            assert steps[-1]["baselines"] == last.bytes_received == 3 * 64 * 256 * 2

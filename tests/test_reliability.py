@@ -147,7 +147,7 @@ def test_fault_campaign(tmp_path):
     records = json.loads(report.read_text())
     cases = {r["case"]: r for r in records if not r.get("extra")}
     extra = {r["case"]: r for r in records if r.get("extra")}
-    assert len(cases) == 11 and len(extra) == 7
+    assert len(cases) == 11 and len(extra) == 8
     for name, r in extra.items():
         assert r["passed"] and r["recovered"], (name, r)
     hostile = next(r for n, r in extra.items() if n.startswith("hostile records"))

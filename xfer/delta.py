@@ -32,8 +32,9 @@ have lost them (the refit runtime starts every communicator generation dense). T
 check lives with the caller (`xfer.api.Resharder.run` agrees on ``against`` before any
 data moves, and refuses a rank whose baselines hold another version).
 
-Memory (stated by `Baselines.nbytes`): a copy of every byte the rank sends and receives,
-on `Baselines.device` (host memory by default, pinned when the transfer runs on a GPU); a
+Memory (stated by `Baselines.nbytes`): a copy of the source shards a rank sends from and
+of every byte it receives, on `Baselines.device` (host memory by default, pinned when the
+transfer runs on a GPU); a
 sender holds the encoded payloads of one run (never more than the dense bytes, only
 messages that encode smaller than dense); a receiver stages encoded payloads in two
 buffers of at most one round each.
@@ -60,7 +61,7 @@ from xfer.execute import (
     _recv_buffers,
 )
 from xfer.program import Message, RankProgram
-from xfer.segments import Local, copy_in
+from xfer.segments import Local, Segments, copy_in, copy_out
 
 __all__ = ["KINDS", "Baselines", "decode", "encode", "run_p2p_delta"]
 
@@ -71,25 +72,56 @@ _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 class Baselines:
-    """One rank's baselines for delta runs: the bytes of every message it last sent and
-    received, and the `version` they hold (None: none yet, the next run must be dense)."""
+    """One rank's baselines for delta runs: the byte views of the source shards it last
+    sent from (by item), the bytes of every message it last received (by round and index),
+    and the `version` they hold (None: none yet, the next run must be dense)."""
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.version: int | None = None
-        self.sent: dict[tuple[int, int], torch.Tensor] = {}
+        self.sources: dict[int, Local] = {}
         self.received: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() for d in (self.sent, self.received) for t in d.values())
+        src = sum(
+            sum(p.numel() for p in s.parts) if isinstance(s, Segments) else s.numel()
+            for s in self.sources.values()
+        )
+        return src + sum(t.numel() for t in self.received.values())
 
     def reset(self) -> None:
         self.version = None
-        self.sent.clear()
+        self.sources.clear()
         self.received.clear()
 
-    def _keep(self, store: dict[tuple[int, int], torch.Tensor], key: Any, b: torch.Tensor) -> None:
+    def _keep_source(self, item: int, src: Local) -> None:
+        """Record this rank's source shard of `item` (a byte view) as its baseline."""
+        old = self.sources.get(item)
+        if isinstance(src, Segments):
+            olds = old.parts if isinstance(old, Segments) else [None] * len(src.parts)
+            self.sources[item] = Segments(
+                [self._copy(o, p) for o, p in zip(olds, src.parts, strict=True)]
+            )
+        else:
+            self.sources[item] = self._copy(old if isinstance(old, torch.Tensor) else None, src)
+
+    def _copy(self, old: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+        if old is None or old.shape != t.shape:
+            pin = self.device.type == "cpu" and t.device.type == "cuda"
+            old = torch.empty(t.shape, dtype=t.dtype, device=self.device, pin_memory=pin)
+        old.copy_(t)
+        return old
+
+    def _message(self, m: Message) -> torch.Tensor:
+        """A sent message's baseline bytes, gathered from the source baselines."""
+        out = torch.empty(m.nbytes, dtype=torch.uint8, device=self.device)
+        for c in m.copies:
+            src = self.sources[c.item]
+            copy_out(src, c.index, out[c.offset : c.offset + c.nbytes].view(c.shape))
+        return out
+
+    def _keep_received(self, store: dict[tuple[int, int], torch.Tensor], key: Any, b: torch.Tensor) -> None:
         """Record `b` (a message's bytes) as the baseline of `key`."""
         base = store.get(key)
         if base is None or base.numel() != b.numel():
@@ -230,12 +262,15 @@ def _run(
         for i, rnd in enumerate(rounds):
             cur = _pack(rnd, sends[i], sbufs[0], loc)
             for j, (m, b) in enumerate(zip(rnd.sends, cur, strict=True)):
-                kind, payload = encode(b, base.sent[(i, j)], word_size(itemsizes, m))
+                kind, payload = encode(b, base._message(m), word_size(itemsizes, m))
                 skind[(i, j)] = kind
                 if payload is not None:
                     spay[(i, j)] = payload
-                if kind != SAME:
-                    base._keep(base.sent, (i, j), b)
+    sent_items = sorted({c.item for r in rounds for m in r.sends for c in m.copies})
+    for item in sent_items:  # the sources do not change during the run
+        src = loc.src_bytes[item]
+        assert src is not None
+        base._keep_source(item, src)
     rkind = _exchange_headers(program, comm, skind, spay, stream) if against is not None else {}
 
     def send_list(i: int) -> list[Transfer]:
@@ -246,8 +281,6 @@ def _run(
             kind = skind.get((i, j), DENSE)
             if kind == DENSE:
                 out.append(Transfer(m.peer, b))
-                if against is None:
-                    base._keep(base.sent, (i, j), b)
             elif kind != SAME:
                 out.append(Transfer(m.peer, spay[(i, j)]))
         return out
@@ -292,7 +325,7 @@ def _run(
             kind = rkind.get((i, j), (DENSE, 0))[0]
             if kind == DENSE:
                 assert b is not None
-                base._keep(base.received, (i, j), b)
+                base._keep_received(base.received, (i, j), b)
                 continue
             bb = base.received[(i, j)]
             if kind != SAME:
