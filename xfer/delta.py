@@ -59,6 +59,7 @@ from xfer.execute import (
     _Locals,
     _pack,
     _recv_buffers,
+    _span,
 )
 from xfer.program import Message, RankProgram
 from xfer.segments import Local, Segments, copy_in, copy_out
@@ -69,6 +70,8 @@ SAME, POSITIONS, BITMAP, DENSE = 0, 1, 2, 3
 KINDS = ("same", "positions", "bitmap", "dense")
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_SAMPLE_STRIDE = 61  # a word in this many is compared before the whole message
+_DENSE_ABOVE = 0.97  # sampled fraction changed above which dense is taken at once
 
 
 class Baselines:
@@ -114,14 +117,22 @@ class Baselines:
         return old
 
     def _message(self, m: Message) -> torch.Tensor:
-        """A sent message's baseline bytes, gathered from the source baselines."""
+        """A sent message's baseline bytes: a view of the source baselines where they are
+        one span of them, else gathered."""
+        items = {c.item for c in m.copies}
+        if len(items) == 1:
+            v = _span(self.sources[next(iter(items))], m.copies, m.nbytes)
+            if v is not None:
+                return v
         out = torch.empty(m.nbytes, dtype=torch.uint8, device=self.device)
         for c in m.copies:
             src = self.sources[c.item]
             copy_out(src, c.index, out[c.offset : c.offset + c.nbytes].view(c.shape))
         return out
 
-    def _keep_received(self, store: dict[tuple[int, int], torch.Tensor], key: Any, b: torch.Tensor) -> None:
+    def _keep_received(
+        self, store: dict[tuple[int, int], torch.Tensor], key: Any, b: torch.Tensor
+    ) -> None:
         """Record `b` (a message's bytes) as the baseline of `key`."""
         base = store.get(key)
         if base is None or base.numel() != b.numel():
@@ -148,12 +159,20 @@ def _words(b: torch.Tensor, w: int) -> torch.Tensor:
 
 def encode(cur: torch.Tensor, base: torch.Tensor, w: int) -> tuple[int, torch.Tensor | None]:
     """The cheapest exact encoding of `cur` (a message's bytes) against `base` (the same
-    message's baseline bytes): ``(kind, payload)``; payload None for ``same`` and ``dense``."""
+    message's baseline bytes): ``(kind, payload)``; payload None for ``same`` and ``dense``.
+
+    A sample of the words is compared first: when nearly all of them changed, dense is the
+    cheapest form and the full comparison is skipped (dense is exact whatever changed)."""
     cw = _words(cur, w)
     bw = base.to(cur.device).view(_WORD[w])
+    n = int(cw.numel())
+    if n >= 64 * _SAMPLE_STRIDE:
+        sample = (cw[::_SAMPLE_STRIDE] != bw[::_SAMPLE_STRIDE]).float().mean()
+        if float(sample) > _DENSE_ABOVE:
+            return DENSE, None
     changed = cw != bw
-    idx = changed.nonzero().flatten()
-    k, n = int(idx.numel()), int(cw.numel())
+    idx = changed.nonzero().flatten()  # faster than counting a bool tensor on CPU
+    k = int(idx.numel())
     if k == 0:
         return SAME, None
     sizes = {DENSE: n * w, BITMAP: (n + 7) // 8 + k * w}
@@ -275,7 +294,8 @@ def _run(
 
     def send_list(i: int) -> list[Transfer]:
         rnd = rounds[i]
-        dense = _pack(rnd, sends[i], sbufs[i % 2], loc)  # direct views cost nothing
+        wanted = [skind.get((i, j), DENSE) == DENSE for j in range(len(rnd.sends))]
+        dense = _pack_some(rnd, sends[i], sbufs[i % 2], loc, wanted)
         out = []
         for j, (m, b) in enumerate(zip(rnd.sends, dense, strict=True)):
             kind = skind.get((i, j), DENSE)
@@ -372,6 +392,25 @@ def _run(
         if against is not None
         else (0, 0, 0, sum(len(r.sends) for r in rounds)),
     )
+
+
+def _pack_some(
+    rnd: Any, direct: Any, buf: torch.Tensor, loc: _Locals, wanted: list[bool]
+) -> list[torch.Tensor]:
+    """`_pack`, copying only the `wanted` messages' bytes (the others are sent encoded)."""
+    out, at = [], 0
+    for m, v, want in zip(rnd.sends, direct.views, wanted, strict=True):
+        if v is not None:
+            out.append(v)
+            continue
+        if want:
+            for c in m.copies:
+                src = loc.src_bytes[c.item]
+                assert src is not None
+                copy_out(src, c.index, buf[at + c.offset : at + c.offset + c.nbytes].view(c.shape))
+        out.append(buf[at : at + m.nbytes])
+        at += m.nbytes
+    return out
 
 
 def _unpack_some(
