@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import full_tensor, items, same_bits
-from tests.test_xfer_dist import WORLD, _fresh_dsts, _view
+from tests.support import WORLD, fresh_dsts, local_view
 from xfer import Baselines, Delta, RecordingComm, Resharder, XferError
 from xfer.delta import BITMAP, DENSE, POSITIONS, SAME, decode, encode
 from xfer.local import RankError
@@ -76,16 +76,16 @@ def delta_steps(comm, its, bucket, mode, fractions):
         if fraction is not None:
             fulls = [changed(f, fraction, 1000 * step + i) for i, f in enumerate(fulls)]
         srcs = [
-            _view(it.src.local_shape(rank), it.dtype, mode, f[it.src.box(rank)])
+            local_view(it.src.local_shape(rank), it.dtype, mode, f[it.src.box(rank)])
             if it.src.holds(rank)
             else None
             for it, f in zip(its, fulls, strict=True)
         ]
-        dsts = _fresh_dsts(its, rank, mode)
+        dsts = fresh_dsts(its, rank, mode)
         groups = len(rec.record.groups)
         against = None if step == 0 else step - 1
         stats = resharder.run(srcs, dsts, delta=Delta(baselines, step, against))
-        ref = _fresh_dsts(its, rank, mode)
+        ref = fresh_dsts(its, rank, mode)
         dense.run(srcs, ref, path="p2p")
         ok = [
             d is None or (same_bits(d.contiguous(), f[it.dst.box(rank)]) and same_bits(d, r))
@@ -173,10 +173,10 @@ def lost_baselines(comm, its):
         f[it.src.box(rank)].clone() if it.src.holds(rank) else None
         for it, f in zip(its, fulls, strict=True)
     ]
-    resharder.run(srcs, _fresh_dsts(its, rank, "contiguous"), delta=Delta(baselines, 1))
+    resharder.run(srcs, fresh_dsts(its, rank, "contiguous"), delta=Delta(baselines, 1))
     if rank == 5:
         baselines.reset()  # e.g. an engine rank whose weights were replaced behind its back
-    dsts = _fresh_dsts(its, rank, "contiguous")
+    dsts = fresh_dsts(its, rank, "contiguous")
     try:
         resharder.run(srcs, dsts, delta=Delta(baselines, 2, against=1))
     except XferError as e:
@@ -207,9 +207,9 @@ def fail_midway(comm, its):
         else None
         for it in its
     ]
-    resharder.run(srcs, _fresh_dsts(its, rank, "contiguous"), delta=Delta(baselines, 1))
+    resharder.run(srcs, fresh_dsts(its, rank, "contiguous"), delta=Delta(baselines, 1))
     kept = baselines.nbytes
-    bad = [None if d is None else d[..., :1] for d in _fresh_dsts(its, rank, "contiguous")]
+    bad = [None if d is None else d[..., :1] for d in fresh_dsts(its, rank, "contiguous")]
     with pytest.raises(XferError):
         resharder.run(srcs, bad, delta=Delta(baselines, 2, against=1))  # wrong shapes
     return kept, baselines.version
@@ -233,7 +233,7 @@ def golden_delta(comm, its):
         else None
         for it in its
     ]
-    dsts = _fresh_dsts(its, rank, "contiguous")
+    dsts = fresh_dsts(its, rank, "contiguous")
     Resharder(its, comm).run(srcs, dsts, path="golden", delta=Delta(Baselines(), 1))
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.strategies import full_tensor, same_bits
-from tests.test_plan import apply_plan
+from tests.support import apply_plan
 from xfer import (
     Layout,
     Mesh,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_refit_e2e import scenario
+from tests.support import scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -16,52 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import full_tensor, items, same_bits
+from tests.support import apply_plan
 from xfer import Layout, Mesh, Replicate, ReshardItem, Shard, XferError, build_program, plan_reshard
-from xfer.execute import _directs, _Locals, _pack, _recv_buffers, _unpack
 from xfer.program import split_range
 
 WORLD = 8
-
-
-def local_inputs(its, rank, fulls, device="cpu"):
-    srcs, dsts = [], []
-    for it, full in zip(its, fulls, strict=True):
-        srcs.append(full[it.src.box(rank)].to(device) if it.src.holds(rank) else None)
-        dsts.append(
-            torch.zeros(it.dst.local_shape(rank), dtype=it.dtype, device=device)
-            if it.dst.holds(rank)
-            else None
-        )
-    return srcs, dsts
-
-
-def apply_plan(plan, fulls, device="cpu"):
-    """Run every rank's program in-process; return each rank's destination tensors."""
-    world = plan.world_size
-    progs = [build_program(plan, r) for r in range(world)]
-    state = [local_inputs(plan.items, r, fulls, device) for r in range(world)]
-    locs = [_Locals(*state[r]) for r in range(world)]
-    wire: dict[tuple[int, int, int], torch.Tensor] = {}
-    for r, prog in enumerate(progs):
-        for lc in prog.local:
-            locs[r].dst[lc.item][lc.dst_index].copy_(locs[r].src[lc.item][lc.src_index])
-        for rnd in prog.rounds:
-            direct = _directs(rnd.sends, locs[r].src_bytes)
-            buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
-            for m, out in zip(rnd.sends, _pack(rnd, direct, buf, locs[r]), strict=True):
-                wire[(rnd.index, r, m.peer)] = out.clone()
-    for r, prog in enumerate(progs):
-        for rnd in prog.rounds:
-            direct = _directs(rnd.recvs, locs[r].dst_bytes)
-            buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
-            into = _recv_buffers(rnd, direct, buf)
-            for m, b in zip(rnd.recvs, into, strict=True):
-                b.copy_(wire.pop((rnd.index, m.peer, r)))
-            _unpack(rnd, direct, into, locs[r])
-    assert not wire, f"messages nobody received: {sorted(wire)[:5]}"
-    for loc in locs:
-        loc.finish()
-    return [s[1] for s in state], progs
 
 
 def needed_remote_bytes(it: ReshardItem, rank: int) -> int:

@@ -13,12 +13,9 @@ engine is wrong although the transfer is right.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.support import scenario
 
 pytestmark = pytest.mark.slow
 
@@ -26,21 +23,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("scenario")
-
-
-def scenario(workdir: Path, *args: str, timeout: float = 420) -> dict:
-    out = workdir / f"report-{abs(hash(args))}.json"
-    # every refit runs strict: each rank is held to NCCL's completion and ordering rules
-    cmd = [sys.executable, "-m", "backends.scenario", "--workdir", str(workdir), "--json", str(out)]
-    cmd.append("--strict")
-    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
-    if not out.exists():
-        raise AssertionError(
-            f"scenario {args} produced no report:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
-    report = json.loads(out.read_text())
-    report["returncode"] = proc.returncode
-    return report
 
 
 def assert_good(report: dict, steps: int) -> None:

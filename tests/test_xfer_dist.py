@@ -3,7 +3,6 @@ carries exactly what the plan says; bad input raises the same error on every ran
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -12,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import full_tensor, items, same_bits
+from tests.support import WORLD, fresh_dsts, local_view
 from xfer import (
     DTensorRef,
     Layout,
@@ -20,59 +20,22 @@ from xfer import (
     Replicate,
     Resharder,
     ReshardItem,
-    Segments,
     Shard,
     XferError,
     xferdtensor,
 )
 from xfer.local import RankError
-from xfer.segments import copy_in
-
-WORLD = 8
-
-
-def _view(shape, dtype, mode: str, fill=None):
-    """A local shard of `shape` laid out as `mode`: contiguous, padded (strided rows),
-    transposed (last dim not unit-stride) or segments (separately allocated row blocks of
-    uneven height, odd ones padded, as a `Segments`)."""
-    if mode == "segments" and len(shape) >= 1 and shape[0] > 0:
-        cuts = [0, *sorted({(shape[0] * k) // 3 for k in (1, 2)} - {0, shape[0]}), shape[0]]
-        parts = [
-            _view((b - a, *shape[1:]), dtype, "padded" if i % 2 else "contiguous")
-            for i, (a, b) in enumerate(itertools.pairwise(cuts))
-        ]
-        seg = Segments(parts)
-        if fill is not None:
-            copy_in(seg, tuple(slice(0, n) for n in shape), fill)
-        return seg
-    if mode == "padded" and shape:
-        big = torch.zeros([n + 2 for n in shape], dtype=dtype)
-        t = big[tuple(slice(1, 1 + n) for n in shape)]
-    elif mode == "transposed" and len(shape) >= 2:
-        t = torch.zeros(tuple(reversed(shape)), dtype=dtype).permute(*reversed(range(len(shape))))
-    else:
-        t = torch.zeros(shape, dtype=dtype)
-    if fill is not None:
-        t.copy_(fill)
-    return t
 
 
 def _locals(its, rank, seeds, mode):
     fulls = [full_tensor(it.src.shape, it.dtype, s) for it, s in zip(its, seeds, strict=True)]
     srcs = [
-        _view(it.src.local_shape(rank), it.dtype, mode, f[it.src.box(rank)])
+        local_view(it.src.local_shape(rank), it.dtype, mode, f[it.src.box(rank)])
         if it.src.holds(rank)
         else None
         for it, f in zip(its, fulls, strict=True)
     ]
     return fulls, srcs
-
-
-def _fresh_dsts(its, rank, mode):
-    return [
-        _view(it.dst.local_shape(rank), it.dtype, mode) if it.dst.holds(rank) else None
-        for it in its
-    ]
 
 
 def run_paths(comm, its, seeds, bucket, mode):
@@ -83,7 +46,7 @@ def run_paths(comm, its, seeds, bucket, mode):
     for path in ("golden", "p2p"):
         rec = RecordingComm(comm)
         resharder = Resharder(its, rec, bucket_bytes=bucket)
-        dsts = _fresh_dsts(its, rank, mode)
+        dsts = fresh_dsts(its, rank, mode)
         stats = resharder.run(srcs, dsts, path=path)
         dsts_seen = [None if d is None else d.contiguous() for d in dsts]
         ok = [
@@ -384,7 +347,7 @@ def verified(comm, its, seeds, corrupt_rank):
     rank = comm.rank
     _, srcs = _locals(its, rank, seeds, "contiguous")
     rs = Resharder(its, comm, bucket_bytes=64)
-    dsts = _fresh_dsts(its, rank, "contiguous")
+    dsts = fresh_dsts(its, rank, "contiguous")
     rs.run(srcs, dsts, path="p2p")
     if rank == corrupt_rank:
         for d in dsts:
@@ -414,7 +377,7 @@ def row_sharded(comm, mode):
     dst_l = Layout(Mesh([2, 3, 4, 5], ("tp",)), [Shard(0)], (16, 8))
     its = [ReshardItem(src_l, dst_l, torch.float32, "rows")]
     fulls, srcs = _locals(its, comm.rank, [3], mode)
-    dsts = _fresh_dsts(its, comm.rank, mode)
+    dsts = fresh_dsts(its, comm.rank, mode)
     stats = Resharder(its, comm).run(srcs, dsts, path="p2p")
     ok = dsts[0] is None or same_bits(dsts[0].contiguous(), fulls[0][dst_l.box(comm.rank)])
     return ok, stats.packed_bytes, stats.unpacked_bytes, stats.bytes_sent, stats.bytes_received
