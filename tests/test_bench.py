@@ -168,6 +168,26 @@ def test_local_execution_paths_agree_and_memory_matches_the_model(ranks):
         assert model["p2p"][role] > model["p2p_bound"][role] // 10
 
 
+def test_local_delta_run_is_exact_and_sends_what_changed(ranks):
+    cfg = load("dsv3")
+    small = {**cfg.local.model, "hidden_size": 256, "intermediate_size": 512,
+             "moe_intermediate_size": 128, "vocab_size": 2048, "num_hidden_layers": 2}  # fmt: skip
+    side = replace(cfg.local, model=small, bucket_cap=1 << 20)
+    built = build_plans(side)
+    trainer, engine = specs(side)
+    kw = {"bucket_bytes": built.bucket_bytes, "reps": 1, "pool": ranks}
+    sparse = localrun.execute_delta(trainer, engine, side.replicas, fraction=0.03, **kw)
+    every = localrun.execute_delta(trainer, engine, side.replicas, fraction=1.0, **kw)
+    for out in (sparse, every):
+        assert out["correct"]  # every engine rank holds the full tensors' slices, bit for bit
+        assert out["dense"]["wire_bytes"] == out["dense"]["dense_bytes"] > 0
+        assert out["delta"]["baseline_bytes"]["engine"] > 0
+        assert out["delta"]["baseline_bytes"]["trainer"] > 0
+    ratio = sparse["delta"]["wire_bytes"] / sparse["delta"]["dense_bytes"]
+    assert 0.06 < ratio < 0.12  # 3% of bf16 words, 6 B per changed word
+    assert every["delta"]["wire_bytes"] == every["delta"]["dense_bytes"]  # dense fallback
+
+
 def test_command_plans_simulates_and_writes_standard_json(tmp_path):
     assert main(["--config", "llama3_8b.yaml", "--skip-local", "--out", str(tmp_path)]) == 0
 
@@ -188,6 +208,12 @@ def test_command_plans_simulates_and_writes_standard_json(tmp_path):
     assert prov["machine"]["cpu_cores"] >= 1 and "gpus" in prov["machine"]
     assert report["local"] is None
     assert (tmp_path / "llama3_8b.png").stat().st_size > 10_000
+    delta = full["sim"]["delta"]  # 3% changed by default
+    assert delta["fraction"] == 0.03 and abs(delta["ratio"] - 0.09) < 1e-9
+    assert delta["seconds"] < delta["dense_seconds"] == pytest.approx(full["sim"]["p2p"])
+    assert delta["host"]["seconds"] > delta["seconds"]  # baselines across PCIe cost more
+    rates = [u["steady"] for u in full["update_model"]]
+    assert 0 < rates[0] < rates[1] < rates[2] < 1  # AdamW at lr 1e-7, 1e-6, 1e-5
 
 
 def test_plain_json_replaces_non_finite_numbers():
