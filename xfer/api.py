@@ -26,7 +26,7 @@ import torch
 
 from xfer import m2n, wire
 from xfer.comm import Comm
-from xfer.delta import Baselines, run_p2p_delta
+from xfer.delta import Baselines, apply_received, run_p2p_delta
 from xfer.errors import XferError
 from xfer.execute import Staging, XferStats, run_golden, run_p2p
 from xfer.layout import Layout
@@ -78,6 +78,9 @@ class Delta:
     baselines: Baselines
     version: int
     against: int | None = None
+    # receivers only bring their baselines to `version`, writing no destination (pass None
+    # for them); `Resharder.apply` writes them afterwards
+    receive_only: bool = False
 
 
 def _check_path(path: str) -> None:
@@ -149,7 +152,9 @@ class Resharder:
         _check_path(path)
         t0 = time.perf_counter()
         items = self.plan.items
-        problems = check_locals(items, self.comm.rank, srcs, dsts)
+        problems = check_locals(
+            items, self.comm.rank, srcs, dsts, destinations=not (delta and delta.receive_only)
+        )
         if delta is not None:
             return self._run_delta(srcs, dsts, problems, path, delta, stream, staging)
         use_m2n = self._m2n_items(path, srcs, dsts, problems)
@@ -221,11 +226,24 @@ class Resharder:
                 delta.baselines,
                 version=delta.version,
                 against=delta.against,
+                receive_only=delta.receive_only,
                 stream=stream,
                 staging=staging or self.staging,
             )
         except ValueError as e:
             raise XferError(str(e)) from None
+
+    def apply(self, dsts: Sequence[Local | None], baselines: Baselines) -> int:
+        """After a receive-only delta run: write what arrived into this rank's destinations
+        (local: no communication); the bytes written. Bad destinations raise `XferError`
+        on this rank before anything is written."""
+        rank = self.comm.rank
+        problems = check_locals(self.plan.items, rank, [None] * len(dsts), dsts, sources=False)
+        if problems:
+            raise XferError(problems)
+        if baselines.version is None:
+            raise XferError(f"rank {rank}: nothing received to apply (no baselines)")
+        return apply_received(self.program, dsts, baselines)
 
     def verify(self, srcs: Sequence[Local | None], dsts: Sequence[Local | None]) -> list[str]:
         """After `run`, on every rank: the items whose destination box on this rank differs

@@ -64,7 +64,7 @@ from xfer.execute import (
 from xfer.program import Message, RankProgram
 from xfer.segments import Local, Segments, copy_in, copy_out
 
-__all__ = ["KINDS", "Baselines", "decode", "encode", "run_p2p_delta"]
+__all__ = ["KINDS", "Baselines", "apply_received", "decode", "encode", "run_p2p_delta"]
 
 SAME, POSITIONS, BITMAP, DENSE = 0, 1, 2, 3
 KINDS = ("same", "positions", "bitmap", "dense")
@@ -234,14 +234,21 @@ def run_p2p_delta(
     *,
     version: int,
     against: int | None,
+    receive_only: bool = False,
     stream: Any = None,
     staging: Staging | None = None,
 ) -> XferStats:
     """Run `program` as a delta against `baselines` (``against``: the version they must
     hold) or, with ``against=None``, dense while recording them. On success the baselines
-    hold `version`; on any error they are dropped."""
+    hold `version`; on any error they are dropped.
+
+    ``receive_only``: receivers leave their destinations alone (pass None for them) and only
+    bring their baselines to `version`; `apply_received` writes them later (an engine keeps
+    serving while the bytes arrive and pauses only for that write)."""
     try:
-        stats = _run(program, itemsizes, srcs, dsts, comm, baselines, against, stream, staging)
+        stats = _run(
+            program, itemsizes, srcs, dsts, comm, baselines, against, receive_only, stream, staging
+        )
     except BaseException:
         baselines.reset()
         raise
@@ -257,12 +264,15 @@ def _run(
     comm: Comm,
     base: Baselines,
     against: int | None,
+    receive_only: bool,
     stream: Any,
     staging: Staging | None,
 ) -> XferStats:
     t0 = time.perf_counter()
     if against is not None and base.version != against:
         raise ValueError(f"baselines hold version {base.version}, not {against}")
+    if receive_only and any(dsts[lc.item] is not None for lc in program.local):
+        raise ValueError("a receive-only run cannot make local copies into destinations")
     loc = _Locals(srcs, dsts)
     device = _device_of(srcs, dsts, comm)
     rounds = program.rounds
@@ -340,7 +350,8 @@ def _run(
         dense = [
             b if rkind.get((i, j), (DENSE, 0))[0] == DENSE else None for j, b in enumerate(into)
         ]
-        _unpack_some(rnd, recvs[i].views, dense, loc)
+        if not receive_only:
+            _unpack_some(rnd, recvs[i].views, dense, loc)
         for j, (m, b) in enumerate(zip(rnd.recvs, into, strict=True)):
             kind = rkind.get((i, j), (DENSE, 0))[0]
             if kind == DENSE:
@@ -351,7 +362,8 @@ def _run(
             if kind != SAME:
                 assert b is not None
                 decode(kind, b, bb, word_size(itemsizes, m))
-            _write(m, recvs[i].views[j], bb, loc)
+            if not receive_only:
+                _write(m, recvs[i].views[j], bb, loc)
 
     wire_sent = wire_received = 0
     pending: tuple[int, list[torch.Tensor | None], Work] | None = None
@@ -392,6 +404,20 @@ def _run(
         if against is not None
         else (0, 0, 0, sum(len(r.sends) for r in rounds)),
     )
+
+
+def apply_received(program: RankProgram, dsts: Sequence[Local | None], base: Baselines) -> int:
+    """Write what a receive-only run brought into `base` into this rank's destinations
+    (every byte of every message it receives); the bytes written."""
+    loc = _Locals([None] * len(dsts), dsts)
+    n = 0
+    for i, rnd in enumerate(program.rounds):
+        views = _directs(rnd.recvs, loc.dst_bytes).views
+        for j, m in enumerate(rnd.recvs):
+            _write(m, views[j], base.received[(i, j)], loc)
+            n += m.nbytes
+    loc.finish()
+    return n
 
 
 def _pack_some(

@@ -42,8 +42,13 @@ def check_locals(
     rank: int,
     srcs: Sequence[Local | None],
     dsts: Sequence[Local | None],
+    *,
+    sources: bool = True,
+    destinations: bool = True,
 ) -> list[str]:
-    """Every problem with the local tensors `rank` passes for `items`."""
+    """Every problem with the local tensors `rank` passes for `items` (`sources` /
+    `destinations` False: that side may be None where the rank holds a box, as when it
+    is written later)."""
     out: list[str] = []
     if len(srcs) != len(items) or len(dsts) != len(items):
         return [
@@ -57,7 +62,8 @@ def check_locals(
             held = lay.holds(rank)
             if t is None:
                 # None is fine outside the mesh and for an empty box (a 0-d box is one element)
-                if held and math.prod(lay.local_shape(rank)) > 0:
+                later = not (sources if side == "source" else destinations)
+                if held and math.prod(lay.local_shape(rank)) > 0 and not later:
                     out.append(
                         f"{where}: rank {rank} is in {lay.mesh!r} and holds box "
                         f"{_fmt_bounds(lay.bounds(rank))} but passed no local tensor"
