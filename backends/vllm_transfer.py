@@ -114,6 +114,9 @@ class XferInitInfo(_InitBase):  # type: ignore[misc,valid-type]
 class XferUpdateInfo(_UpdateBase):  # type: ignore[misc,valid-type]
     version: int
     path: str | None = None
+    # "install": the whole refit now; "receive": start it and return, the bytes arriving
+    # while the engine serves (a "received/v<version>" record says when), then "install"
+    phase: str = "install"
 
 
 class XferWeightTransferEngine(_Engine):  # type: ignore[misc,valid-type]
@@ -172,6 +175,14 @@ class XferWeightTransferEngine(_Engine):  # type: ignore[misc,valid-type]
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: XferUpdateInfo) -> None:
+        version = update_info.version
+        if update_info.phase == "receive":
+            self.core.refit_receive(
+                version, update_info.path, lambda: self._put(f"received/v{version}", {})
+            )
+            return
+        if update_info.phase != "install":
+            raise RefitError(f"unknown update phase {update_info.phase!r}: receive or install")
         try:
             stats = self.core.refit_step(update_info.version, update_info.path)
             self._put(f"stats/v{update_info.version}", loads(stats))

@@ -225,11 +225,25 @@ class NativeEngine:
         self._token = b""
         self._timeout = 600.0
         self._world = 0
+        self.receive_while_serving = False  # see `attach`
 
-    def attach(self, store: Any, host: str, prefix: str, token: bytes, replica: int) -> None:
-        """Where the refit's store is, and which replica index this engine starts at."""
+    def attach(
+        self,
+        store: Any,
+        host: str,
+        prefix: str,
+        token: bytes,
+        replica: int,
+        *,
+        timeout_s: float = 600.0,
+        receive_while_serving: bool = False,
+    ) -> None:
+        """Where the refit's store is, which replica index this engine starts at, how long
+        a refit may take, and whether its bytes arrive while the engine serves."""
         self._store, self._host, self._prefix = store, host, prefix
         self._token, self.replica = token, replica
+        self._timeout = timeout_s
+        self.receive_while_serving = receive_while_serving
 
     def _key(self, what: str, replica: int, rank: int) -> str:
         return f"{self._prefix}/engine/{what}/{replica}/{rank}"
@@ -284,7 +298,17 @@ class NativeEngine:
 
     def step(self, version: int, path: str | None = None) -> Pending:
         def run() -> list[RankStats]:
+            if self.receive_while_serving and path != "golden":
+                # the bytes arrive while the engine serves: start the refit, wait until every
+                # rank of the replica has them (each posts a record), then pause to install
+                self.client.start_weight_update()
+                self.client.update_weights({"version": version, "path": path, "phase": "receive"})
+                self.client.finish_weight_update()
+                deadline = time.monotonic() + self._timeout
+                for k in range(self._world):
+                    self._read(f"received/v{version}", self.replica, k, deadline)
             paused = False
+            t0 = time.perf_counter()
             if self.pause is not None and hasattr(self.client, "pause"):
                 self.client.pause(self.pause)
                 paused = True
@@ -297,11 +321,15 @@ class NativeEngine:
             finally:
                 if paused:
                     self.client.resume()
+            held = time.perf_counter() - t0  # the engine served nothing new meanwhile
             deadline = time.monotonic() + 30
-            return [
+            stats = [
                 RankStats(**self._read(f"stats/v{version}", self.replica, k, deadline))
                 for k in range(self._world)
             ]
+            for s in stats:
+                s.phases["paused"] = held
+            return stats
 
         return Threaded(run, what=f"{self.name} refit {version}")
 

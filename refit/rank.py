@@ -60,7 +60,7 @@ from xfer.segments import Local
 from xfer.strict import StrictComm
 from xfer.wire import WireError, as_int, as_str, dumps, loads
 
-__all__ = ["EngineHooks", "RankOptions", "RankSetup", "RankStats", "RefitRank"]
+__all__ = ["EngineHooks", "Gate", "RankOptions", "RankSetup", "RankStats", "RefitRank"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,23 @@ class RankStats:
     baseline_bytes: int = 0  # delta baselines kept (host memory unless baselines="device")
     ignored: int = 0  # records in the store this rank ignored as not authentic (so far)
     phases: dict[str, float] = field(default_factory=dict)
+
+
+class Gate:
+    """Between an engine rank that receives while its engine serves and whoever pauses the
+    engine: `on_received` is called once the bytes are in (or the step failed before), and
+    the rank installs once `paused` is set."""
+
+    def __init__(self, on_received: Callable[[], None] | None = None) -> None:
+        self.paused = threading.Event()
+        self.arrived = threading.Event()
+        self._on_received = on_received
+
+    def received(self) -> None:
+        if not self.arrived.is_set():
+            self.arrived.set()
+            if self._on_received is not None:
+                self._on_received()
 
 
 class EngineHooks(Protocol):
@@ -394,10 +411,18 @@ class RefitRank:
         return Delta(self.baselines, version, held)
 
     def _run(
-        self, srcs: list[Local | None], dsts: list[Local | None], path: Path | None, version: int
+        self,
+        srcs: list[Local | None],
+        dsts: list[Local | None],
+        path: Path | None,
+        version: int,
+        receive_only: bool = False,
     ) -> tuple[XferStats, bool]:
         """Run the plan (as a delta where this refit is one); its stats, and whether it was."""
         delta = self._delta(version, path)
+        if receive_only:
+            assert delta is not None
+            delta = replace(delta, receive_only=True)
         x = self.resharder.run(srcs, dsts, path=path, delta=delta)
         if delta is not None:
             self._since_dense = 0 if delta.against is None else self._since_dense + 1
@@ -428,18 +453,72 @@ class RefitRank:
             return stats
 
     # -- engine ----------------------------------------------------------------------------
-    def engine_step(self, hooks: EngineHooks, version: int, path: Path | None = None) -> RankStats:
+    def engine_step(
+        self,
+        hooks: EngineHooks,
+        version: int,
+        path: Path | None = None,
+        gate: Gate | None = None,
+    ) -> RankStats:
+        """One refit into the engine. With a `gate` (and ``delta=True``; called on a thread
+        of its own while the engine keeps serving), the bytes first arrive into the
+        baselines without touching the engine (`Gate.on_received` is called), then the
+        rank waits until `Gate.pause` says the engine is paused, and only then installs."""
         with self._armed(version):
+            if gate is not None and self.options.delta and path != "golden":
+                return self._engine_step_gated(hooks, version, path, gate)
             return self._engine_step(hooks, version, path)
 
-    def _engine_step(self, hooks: EngineHooks, version: int, path: Path | None) -> RankStats:
+    def _engine_step_gated(
+        self, hooks: EngineHooks, version: int, path: Path | None, gate: Gate
+    ) -> RankStats:
         plan, rank = self.plan, self.rank
         t0 = time.perf_counter()
         stats = RankStats(rank, "engine")
+        none: list[Local | None] = [None] * len(plan.items)
+        self.enter("receive while serving")
+        with self._transfer_stream():
+            x, stats.delta = self._run(none, list(none), path, version, receive_only=True)
+        t1 = time.perf_counter()
+        gate.received()
+        self.enter("wait for the pause")
+        while not gate.paused.wait(0.02):
+            self._check()  # the deadline and the failure board still apply
+        t2 = time.perf_counter()
         self.enter("begin install")
         hooks.begin(version)
-        t1 = time.perf_counter()
-        self.enter("transfer")
+        dsts, misc = self._destinations(hooks)
+        self.enter("apply")
+        with self._transfer_stream():
+            self.resharder.apply(dsts, self.baselines)
+            if self.options.verify:
+                self.enter("verify")
+                self._verify(dsts)
+        t3 = time.perf_counter()
+        self._fill(stats, x, hooks)
+        self.enter("load misc")
+        hooks.load(misc)
+        t4 = time.perf_counter()
+        self.enter("finish install")
+        hooks.finish(version)
+        t5 = time.perf_counter()
+        stats.phases = {
+            "receive": t1 - t0,
+            "wait_for_pause": t2 - t1,
+            "apply": t3 - t2,
+            "load_misc": t4 - t3,
+            "finish": t5 - t4,
+            "paused": t5 - t2,
+        }
+        stats.seconds = t5 - t0
+        return stats
+
+    def _destinations(
+        self, hooks: EngineHooks
+    ) -> tuple[list[Local | None], list[tuple[str, torch.Tensor]]]:
+        """Per item, this engine rank's destination (bulk: the engine's view; misc: a whole
+        fresh buffer), and the misc buffers by name."""
+        plan, rank = self.plan, self.rank
         dsts: list[Local | None] = [
             hooks.view(it.name) if i < plan.bulk and it.dst.holds(rank) else None
             for i, it in enumerate(plan.items)
@@ -449,16 +528,15 @@ class RefitRank:
             buf = torch.empty(e.shape, dtype=e.dtype, device=self.device)
             dsts[e.item] = buf
             misc.append((e.name, buf))
-        with self._transfer_stream():
-            x, stats.delta = self._run([None] * len(dsts), dsts, path, version)
-            if self.options.verify:
-                self.enter("verify")
-                bad = self.resharder.verify([None] * len(dsts), dsts)
-                if bad:
-                    raise RefitError(
-                        [f"engine rank {rank}: checksum mismatch: {b}" for b in bad[:20]]
-                    )
-        t2 = time.perf_counter()
+        return dsts, misc
+
+    def _verify(self, dsts: list[Local | None]) -> None:
+        bad = self.resharder.verify([None] * len(dsts), dsts)
+        if bad:
+            raise RefitError([f"engine rank {self.rank}: checksum mismatch: {b}" for b in bad[:20]])
+
+    def _fill(self, stats: RankStats, x: XferStats, hooks: EngineHooks) -> None:
+        plan, rank = self.plan, self.rank
         stats.bulk_received = sum(
             math.prod(it.dst.local_shape(rank)) * it.itemsize for it in plan.items[: plan.bulk]
         )
@@ -469,6 +547,22 @@ class RefitRank:
         # staging, the misc tensors, and the checkpoint-format copies the install made
         stats.extra_bytes = stats.staging_bytes + stats.misc_bytes + hooks.extra_bytes
         stats.ignored = len(self.board.ignored)
+
+    def _engine_step(self, hooks: EngineHooks, version: int, path: Path | None) -> RankStats:
+        t0 = time.perf_counter()
+        stats = RankStats(self.rank, "engine")
+        self.enter("begin install")
+        hooks.begin(version)
+        t1 = time.perf_counter()
+        self.enter("transfer")
+        dsts, misc = self._destinations(hooks)
+        with self._transfer_stream():
+            x, stats.delta = self._run([None] * len(dsts), dsts, path, version)
+            if self.options.verify:
+                self.enter("verify")
+                self._verify(dsts)
+        t2 = time.perf_counter()
+        self._fill(stats, x, hooks)
         self.enter("load misc")
         hooks.load(misc)
         t3 = time.perf_counter()

@@ -55,7 +55,11 @@ or received (`RefitStats.baseline_bytes`, host memory unless ``baselines="device
 generation's first refit, every refit after a failure or a replaced engine, and every
 `full_every`-th refit are dense; ranks agree on the version a delta is against before any
 byte moves, and a refused delta (a rank holding other baselines) is followed at once by a
-dense refit (`RefitStats.resynced`).
+dense refit (`RefitStats.resynced`). With ``receive_while_serving=True`` (engines driven
+through vLLM's weight-transfer API: servers, `LLM`, `AsyncLLM`), each refit's bytes arrive
+into the engine ranks' baselines while the engine keeps generating; the engine is paused (in
+`pause` mode) only to install them (`RefitStats.pause_s`; `seconds` is the whole refit).
+Requests either finish on the old weights or wait for the new ones; none sees a mix.
 """
 
 from __future__ import annotations
@@ -106,6 +110,9 @@ class RefitStats:
     wire_bytes: int = 0  # payload bytes the engines received (a delta: the encoded bytes)
     baseline_bytes: int = 0  # most delta baselines one rank keeps (host memory by default)
     resynced: bool = False  # a refused delta was followed at once by a dense refit
+    # longest time an engine replica served nothing new for this refit: the whole engine
+    # step, or with receive_while_serving only the install after the bytes arrived
+    pause_s: float = 0.0
 
     @property
     def gbps(self) -> float:
@@ -117,7 +124,7 @@ class RefitStats:
             f"refit {self.version}: {self.seconds:.3f} s, {self.bulk_bytes / 2**20:.1f} MiB bulk "
             f"+ {self.misc_bytes / 2**20:.2f} MiB misc, {self.gbps:.2f} GB/s; extra memory per "
             f"engine rank {self.engine_extra_bytes / 2**20:.1f} MiB, per trainer rank "
-            f"{self.trainer_extra_bytes / 2**20:.1f} MiB"
+            f"{self.trainer_extra_bytes / 2**20:.1f} MiB; engines paused {self.pause_s:.3f} s"
             + (
                 f"; delta: {self.wire_bytes / 2**20:.2f} MiB on the wire, baselines "
                 f"{self.baseline_bytes / 2**20:.1f} MiB per rank"
@@ -214,6 +221,7 @@ class Refitter:
         delta: bool = False,
         full_every: int = 0,
         baselines: str = "cpu",
+        receive_while_serving: bool = False,
         pause: str | None = "wait",
         store: Any = None,
         token: bytes | None = None,
@@ -241,6 +249,11 @@ class Refitter:
             problems.append(f"full_every must be an int >= 0 (0: never), got {full_every!r}")
         if baselines not in BASELINES:
             problems.append(f"baselines must be one of {BASELINES}, got {baselines!r}")
+        if receive_while_serving and not delta:
+            problems.append(
+                "receive_while_serving=True needs delta=True: the bytes arrive into the delta "
+                "baselines while the engine serves"
+            )
         if delta and path not in ("auto", "p2p"):
             problems.append(f"delta=True moves bytes on path 'p2p' (or 'auto'), not {path!r}")
         if problems:
@@ -260,6 +273,7 @@ class Refitter:
         self.delta = bool(delta)
         self.full_every = full_every
         self.baselines = baselines
+        self.receive_while_serving = bool(receive_while_serving)
         self.plan: RefitPlan | None = None
         self.version = 0  # the last refit attempted
         self.installed = 0  # the last refit that completed on every engine
@@ -331,7 +345,15 @@ class Refitter:
         """Tell an engine that reports through the store (`NativeEngine`) where it is."""
         attach = getattr(engine, "attach", None)
         if attach is not None:
-            attach(self._store, self.host, f"refit/{self._session}", self._token, replica)
+            attach(
+                self._store,
+                self.host,
+                f"refit/{self._session}",
+                self._token,
+                replica,
+                timeout_s=self.timeout_s,
+                receive_while_serving=self.receive_while_serving,
+            )
 
     def _connect(self) -> None:
         assert self._specs is not None and self.plan is not None
@@ -460,6 +482,7 @@ class Refitter:
             delta=any(s.delta for s in ranks),
             wire_bytes=sum(s.wire_bytes for s in engine),
             baseline_bytes=max((s.baseline_bytes for s in ranks), default=0),
+            pause_s=max((s.phases.get("paused", s.seconds) for s in engine), default=0.0),
         )
         log.info("%s", stats.summary())
         return stats

@@ -187,8 +187,9 @@ def test_vllm_trainer_api_with_the_xfer_backend(tmp_path):
         ray.shutdown()
 
 
-def _async_refits(tmp_path: str) -> dict:
-    """An AsyncLLM with the xfer backend, requests in flight while refits run."""
+def _async_refits(tmp_path: str, receive_while_serving: bool = False) -> dict:
+    """An AsyncLLM with the xfer backend, requests in flight while refits run (with
+    `receive_while_serving`: sparse deltas whose bytes arrive while the engine serves)."""
     import asyncio
 
     import ray
@@ -222,11 +223,15 @@ def _async_refits(tmp_path: str) -> dict:
     async def main() -> dict:
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         try:
-            refitter = Refitter(trainer, engine, strict=True, timeout_s=120, pause="wait")
+            refitter = Refitter(
+                trainer, engine, strict=True, timeout_s=120, pause="wait",
+                delta=receive_while_serving, receive_while_serving=receive_while_serving,
+            )  # fmt: skip
+            changed = 0.03 if receive_while_serving else None
             rec = {"steps": []}
             for step in (1, 2):
                 old = await generate(engine, PROMPTS[0], TOKENS, f"old{step}")
-                trainer.call(set_step, path, step)
+                trainer.call(set_step, path, step, changed)
                 in_flight = [
                     asyncio.create_task(generate(engine, PROMPTS[0], 40, f"race{step}.{i}"))
                     for i in range(2)
@@ -237,9 +242,11 @@ def _async_refits(tmp_path: str) -> dict:
                 after = [await generate(engine, p, TOKENS, f"new{step}.{i}")
                          for i, p in enumerate(PROMPTS)]  # fmt: skip
                 d = f"{tmp_path}/step{step}"
-                save_grouped(step_weights(base, step), config, d)
+                save_grouped(step_weights(base, step, changed=changed), config, d)
                 rec["steps"].append({"old": old, "racing": racing, "after": after, "dir": d,
-                                     "version": stats.version})  # fmt: skip
+                                     "version": stats.version, "delta": stats.delta,
+                                     "pause_s": stats.pause_s, "seconds": stats.seconds,
+                                     "phases": stats.phases})  # fmt: skip
             return rec
         finally:
             engine.shutdown()
@@ -250,10 +257,11 @@ def _async_refits(tmp_path: str) -> dict:
         ray.shutdown()
 
 
-def test_async_llm_with_requests_in_flight(tmp_path):
+@pytest.mark.parametrize("receive_while_serving", [False, True])
+def test_async_llm_with_requests_in_flight(tmp_path, receive_while_serving):
     from backends.scenario import PROMPTS
 
-    rec = _async_refits(str(tmp_path))
+    rec = _async_refits(str(tmp_path), receive_while_serving)
     assert len(rec["steps"]) == 2
     for s in rec["steps"]:
         want = _hf(s["dir"], PROMPTS)
@@ -261,3 +269,8 @@ def test_async_llm_with_requests_in_flight(tmp_path):
         new = want[0][0]
         for r in s["racing"]:  # finished on the old weights (wait mode) or ran on the new ones
             assert r[:TOKENS] in (s["old"], new), (r, s["old"], new)
+    if receive_while_serving:
+        assert [s["delta"] for s in rec["steps"]] == [False, True]
+        for s in rec["steps"]:
+            # the bytes arrived before the engine was paused; the pause is the install only
+            assert s["phases"]["receive"] > 0 and s["pause_s"] < s["seconds"], s
