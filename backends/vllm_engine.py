@@ -421,6 +421,8 @@ class VllmRefitEngine:
         pending = st.pending
         if pending is not None and pending.version == version:
             st.pending = None
+            if self.device.type == "cuda":  # vLLM's worker stream: the install runs on it
+                pending.gate.stream = torch.cuda.current_stream(self.device)
             pending.gate.paused.set()
             timeout = st.rank.options.timeout_s + 30 if st.rank is not None else 60.0
             pending.thread.join(timeout)

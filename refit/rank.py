@@ -226,6 +226,9 @@ class Gate:
         self.paused = threading.Event()
         self.arrived = threading.Event()
         self._on_received = on_received
+        # the stream of whoever paused the engine (vLLM's worker stream): the install runs
+        # on it, as an install on the worker's own thread would
+        self.stream: Any = None
 
     def received(self) -> None:
         if not self.arrived.is_set():
@@ -485,23 +488,25 @@ class RefitRank:
         while not gate.paused.wait(0.02):
             self._check()  # the deadline and the failure board still apply
         t2 = time.perf_counter()
-        self.enter("begin install")
-        hooks.begin(version)
-        dsts, misc = self._destinations(hooks)
-        self.enter("apply")
-        with self._transfer_stream():
-            self.resharder.apply(dsts, self.baselines)
-            if self.options.verify:
-                self.enter("verify")
-                self._verify(dsts)
-        t3 = time.perf_counter()
-        self._fill(stats, x, hooks)
-        self.enter("load misc")
-        hooks.load(misc)
-        t4 = time.perf_counter()
-        self.enter("finish install")
-        hooks.finish(version)
-        t5 = time.perf_counter()
+        on = torch.cuda.stream(gate.stream) if gate.stream is not None else contextlib.nullcontext()
+        with on:
+            self.enter("begin install")
+            hooks.begin(version)
+            dsts, misc = self._destinations(hooks)
+            self.enter("apply")
+            with self._transfer_stream():
+                self.resharder.apply(dsts, self.baselines)
+                if self.options.verify:
+                    self.enter("verify")
+                    self._verify(dsts)
+            t3 = time.perf_counter()
+            self._fill(stats, x, hooks)
+            self.enter("load misc")
+            hooks.load(misc)
+            t4 = time.perf_counter()
+            self.enter("finish install")
+            hooks.finish(version)
+            t5 = time.perf_counter()
         stats.phases = {
             "receive": t1 - t0,
             "wait_for_pause": t2 - t1,

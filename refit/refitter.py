@@ -309,6 +309,13 @@ class Refitter:
             engine_specs = [e.describe() for e in self.engines]
             plan = plan_refit(trainer_spec, engine_specs)
             self.backend = choose_backend(self.backend, trainer_spec.device, engine_specs[0].device)
+            if self.receive_while_serving and self.backend == "nccl" and plan.replica_world > 1:
+                raise RefitError(
+                    "receive_while_serving=True over NCCL needs engines of one GPU each: an "
+                    f"engine of {plan.replica_world} GPUs runs its own NCCL collectives while it "
+                    "serves, and NCCL requires operations on different communicators to be "
+                    "issued in the same order on every rank (concurrent ones can deadlock)"
+                )
             if self.max_extra_bytes is not None:
                 misc = sum(e.nbytes for e in plan.misc)
                 self.bucket_bytes = budget_bucket(self.max_extra_bytes, misc, self.bucket_bytes)

@@ -124,6 +124,10 @@ class _Stub:
         ({"backend": "mpi"}, "backend must be one of"),
         ({"path": "fast"}, "path must be one of"),
         ({"staging_bytes": 1000}, "staging_bytes=1000 leaves buckets"),
+        ({"receive_while_serving": True}, "receive_while_serving=True needs delta=True"),
+        ({"delta": True, "path": "golden"}, "delta=True moves bytes on path 'p2p'"),
+        ({"full_every": -1}, "full_every must be an int >= 0"),
+        ({"baselines": "disk"}, "baselines must be one of"),
     ],
 )
 def test_bad_options_raise_refit_error(kwargs, needle):

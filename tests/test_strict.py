@@ -306,3 +306,69 @@ def test_refit_transfer_stream_joins_the_callers_stream_both_ways(monkeypatch):
         assert cuda.now().name == "side"  # the transfer runs on the side stream
         cuda.log.append("transfer")
     assert cuda.log == ["side waits main", "transfer", "main waits side"]
+
+
+def test_receive_while_serving_installs_on_the_pausing_threads_stream(monkeypatch):
+    # receiving runs on a thread of its own while vLLM serves on its worker stream; once the
+    # engine is paused, the install must run on that worker stream (as it would on the
+    # worker's own thread), the transfer side stream joined with it both ways
+    import types
+
+    from refit.rank import Gate, RankOptions, RefitRank
+    from xfer import Baselines
+
+    cuda = FakeCuda(monkeypatch)
+    worker = FakeStream("worker", cuda.log)
+    seen: list[tuple[str, str]] = []
+
+    class Resharder:
+        staging = types.SimpleNamespace(nbytes=0)
+
+        def run(self, srcs, dsts, path=None, delta=None):
+            seen.append(("receive", cuda.now().name))
+            assert delta is not None and delta.receive_only
+            return types.SimpleNamespace(wire_bytes_received=0)
+
+        def apply(self, dsts, baselines):
+            seen.append(("apply", cuda.now().name))
+
+    class Hooks:
+        extra_bytes = 0
+
+        def begin(self, version):
+            seen.append(("begin", cuda.now().name))
+
+        def load(self, tensors):
+            seen.append(("load", cuda.now().name))
+
+        def finish(self, version):
+            seen.append(("finish", cuda.now().name))
+
+    rank = RefitRank.__new__(RefitRank)
+    rank.rank, rank.device, rank.role = 1, torch.device("cpu"), "engine"
+    rank.stream = FakeStream("side", cuda.log)
+    rank.options = RankOptions(delta=True)
+    rank.plan = types.SimpleNamespace(items=[], bulk=0, misc=[])
+    rank.resharder, rank.baselines = Resharder(), Baselines()
+    rank.board = types.SimpleNamespace(ignored=[])
+    rank._expected, rank._since_dense, rank._interrupt = None, 0, None
+    rank.on_phase, rank._phase = None, "setup"
+    gate = Gate()
+    result: list = []
+    helper = threading.Thread(
+        target=lambda: result.append(rank._engine_step_gated(Hooks(), 1, "p2p", gate))
+    )
+    helper.start()
+    assert gate.arrived.wait(5)  # received while the worker thread went on serving
+    gate.stream = worker  # what `VllmRefitEngine.refit_step` hands over, then:
+    gate.paused.set()
+    helper.join(5)
+    assert result and result[0].phases["paused"] <= result[0].seconds
+    assert seen == [
+        ("receive", "side"),  # the helper thread's own stream joined with the side stream
+        ("begin", "worker"),
+        ("apply", "side"),
+        ("load", "worker"),
+        ("finish", "worker"),
+    ]
+    assert cuda.log[-2:] == ["side waits worker", "worker waits side"]
