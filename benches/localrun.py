@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import statistics
+import threading
 import time
 import zlib
 from dataclasses import replace
@@ -37,7 +38,7 @@ import torch
 
 from benches.simulate import remote_cells
 from refit.planner import RefitPlan
-from refit.rank import RankOptions, RankSetup, RefitRank
+from refit.rank import Gate, RankOptions, RankSetup, RefitRank
 from refit.spec import EngineSpec, TrainerSpec
 from xfer import Staging, TorchComm, Transfer, tcp_store
 from xfer.comm import Comm
@@ -406,11 +407,12 @@ def rank_delta(
                 _sync(device)
                 comm.barrier()
                 t0 = time.perf_counter()
-                st = (
-                    rr.engine_step(engine, version, "p2p")
-                    if engine is not None
-                    else rr.trainer_step(shards.__getitem__, "p2p", version)
-                )
+                if engine is None:
+                    st = rr.trainer_step(shards.__getitem__, "p2p", version)
+                elif kind == "delta":  # received while the engine would serve, then paused
+                    st = _gated_step(rr, engine, version)
+                else:
+                    st = rr.engine_step(engine, version, "p2p")
                 _sync(device)
                 seconds = time.perf_counter() - t0
                 comm.barrier()
@@ -419,7 +421,11 @@ def rank_delta(
                     rows[kind].append(
                         {
                             "seconds": seconds,
-                            "engine_busy_s": st.seconds if engine is not None else 0.0,
+                            # the engine's pause: the whole step, or after receiving while
+                            # serving only the install
+                            "engine_busy_s": st.phases.get("paused", st.seconds)
+                            if engine is not None
+                            else 0.0,
                             "wire_bytes": st.wire_bytes,
                             "dense_bytes": st.bulk_received + st.misc_bytes
                             if engine is not None
@@ -433,6 +439,29 @@ def rank_delta(
     finally:
         rr.close()
     return {"rank": rank, "engine": engine is not None, "rows": rows, "ok": ok}
+
+
+def _gated_step(rr: RefitRank, engine: BufferEngine, version: int) -> Any:
+    """An engine rank's refit as `Refitter(receive_while_serving=True)` runs it: on a thread
+    of its own, the install released (`Gate.paused`) once the bytes are in."""
+    gate = Gate()
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(rr.engine_step(engine, version, "p2p", gate))
+        except BaseException as e:
+            out.append(e)
+            gate.received()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    gate.arrived.wait()
+    gate.paused.set()
+    thread.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
 
 
 def execute_delta(
@@ -449,9 +478,10 @@ def execute_delta(
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Dense vs delta refits through the real runtime, alternating in one run, every step
-    changing `fraction` of each tensor's elements; per kind the median of the slowest
-    rank's seconds, the engines' busy seconds (the engine serves nothing during a refit:
-    this is its pause), wire bytes the engines received, and memory."""
+    changing `fraction` of each tensor's elements; delta refits are received while the
+    engine would serve and installed after (`refit.rank.Gate`, as `receive_while_serving`);
+    per kind the median of the slowest rank's seconds, the engines' pause (dense: the whole
+    step; delta: the install), wire bytes the engines received, and memory."""
     world = trainer.world + engine.world * replicas
     if backend == "nccl":
         trainer, engine = replace(trainer, device="cuda"), replace(engine, device="cuda")

@@ -186,6 +186,8 @@ def test_local_delta_run_is_exact_and_sends_what_changed(ranks):
     ratio = sparse["delta"]["wire_bytes"] / sparse["delta"]["dense_bytes"]
     assert 0.06 < ratio < 0.12  # 3% of bf16 words, 6 B per changed word
     assert every["delta"]["wire_bytes"] == every["delta"]["dense_bytes"]  # dense fallback
+    # delta refits are received first and installed after: the pause is part of the refit
+    assert 0 < sparse["delta"]["pause_s"] < sparse["delta"]["seconds"]
 
 
 def test_command_plans_simulates_and_writes_standard_json(tmp_path):
