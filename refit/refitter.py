@@ -260,6 +260,18 @@ class Refitter:
             raise RefitError(problems)
         self.trainer = train_worker
         self.engines = _engine_sides(vllm_engine, pause)
+        cannot = [
+            f"{i} ({type(e).__name__})"
+            for i, e in enumerate(self.engines)
+            if not hasattr(e, "receive_while_serving")
+        ]
+        if receive_while_serving and cannot:
+            raise RefitError(
+                f"receive_while_serving=True: engine replicas {', '.join(cannot)} cannot receive "
+                "while they serve (a collective_rpc blocks the engine for the whole refit); start "
+                'them with weight_transfer_config={"backend": "xfer"} and pass the LLM, AsyncLLM '
+                "or server URL"
+            )
         self.path: Path = path
         self.staging_bytes = staging_bytes
         self.max_extra_bytes = max_extra_bytes

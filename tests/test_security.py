@@ -125,6 +125,10 @@ class _Stub:
         ({"path": "fast"}, "path must be one of"),
         ({"staging_bytes": 1000}, "staging_bytes=1000 leaves buckets"),
         ({"receive_while_serving": True}, "receive_while_serving=True needs delta=True"),
+        (
+            {"receive_while_serving": True, "delta": True},
+            r"engine replicas 0 \(RpcEngine\) cannot receive while they serve",
+        ),
         ({"delta": True, "path": "golden"}, "delta=True moves bytes on path 'p2p'"),
         ({"full_every": -1}, "full_every must be an int >= 0"),
         ({"baselines": "disk"}, "baselines must be one of"),
