@@ -2,8 +2,9 @@
 
 Between two RL steps most BF16 weights keep every bit (an update below half an ulp is
 rounded away when the master weights are cast). `run_p2p_delta` replays the same plan as
-`xfer.execute.run_p2p`, message for message, but every rank keeps a *baseline* per message
-(`Baselines`): the bytes it last sent (senders) or last received (receivers).
+`xfer.execute.run_p2p`, message for message, but every rank keeps *baselines* (`Baselines`):
+a copy of each source shard it last sent from (one copy however many receivers the shard
+goes to, e.g. every engine replica) and the bytes of each message it last received.
 
 Encoding, per message, in words of the message's item size (``w`` bytes): compare the
 message's current bytes with the sender's baseline and send the cheapest exact form:
@@ -32,12 +33,15 @@ have lost them (the refit runtime starts every communicator generation dense). T
 check lives with the caller (`xfer.api.Resharder.run` agrees on ``against`` before any
 data moves, and refuses a rank whose baselines hold another version).
 
-Memory (stated by `Baselines.nbytes`): a copy of the source shards a rank sends from and
-of every byte it receives, on `Baselines.device` (host memory by default, pinned when the
-transfer runs on a GPU); a
-sender holds the encoded payloads of one run (never more than the dense bytes, only
-messages that encode smaller than dense); a receiver stages encoded payloads in two
-buffers of at most one round each.
+Receive-only runs: receivers bring their baselines up to date and leave their destinations
+alone; `apply_received` writes them later. An engine keeps serving while the bytes arrive
+and pauses only for that write.
+
+Memory (stated by `Baselines.nbytes`): a copy of the source shards a rank sends from and of
+every byte it receives, on `Baselines.device` (host memory by default, pinned when the
+transfer runs on a GPU); a sender holds the encoded payloads of one run (never more than the
+dense bytes, only messages that encode smaller than dense); a receiver stages encoded
+payloads in two buffers of at most one round each.
 """
 
 from __future__ import annotations
