@@ -104,3 +104,52 @@ def scenario(workdir: Path, *args: str, timeout: float = 420) -> dict:
     report = json.loads(out.read_text())
     report["returncode"] = proc.returncode
     return report
+
+
+def assert_good(report: dict, steps: int) -> None:
+    # before any refit, the engines generate what HF does (and fill their prefix caches)
+    assert all(map(all, report["initial_tokens_equal"])), report["initial_tokens_equal"]
+    assert len(report["steps"]) == steps
+    for s in report["steps"]:
+        assert s["received_differs"] == [[]] * len(s["received_differs"]), s["received_differs"]
+        assert s["state_differs"] == [[]] * len(s["state_differs"]), s["state_differs"]
+        assert s["captured_tensors"] > 0
+        assert all(all(row) for row in s["tokens_equal"]), s["tokens_equal"]
+        assert s["max_logprob_diff"] <= 1e-4
+        assert s["hf_changed"]  # the refit had something to do
+        assert s["bulk_bytes"] > 0
+    assert report["ok"] and report["returncode"] == 0
+
+
+def check_megatron(report: dict, layouts: list[str], steps: int = 2) -> dict[str, dict]:
+    assert all(map(all, report["initial_tokens_equal"])), report["initial_tokens_equal"]
+    by = {lay["layout"]: lay for lay in report["layouts"]}
+    assert list(by) == layouts
+    for name, lay in by.items():
+        assert "error" not in lay, (name, lay.get("error"))
+        assert lay["init_logits_diff"] <= 1e-5 and lay["init_logits_max"] > 0.1, name
+        if "vocab" not in name:  # the metadata model knows only the default vocab padding
+            assert lay["metadata_spec_equal"], name
+        assert len(lay["steps"]) == steps, name
+        for s in lay["steps"]:
+            assert s["export_differs"] == [], (name, s["export_differs"])
+            assert s["logits_diff"] <= 1e-5, (name, s["logits_diff"])
+            assert not any(s["received_differs"]) and not any(s["state_differs"]), name
+            assert s["captured_tensors"] > 0 and s["bulk_bytes"] > 0, name
+            assert all(all(row) for row in s["tokens_equal"]), (name, s["tokens_equal"])
+            assert s["max_logprob_diff"] <= 1e-4, name
+            assert s["hf_changed"], name
+        assert lay["ok"], name
+    assert report["ok"] and report["returncode"] == 0
+    return by
+
+
+def listeners(port: int) -> set[str]:
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if int(p, 16) == port and state == "0A":  # LISTEN
+                out.add(addr)
+    return out

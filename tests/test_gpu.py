@@ -197,7 +197,7 @@ def test_nccl4py_comm_and_m2n():
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_refit_into_a_vllm_engine_with_cuda_graphs(tmp_path):
-    from tests.test_refit_e2e import assert_good, scenario
+    from tests.support import assert_good, scenario
 
     r = scenario(
         tmp_path, "--model", "qwen3_moe", "--trainer-tp", "1", "--device", "cuda",
@@ -212,8 +212,8 @@ def test_refit_into_a_vllm_engine_with_cuda_graphs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_megatron_rank_into_a_vllm_engine_over_20_steps_verified(tmp_path):
-    from tests.test_megatron_e2e import check
-    from tests.test_refit_e2e import scenario
+    from tests.support import check_megatron as check
+    from tests.support import scenario
 
     layout = "tp2" if torch.cuda.device_count() >= 3 else "tp1"  # one GPU left for the engine
     r = scenario(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import scenario
+from tests.support import check_megatron, scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -31,35 +31,12 @@ DENSE = ["tp2", "pp2", "tp2pp2", "pp2vpp2", "tp2vocab96"]
 MOE = ["tp2", "pp2", "tp2pp2", "ep2", "tp2ep2etp1", "tp2ep2etp2", "pp2vpp2"]
 
 
-def check(report: dict, layouts: list[str], steps: int = 2) -> dict[str, dict]:
-    assert all(map(all, report["initial_tokens_equal"])), report["initial_tokens_equal"]
-    by = {lay["layout"]: lay for lay in report["layouts"]}
-    assert list(by) == layouts
-    for name, lay in by.items():
-        assert "error" not in lay, (name, lay.get("error"))
-        assert lay["init_logits_diff"] <= 1e-5 and lay["init_logits_max"] > 0.1, name
-        if "vocab" not in name:  # the metadata model knows only the default vocab padding
-            assert lay["metadata_spec_equal"], name
-        assert len(lay["steps"]) == steps, name
-        for s in lay["steps"]:
-            assert s["export_differs"] == [], (name, s["export_differs"])
-            assert s["logits_diff"] <= 1e-5, (name, s["logits_diff"])
-            assert not any(s["received_differs"]) and not any(s["state_differs"]), name
-            assert s["captured_tensors"] > 0 and s["bulk_bytes"] > 0, name
-            assert all(all(row) for row in s["tokens_equal"]), (name, s["tokens_equal"])
-            assert s["max_logprob_diff"] <= 1e-4, name
-            assert s["hf_changed"], name
-        assert lay["ok"], name
-    assert report["ok"] and report["returncode"] == 0
-    return by
-
-
 def test_dense_tied_embeddings_into_engine_tp1(workdir):
     r = scenario(
         workdir, "--trainer", "megatron", "--model", "qwen3_tied", "--layouts", ",".join(DENSE),
         timeout=800,
     )  # fmt: skip
-    by = check(r, DENSE)
+    by = check_megatron(r, DENSE)
     assert by["tp2pp2"]["world"] == 4
     for name in DENSE[:-1]:
         assert by[name]["bulk_fraction"] == 1.0 and by[name]["misc"] == []
@@ -75,7 +52,7 @@ def test_moe_models_into_engine_tp2(workdir, model):
         workdir, "--trainer", "megatron", "--model", model, "--engine-tp", "2",
         "--layouts", ",".join(MOE), timeout=800,
     )  # fmt: skip
-    by = check(r, MOE)
+    by = check_megatron(r, MOE)
     assert all(lay["bulk_fraction"] == 1.0 for lay in by.values())
     assert by["tp2ep2etp2"]["world"] == 4 and by["ep2"]["plan_facts"]["replica_world"] == 2
     assert by["pp2vpp2"]["plan_facts"]["stages"] == 2

@@ -28,7 +28,7 @@ def test_refit_across_ray_nodes(tmp_path: Path):
     from backends.tiny_models import build, step_weights
     from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards
     from refit.refitter import Refitter
-    from tests.test_security import _listeners
+    from tests.support import listeners as _listeners
     from xfer.net import routable_address
 
     path = str(tmp_path / "qwen3_moe")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import scenario
+from tests.support import assert_good, scenario
 
 pytestmark = pytest.mark.slow
 
@@ -23,21 +23,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("scenario")
-
-
-def assert_good(report: dict, steps: int) -> None:
-    # before any refit, the engines generate what HF does (and fill their prefix caches)
-    assert all(map(all, report["initial_tokens_equal"])), report["initial_tokens_equal"]
-    assert len(report["steps"]) == steps
-    for s in report["steps"]:
-        assert s["received_differs"] == [[]] * len(s["received_differs"]), s["received_differs"]
-        assert s["state_differs"] == [[]] * len(s["state_differs"]), s["state_differs"]
-        assert s["captured_tensors"] > 0
-        assert all(all(row) for row in s["tokens_equal"]), s["tokens_equal"]
-        assert s["max_logprob_diff"] <= 1e-4
-        assert s["hf_changed"]  # the refit had something to do
-        assert s["bulk_bytes"] > 0
-    assert report["ok"] and report["returncode"] == 0
 
 
 def test_dense_trainer_tp2_to_engine_tp1(workdir):

@@ -17,6 +17,7 @@ import pytest
 from refit.errors import RefitError
 from refit.refitter import Refitter
 from refit.watch import Failure, FailureBoard, RefitFailed
+from tests.support import listeners
 from xfer import tcp_store, torch_private, wire
 
 
@@ -78,20 +79,9 @@ def test_the_commit_ignores_a_forged_ok_and_times_out_as_refit_failed():
     assert "timed out waiting for its peers" in str(e.value)
 
 
-def _listeners(port: int) -> set[str]:
-    out = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, p = local.split(":")
-            if int(p, 16) == port and state == "0A":  # LISTEN
-                out.add(addr)
-    return out
-
-
 def test_the_store_listens_only_on_the_chosen_address():
     store = tcp_store("127.0.0.1", 0, is_master=True)
-    assert _listeners(store.port) == {"0100007F"}  # 127.0.0.1, no wildcard, no IPv6
+    assert listeners(store.port) == {"0100007F"}  # 127.0.0.1, no wildcard, no IPv6
 
 
 def test_torch_private_names_are_there():
