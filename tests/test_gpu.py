@@ -6,7 +6,9 @@ m2n gate (NCCL version agreed, not assumed). Two or more GPUs (one per rank): NC
 golden == slicing for `TorchComm` and `NcclComm`, strict checking on, and `auto` taking m2n
 where nccl-extensions and NCCL >= 2.30.5 allow it; a whole refit from torch trainer ranks
 into a vLLM engine with CUDA graphs on, checked against HF transformers after every step
-(`backends.scenario --device cuda`). The README's GPU check-list runs this file.
+(`backends.scenario --device cuda`); sparse deltas: encodings on the device against pinned
+host baselines, and delta and receive-only runs over NCCL equal to slicing. The README's GPU
+check-list runs this file.
 """
 
 from __future__ import annotations
@@ -178,6 +180,87 @@ def test_nccl_p2p_equals_golden():
     world = 2 * (torch.cuda.device_count() // 2)
     out = _spawn(world, use_nccl4py=False)
     assert all(ok for got in out.values() for _, ok in got.values()), out
+
+
+def test_delta_encodings_on_cuda_against_pinned_host_baselines():
+    from xfer.delta import BITMAP, DENSE, POSITIONS, SAME, Baselines, decode, encode
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=g)
+    host = Baselines("cpu")._copy(None, base.cuda())  # pinned: the transfer runs on a GPU
+    assert host.is_pinned()
+    for fraction in (0.0, 0.01, 0.3, 1.0):
+        new = base.clone().view(torch.int16)
+        mask = torch.rand(new.shape, generator=g) < fraction
+        new[mask] ^= 5
+        cur = new.view(torch.uint8).cuda()
+        kind, payload = encode(cur, host, 2)
+        got = host.clone()
+        if kind in (POSITIONS, BITMAP):
+            assert payload is not None and payload.is_cuda
+            decode(kind, payload, got, 2)
+        elif kind == DENSE:
+            got.copy_(cur)
+        else:
+            assert kind == SAME and fraction == 0.0
+        torch.cuda.synchronize()
+        assert torch.equal(got, new.view(torch.uint8)), fraction
+
+
+def _nccl_delta_rank(rank: int, world: int, port: int, out: dict) -> None:
+    torch.cuda.set_device(rank)
+    from xfer import Baselines, Delta
+    from xfer.strict import StrictComm
+
+    store = tcp_store("127.0.0.1", port, is_master=rank == 0, world_size=world)
+    comm = TorchComm.create(store, rank, world, backend="nccl", device=torch.device("cuda", rank))
+    strict = StrictComm(comm, name="gpu-delta")
+    its = _items(world)
+    resharder = Resharder(its, strict, bucket_bytes=4096)
+    baselines = Baselines("cpu")
+    fulls = [full_tensor(it.src.shape, it.dtype, i) for i, it in enumerate(its)]
+    ok = []
+    for version in (1, 2, 3):
+        if version > 1:  # change about 3% of every tensor's bytes
+            fulls = [f.clone() for f in fulls]
+            for f in fulls:
+                b = f.view(torch.uint8).view(-1)
+                b[:: max(1, b.numel() // 30)] ^= 1
+        srcs = [
+            f[it.src.box(rank)].cuda() if it.src.holds(rank) else None
+            for it, f in zip(its, fulls, strict=True)
+        ]
+        receive_only = version == 3  # the last one as an engine serving meanwhile would
+        dsts = [
+            torch.zeros(it.dst.local_shape(rank), dtype=it.dtype, device="cuda")
+            if it.dst.holds(rank)
+            else None
+            for it in its
+        ]
+        delta = Delta(baselines, version, None if version == 1 else version - 1, receive_only)
+        resharder.run(srcs, [None] * len(its) if receive_only else dsts, delta=delta)
+        if receive_only and rank >= world // 2:
+            resharder.apply(dsts, baselines)
+        torch.cuda.synchronize()
+        ok.append(
+            all(
+                d is None or same_bits(d.cpu(), f[it.dst.box(rank)])
+                for it, d, f in zip(its, dsts, fulls, strict=True)
+            )
+        )
+    strict.check_order()
+    comm.close()
+    out[rank] = ok
+
+
+@two_gpus
+def test_nccl_delta_and_receive_only_equal_slicing():
+    import torch.multiprocessing as tmp
+
+    world = 2 * (torch.cuda.device_count() // 2)
+    out = tmp.Manager().dict()
+    tmp.spawn(_nccl_delta_rank, args=(world, _port(), out), nprocs=world, join=True)
+    assert all(all(v) for v in out.values()), dict(out)
 
 
 @two_gpus
