@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from backends import fault_injection
+from backends import fault_injection, vllm_private
 from backends.vllm_layout import VllmDest, mtp_prefixes, vllm_dests
 from refit.errors import RefitError
 from refit.hf import Role, ungroup
@@ -271,6 +271,7 @@ class VllmRefitEngine:
         return found.dtype if isinstance(found, torch.Tensor) else self.model_config.dtype
 
     def refit_describe(self) -> bytes:
+        vllm_private.check()  # a vLLM without the names the install needs fails here, clearly
         model = self._refit_model()
         _, tp = self._refit_tp()
         dests, bulk, misc, _ = self._refit_plan_targets()
@@ -528,10 +529,7 @@ class _VllmInstall:
 
     def begin(self, version: int) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-        from vllm.model_executor.model_loader.reload.layerwise import (
-            _get_original_loader,
-            get_layerwise_info,
-        )
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
         from vllm.model_executor.model_loader.reload.meta import materialize_layer
 
         rank, _ = self.w._refit_tp()
@@ -552,7 +550,7 @@ class _VllmInstall:
                 # the materialized storage (processing waits for `finish`)
                 for t in list(module.parameters(recurse=False)):
                     if hasattr(t, "weight_loader"):
-                        t.weight_loader = _get_original_loader(t)
+                        t.weight_loader = vllm_private.original_loader(t)
                 kernel = info.kernel_tensors or ({}, {})
                 written = {x.tensor for x in tgts}
                 for name, t in (kernel[0] | kernel[1]).items():
@@ -603,10 +601,7 @@ class _VllmInstall:
     def finish(self, version: int) -> None:
         from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-        from vllm.model_executor.model_loader.reload.layerwise import (
-            _copy_and_restore_kernel_tensors,
-            get_layerwise_info,
-        )
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
         from vllm.platforms import current_platform
 
         fixes = self.st.workarounds
@@ -631,7 +626,7 @@ class _VllmInstall:
                         kernel.fused_experts.process_weights_after_loading(layer)
                     if hasattr(layer, "update_param_tp_status"):
                         layer.update_param_tp_status()
-                _copy_and_restore_kernel_tensors(layer, info)
+                vllm_private.copy_and_restore_kernel_tensors(layer, info)
                 info.reset()
             finalize_layerwise_reload(self.model, self.w.model_config)
             if cpu and "moe_prepack" in fixes:
@@ -668,10 +663,7 @@ class _VllmInstall:
         if not self._begun:
             return held if not self._touched else None
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-        from vllm.model_executor.model_loader.reload.layerwise import (
-            _place_kernel_tensors,
-            get_layerwise_info,
-        )
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 
         with self._ctx(), torch.no_grad():
             for mod in self.st.modules:
@@ -680,12 +672,10 @@ class _VllmInstall:
                 layer = self.model.get_submodule(mod)
                 info = get_layerwise_info(layer)
                 if info.kernel_tensors is not None:
-                    _place_kernel_tensors(layer, info)
+                    vllm_private.place_kernel_tensors(layer, info)
                 info.reset()
             for layer in self.model.modules():  # nothing loaded: finalize puts kernels back
-                info = get_layerwise_info(layer)
-                info.loaded_weights.clear()
-                info.load_numel = 0
+                vllm_private.clear_loaded(get_layerwise_info(layer))
             finalize_layerwise_reload(self.model, self.w.model_config)
         self._begun = False
         return held if not self._touched else None

@@ -84,6 +84,19 @@ def test_the_store_listens_only_on_the_chosen_address():
     assert listeners(store.port) == {"0100007F"}  # 127.0.0.1, no wildcard, no IPv6
 
 
+def test_vllm_private_names_are_there_and_a_rename_is_caught(monkeypatch):
+    import vllm
+
+    from backends import vllm_private
+
+    vllm_private.check()  # vLLM as installed has every private name the install uses
+    assert vllm.__version__.startswith(vllm_private.TESTED_VLLM)
+    mod = vllm_private._layerwise()
+    monkeypatch.delattr(mod, "_place_kernel_tensors")
+    with pytest.raises(RuntimeError, match=r"lacks \['vllm\..*\._place_kernel_tensors'\]"):
+        vllm_private.check()
+
+
 def test_torch_private_names_are_there():
     # fails when a torch upgrade moves the private names TorchComm needs
     torch_private.check()
