@@ -82,6 +82,20 @@ class HttpClient:
     def resume(self) -> None:
         self._call("POST", "resume")
 
+    def reset_caches(self) -> None:
+        """Drop every cache computed with the old weights (vLLM's dev routes, mounted with
+        ``VLLM_SERVER_DEV_MODE=1`` like the RL routes): the pause clears the prefix cache only
+        in ``wait``/``abort`` modes, and only before the install."""
+        q = urllib.parse.urlencode({"reset_running_requests": "true"})
+        out = self._call("POST", "reset_prefix_cache", query=q)
+        if isinstance(out, dict) and out.get("success") is False:
+            raise RefitError(
+                f"{self.base_url}: the server refused to reset its prefix cache after the refit; "
+                "its KV cache may hold blocks computed with the old weights"
+            )
+        self._call("POST", "reset_mm_cache")
+        self._call("POST", "reset_encoder_cache")
+
     def weight_version(self) -> str:
         return str(self._call("GET", "weight_info")["weight_version"])
 
@@ -169,6 +183,42 @@ class AsyncClient:
         self._run(self.engine.resume_generation())
 
 
+class RayClient:
+    """vLLM's `RayVLLMWeightSyncClient` (engines as Ray actors), plus dropping the caches
+    computed with the old weights on every actor after an install (its own client leaves
+    them: a prompt asked again would reuse KV of the old weights)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.handles = list(client.handles)
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.client.init_weight_transfer_engine(init_info)
+
+    def start_weight_update(self) -> None:
+        self.client.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.client.update_weights(update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.client.finish_weight_update(weight_version)
+
+    def reset_caches(self) -> None:
+        import ray
+
+        for h in self.handles:
+            if ray.get(h.reset_prefix_cache.remote(reset_running_requests=True)) is False:
+                raise RefitError(
+                    "an engine actor refused to reset its prefix cache after the refit; its "
+                    "KV cache may hold blocks computed with the old weights"
+                )
+            for method in ("reset_mm_cache", "reset_encoder_cache"):
+                fn = getattr(h, method, None)
+                if fn is not None:
+                    ray.get(fn.remote())
+
+
 def _backend_of(llm: Any) -> str | None:
     engine = getattr(llm, "llm_engine", llm)
     cfg = getattr(getattr(engine, "vllm_config", None), "weight_transfer_config", None)
@@ -201,6 +251,8 @@ def as_client(x: Any) -> Any:
         return HttpClient(base_url, timeout=float(getattr(x, "timeout", 600.0)))
     if _backend_of(x) == "xfer":
         return AsyncClient(x) if _is_async(x) else OfflineClient(x)
+    if isinstance(getattr(x, "handles", None), list):  # vLLM's RayVLLMWeightSyncClient
+        return RayClient(x)
     return x
 
 

@@ -129,8 +129,12 @@ def test_megatron_trainer_refits_vllm_serve_over_http(tmp_path):
 class _TrainerRank:
     """A trainer rank of the user's own (a Ray actor here) using vLLM's trainer API."""
 
-    def __init__(self, rank: int, world: int, path: str, url: str, info: dict) -> None:
-        from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
+    def __init__(self, rank: int, world: int, path: str, engine, info: dict) -> None:
+        # `engine`: a server's base URL, or a list holding the handle of an LLM Ray actor
+        from vllm.distributed.weight_transfer import (
+            HTTPVLLMWeightSyncClient,
+            RayVLLMWeightSyncClient,
+        )
 
         from backends.torch_trainer import checkpoint_shards
         from backends.vllm_transfer import (
@@ -143,7 +147,9 @@ class _TrainerRank:
         self.source = ShardSource(checkpoint_shards(rank, world, path, 1, world))
         self.engine = XferTrainerWeightTransferEngine.trainer_init(
             XferTrainerInitInfo(**info, rank=rank),
-            client=HTTPVLLMWeightSyncClient(url),
+            client=HTTPVLLMWeightSyncClient(engine)
+            if isinstance(engine, str)
+            else RayVLLMWeightSyncClient(engine[0]),
             source=self.source,
         )
 
@@ -183,6 +189,41 @@ def test_vllm_trainer_api_with_the_xfer_backend(tmp_path):
                 save_grouped(step_weights(base, step), config, d)
                 assert _same(server.generate(PROMPTS, TOKENS), _hf(d, PROMPTS)), step
                 assert server.weight_version() == str(step)
+    finally:
+        ray.shutdown()
+
+
+def test_vllm_trainer_api_with_an_llm_ray_actor(tmp_path):
+    """vLLM's trainer API with its Ray client: the engine is an `LLM` in a Ray actor."""
+    import ray
+    from vllm import LLM, SamplingParams
+
+    from backends.hf_checkpoint import load_grouped, save_grouped
+    from backends.ray_engine import engine_kwargs
+    from backends.scenario import PROMPTS
+    from backends.tiny_models import build, step_weights
+    from backends.vllm_transfer import make_trainer_init_info
+
+    path = str(tmp_path / "qwen3_moe")
+    config = build("qwen3_moe", path)
+    base = load_grouped(path)
+    kwargs = engine_kwargs(path, config) | {"weight_transfer_config": {"backend": "xfer"}}
+    kwargs.pop("worker_extension_cls")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        llm = ray.remote(num_cpus=1)(LLM).remote(**kwargs)
+        info = make_trainer_init_info(2, strict=True, timeout_s=120)
+        actor = ray.remote(num_cpus=0.5)(_TrainerRank)
+        ranks = [actor.remote(r, 2, path, [llm], info) for r in range(2)]
+        greedy = SamplingParams(temperature=0, max_tokens=TOKENS)
+        for step in (1, 2):
+            ray.get([a.train.remote(path, step) for a in ranks])
+            ray.get([a.send_weights.remote() for a in ranks])
+            d = str(tmp_path / f"step{step}")
+            save_grouped(step_weights(base, step), config, d)
+            outs = ray.get(llm.generate.remote([{"prompt_token_ids": p} for p in PROMPTS], greedy))
+            got = [list(o.outputs[0].token_ids) for o in outs]
+            assert got == [w[0] for w in _hf(d, PROMPTS)], step
     finally:
         ray.shutdown()
 
