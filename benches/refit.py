@@ -331,9 +331,10 @@ def simulate_full(cfg: BenchConfig, progress: Any, delta: float = 0.0) -> dict[s
     sim = simulate(built.refit, built.plan, cfg.cluster).to_dict()
     if delta:
         sim["delta"] = simulate_delta(built.refit, built.plan, cfg.cluster, delta)
-        sim["delta"]["host"] = simulate_delta(
-            built.refit, built.plan, cfg.cluster, delta, baselines="host"
-        )
+        for where in ("host", "trainer-device"):
+            sim["delta"][where] = simulate_delta(
+                built.refit, built.plan, cfg.cluster, delta, baselines=where
+            )
     progress.update(1)
     progress.set_description("sweeping the bucket")
     sweep = bucket_sweep(built, cfg)

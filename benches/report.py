@@ -134,7 +134,11 @@ def print_report(cfg: BenchConfig, full: dict[str, Any], local: dict[str, Any] |
 
 def _print_sim_delta(sim: dict[str, Any]) -> None:
     d = sim["delta"]
-    for where, x in (("on the GPU", d), ("in host memory", d["host"])):
+    for where, x in (
+        ("on the GPU", d),
+        ("in host memory", d["host"]),
+        ("on trainer GPUs, engines' in host memory", d["trainer-device"]),
+    ):
         print(
             f"   delta at {100 * d['fraction']:g}% changed, baselines {where}: "
             f"{x['seconds']:.3f} s (compare {1e3 * x['compare']:.1f} ms + headers "

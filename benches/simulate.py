@@ -319,7 +319,10 @@ def simulate_delta(
     sender reads its send bytes and its baselines to compare them (2 x its bytes at
     `copy_GBps`; with baselines in host memory the baselines cross at `host_GBps`), not
     overlapped; each receiver writes every message whole from its baselines while the
-    rounds run, like the unpack copies (with host baselines: at `host_GBps`, exposed)."""
+    rounds run, like the unpack copies (with host baselines: at `host_GBps`, exposed).
+    `baselines`: "device" (both sides on the GPU), "host" (both in host memory) or
+    "trainer-device" (trainers on the GPU, engines in host memory: an engine GPU has no room
+    for a second copy of its weights)."""
     if nodes is None:
         nodes = nodes_of(
             refit.trainer_world, refit.world - refit.trainer_world, cluster.gpus_per_node
@@ -336,10 +339,13 @@ def simulate_delta(
     received = (loads.nic_in + loads.nvl_in).sum(0)
     peers = float(loads.msgs.sum(0).max(initial=0.0)) / max(1, int(active.sum()))
     header = (cluster.round_latency_us + cluster.msg_latency_us * peers) * 1e-6
+    if baselines not in ("device", "host", "trainer-device"):
+        raise ValueError(f"baselines: 'device', 'host' or 'trainer-device', got {baselines!r}")
     compare = 2 * sent.max(initial=0.0) / (cluster.copy_GBps * _GB)
     write = 0.0
     if baselines == "host":
         compare += sent.max(initial=0.0) / (cluster.host_GBps * _GB)
+    if baselines in ("host", "trainer-device"):
         write = received.max(initial=0.0) / (cluster.host_GBps * _GB)
     transfer = float((link + exposed * active).sum() + parts["latency"].sum())
     total = compare + header + transfer + write + cluster.step_latency_us * 1e-6
