@@ -40,7 +40,10 @@ def test_encodings_round_trip_exactly(w, fraction, offset):
     # the current bytes at an odd place of a staging buffer (words viewed through a copy)
     cur = torch.empty(n + offset, dtype=torch.uint8)[offset:]
     cur.copy_(new)
-    kind, payload = encode(cur, base, w)
+    # and the baseline at an odd place of the source baselines (a span of a shard)
+    odd = torch.empty(n + offset, dtype=torch.uint8)[offset:]
+    odd.copy_(base)
+    kind, payload = encode(cur, odd, w)
     got = base.clone()
     if kind in (POSITIONS, BITMAP):
         assert payload is not None and payload.numel() < n
@@ -61,7 +64,7 @@ def test_encodings_round_trip_exactly(w, fraction, offset):
         assert kind == DENSE  # nearly every word changed: dense is cheapest
 
 
-def delta_steps(comm, its, bucket, mode, fractions):
+def delta_steps(comm, its, bucket, mode, fractions, persist=False):
     """Run dense, then a delta per entry of `fractions` (the fraction of elements changed
     since the previous step), each into fresh destinations; compare with slicing and with a
     dense run of the same step; report what went over the wire."""
@@ -72,6 +75,8 @@ def delta_steps(comm, its, bucket, mode, fractions):
     dense = Resharder(its, comm, bucket_bytes=bucket)
     baselines = Baselines()
     out = []
+    kept = fresh_dsts(its, rank, mode)  # with `persist`: the destinations every step
+    in_place = frozenset(range(len(its))) if persist else frozenset()
     for step, fraction in enumerate([None, *fractions]):
         if fraction is not None:
             fulls = [changed(f, fraction, 1000 * step + i) for i, f in enumerate(fulls)]
@@ -81,10 +86,11 @@ def delta_steps(comm, its, bucket, mode, fractions):
             else None
             for it, f in zip(its, fulls, strict=True)
         ]
-        dsts = fresh_dsts(its, rank, mode)
+        dsts = kept if persist else fresh_dsts(its, rank, mode)
         groups = len(rec.record.groups)
         against = None if step == 0 else step - 1
-        stats = resharder.run(srcs, dsts, delta=Delta(baselines, step, against))
+        delta = Delta(baselines, step, against, in_place=in_place)
+        stats = resharder.run(srcs, dsts, delta=delta)
         ref = fresh_dsts(its, rank, mode)
         dense.run(srcs, ref, path="p2p")
         ok = [
@@ -144,6 +150,21 @@ def _big_items():
         )
         for i in range(4)
     ]
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "padded", "transposed", "segments"])
+def test_destinations_that_persist_are_patched_in_place_without_baselines(ranks, mode):
+    results = ranks.run(
+        delta_steps, WORLD, _big_items(), 1 << 14, mode, [0.03, 0.0, 1.0, 0.2], True
+    )
+    for rank, steps in enumerate(results):
+        for i, s in enumerate(steps):
+            assert all(s["ok"]), (rank, i)
+        # senders keep their shards; receivers patch their destinations and keep nothing
+        last = steps[-1]["stats"]
+        assert steps[-1]["baselines"] == last.bytes_sent
+    sent = [sum(steps[i]["stats"].wire_bytes_sent for steps in results) for i in range(5)]
+    assert sent[2] == 0 and sent[3] == sent[0] and 0 < sent[1] < 0.12 * sent[0]
 
 
 def test_sparse_changes_put_a_fraction_of_the_bytes_on_the_wire(ranks):

@@ -81,6 +81,9 @@ class Delta:
     # receivers only bring their baselines to `version`, writing no destination (pass None
     # for them); `Resharder.apply` writes them afterwards
     receive_only: bool = False
+    # items whose destinations on this rank persist between runs holding what the last run
+    # wrote: patched in place, no received baseline kept (`xfer.delta`)
+    in_place: frozenset[int] = frozenset()
 
 
 def _check_path(path: str) -> None:
@@ -227,6 +230,7 @@ class Resharder:
                 version=delta.version,
                 against=delta.against,
                 receive_only=delta.receive_only,
+                in_place=delta.in_place,
                 stream=stream,
                 staging=staging or self.staging,
             )

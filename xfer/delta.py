@@ -33,6 +33,9 @@ have lost them (the refit runtime starts every communicator generation dense). T
 check lives with the caller (`xfer.api.Resharder.run` agrees on ``against`` before any
 data moves, and refuses a rank whose baselines hold another version).
 
+In-place destinations: where a destination keeps the previous run's bytes (an engine's live
+weights), the receiver patches it directly and keeps no baseline for those messages.
+
 Receive-only runs: receivers bring their baselines up to date and leave their destinations
 alone; `apply_received` writes them later. An engine keeps serving while the bytes arrive
 and pauses only for that write.
@@ -168,7 +171,7 @@ def encode(cur: torch.Tensor, base: torch.Tensor, w: int) -> tuple[int, torch.Te
     A sample of the words is compared first: when nearly all of them changed, dense is the
     cheapest form and the full comparison is skipped (dense is exact whatever changed)."""
     cw = _words(cur, w)
-    bw = base.to(cur.device).view(_WORD[w])
+    bw = _view(base.to(cur.device), _WORD[w])  # a span of the source baselines may be odd
     n = int(cw.numel())
     if n >= 64 * _SAMPLE_STRIDE:
         sample = (cw[::_SAMPLE_STRIDE] != bw[::_SAMPLE_STRIDE]).float().mean()
@@ -239,6 +242,7 @@ def run_p2p_delta(
     version: int,
     against: int | None,
     receive_only: bool = False,
+    in_place: frozenset[int] = frozenset(),
     stream: Any = None,
     staging: Staging | None = None,
 ) -> XferStats:
@@ -248,10 +252,24 @@ def run_p2p_delta(
 
     ``receive_only``: receivers leave their destinations alone (pass None for them) and only
     bring their baselines to `version`; `apply_received` writes them later (an engine keeps
-    serving while the bytes arrive and pauses only for that write)."""
+    serving while the bytes arrive and pauses only for that write).
+
+    `in_place`: items whose destinations persist between runs and hold exactly what the
+    last run wrote (an engine's live weights): a message landing only in those is patched
+    there and keeps no received baseline (no memory, no write-back)."""
     try:
         stats = _run(
-            program, itemsizes, srcs, dsts, comm, baselines, against, receive_only, stream, staging
+            program,
+            itemsizes,
+            srcs,
+            dsts,
+            comm,
+            baselines,
+            against,
+            receive_only,
+            in_place,
+            stream,
+            staging,
         )
     except BaseException:
         baselines.reset()
@@ -269,6 +287,7 @@ def _run(
     base: Baselines,
     against: int | None,
     receive_only: bool,
+    in_place: frozenset[int],
     stream: Any,
     staging: Staging | None,
 ) -> XferStats:
@@ -277,7 +296,7 @@ def _run(
         raise ValueError(f"baselines hold version {base.version}, not {against}")
     if receive_only and any(dsts[lc.item] is not None for lc in program.local):
         raise ValueError("a receive-only run cannot make local copies into destinations")
-    loc = _Locals(srcs, dsts)
+    loc = _Locals(srcs, dsts, keep=bool(in_place) and against is not None)
     device = _device_of(srcs, dsts, comm)
     rounds = program.rounds
     staging = staging or Staging()
@@ -305,6 +324,24 @@ def _run(
         assert src is not None
         base._keep_source(item, src)
     rkind = _exchange_headers(program, comm, skind, spay, stream) if against is not None else {}
+
+    # messages whose every byte lands in destinations that keep the previous run's bytes
+    # (`in_place`): received and patched there, no baseline kept
+    inplace = [
+        [
+            not receive_only
+            and bool(m.copies)
+            and all(c.item in in_place for c in m.copies)
+            and (against is None or (i, j) not in base.received)
+            for j, m in enumerate(r.recvs)
+        ]
+        for i, r in enumerate(rounds)
+    ]
+    if against is None:  # a dense run: in-place messages keep no received baseline
+        for i, r in enumerate(rounds):
+            for j in range(len(r.recvs)):
+                if inplace[i][j]:
+                    base.received.pop((i, j), None)
 
     def send_list(i: int) -> list[Transfer]:
         rnd = rounds[i]
@@ -358,11 +395,21 @@ def _run(
             _unpack_some(rnd, recvs[i].views, dense, loc)
         for j, (m, b) in enumerate(zip(rnd.recvs, into, strict=True)):
             kind = rkind.get((i, j), (DENSE, 0))[0]
+            if inplace[i][j]:  # the destination holds the baseline itself
+                if kind in (POSITIONS, BITMAP):
+                    assert b is not None
+                    _decode_into(m, recvs[i].views[j], kind, b, word_size(itemsizes, m), loc)
+                continue
             if kind == DENSE:
                 assert b is not None
                 base._keep_received(base.received, (i, j), b)
                 continue
-            bb = base.received[(i, j)]
+            bb = base.received.get((i, j))
+            if bb is None:
+                raise ValueError(
+                    f"rank {comm.rank}: no baseline for message {j} of round {i} (its "
+                    "destination was patched in place before): run dense"
+                )
             if kind != SAME:
                 assert b is not None
                 decode(kind, b, bb, word_size(itemsizes, m))
@@ -454,6 +501,22 @@ def _unpack_some(
             dst = loc.dst_bytes[c.item]
             assert dst is not None
             copy_in(dst, c.index, b[c.offset : c.offset + c.nbytes].view(c.shape))
+
+
+def _decode_into(
+    m: Message, view: torch.Tensor | None, kind: int, payload: torch.Tensor, w: int, loc: _Locals
+) -> None:
+    """Apply an encoded payload to a message's bytes where they live: the destination."""
+    if view is not None and view.storage_offset() % w == 0:
+        decode(kind, payload, view, w)
+        return
+    here = torch.empty(m.nbytes, dtype=torch.uint8, device=payload.device)
+    for c in m.copies:
+        dst = loc.dst_bytes[c.item]
+        assert dst is not None
+        copy_out(dst, c.index, here[c.offset : c.offset + c.nbytes].view(c.shape))
+    decode(kind, payload, here, w)
+    _write(m, view, here, loc)
 
 
 def _write(m: Message, view: torch.Tensor | None, b: torch.Tensor, loc: _Locals) -> None:

@@ -100,7 +100,10 @@ class _Locals:
     """Byte views of this rank's local shards (tensors or `Segments`), with contiguous
     temporaries for parts whose last dim is strided."""
 
-    def __init__(self, srcs: Sequence[Local | None], dsts: Sequence[Local | None]) -> None:
+    def __init__(
+        self, srcs: Sequence[Local | None], dsts: Sequence[Local | None], *, keep: bool = False
+    ) -> None:
+        self._keep = keep  # temporaries start with the destination's bytes (patched in place)
         self.src: list[Local | None] = []
         self.dst: list[Local | None] = []
         self.src_bytes: list[Local | None] = []
@@ -119,6 +122,8 @@ class _Locals:
         if byte_viewable(t):
             return t
         tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        if self._keep:
+            tmp.copy_(t)
         self._writeback.append((t, tmp))
         return tmp
 
