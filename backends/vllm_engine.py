@@ -521,6 +521,15 @@ class _VllmInstall:
         self._touched = False  # the weights the model runs with have started to change
         self._finished = False  # every module runs the new weights
         self.extra_bytes = 0  # checkpoint-format copies materialized for this install
+        # bulk written straight into the running weights: they keep what the last refit
+        # wrote, so a delta patches them in place
+        self.persistent = frozenset(
+            d.hf.name
+            for mod in st.live
+            for tgt in st.modules.get(mod, [])
+            for d in tgt.dests
+            if d.hf.name in st.bulk
+        )
 
     def _ctx(self) -> Any:
         from vllm.config import set_current_vllm_config

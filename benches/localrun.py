@@ -76,7 +76,9 @@ class BufferEngine:
 
     extra_bytes = 0  # installs straight into the buffers: no checkpoint-format copies
 
-    def __init__(self, plan: RefitPlan, rank: int, device: torch.device) -> None:
+    def __init__(
+        self, plan: RefitPlan, rank: int, device: torch.device, *, persistent: bool = False
+    ) -> None:
         self.device = device
         self.bufs: dict[str, torch.Tensor] = {}
         self.boxes: dict[str, tuple[slice, ...]] = {}
@@ -86,6 +88,8 @@ class BufferEngine:
                 self.bufs[it.name] = torch.zeros(shape, dtype=it.dtype, device=device)
                 self.boxes[it.name] = it.dst.box(rank)
         self.misc: dict[str, torch.Tensor] = {}
+        # buffers kept between refits, as an engine's live weights are (never `reset`)
+        self.persistent = frozenset(self.bufs) if persistent else frozenset()
 
     def reset(self) -> None:
         """Zero every buffer and drop the misc tensors (between runs, outside the timing)."""
@@ -376,7 +380,7 @@ def execute(
 
 
 def rank_delta(
-    comm: Comm, setup_json: bytes, reps: int, fraction: float, seed: int
+    comm: Comm, setup_json: bytes, reps: int, fraction: float, seed: int, persistent: bool
 ) -> dict[str, Any]:
     """One local rank of the delta run: refits alternate dense and delta (``full_every=2``),
     each after a step that changed `fraction` of every tensor; the first pair warms up.
@@ -390,7 +394,11 @@ def rank_delta(
     rr = RefitRank(setup, device=device)
     try:
         plan = rr.plan
-        engine = BufferEngine(plan, rank, device) if rank >= plan.trainer_world else None
+        engine = (
+            BufferEngine(plan, rank, device, persistent=persistent)
+            if rank >= plan.trainer_world
+            else None
+        )
         fulls, shards = _tensors(plan, rank, engine, seed, device)
         rows: dict[str, list[dict[str, float]]] = {"dense": [], "delta": []}
         ok = True
@@ -402,14 +410,14 @@ def rank_delta(
                 for n in shards:
                     it = next(i for i in plan.items if i.name == n)
                     shards[n].copy_(fulls[n][it.src.box(rank)])
-                if engine is not None:
+                if engine is not None and not persistent:
                     engine.reset()  # the destinations hold nothing of the last refit
                 _sync(device)
                 comm.barrier()
                 t0 = time.perf_counter()
                 if engine is None:
                     st = rr.trainer_step(shards.__getitem__, "p2p", version)
-                elif kind == "delta":  # received while the engine would serve, then paused
+                elif kind == "delta" and not persistent:  # received while serving, then paused
                     st = _gated_step(rr, engine, version)
                 else:
                     st = rr.engine_step(engine, version, "p2p")
@@ -476,12 +484,16 @@ def execute_delta(
     seed: int = 0,
     backend: str = "gloo",
     timeout_s: float = 600.0,
+    persistent: bool = False,
 ) -> dict[str, Any]:
     """Dense vs delta refits through the real runtime, alternating in one run, every step
     changing `fraction` of each tensor's elements; delta refits are received while the
     engine would serve and installed after (`refit.rank.Gate`, as `receive_while_serving`);
     per kind the median of the slowest rank's seconds, the engines' pause (dense: the whole
-    step; delta: the install), wire bytes the engines received, and memory."""
+    step; delta: the install), wire bytes the engines received, and memory. With
+    `persistent`, the engine buffers are kept between refits (as live weights are) and
+    deltas patch them in place, without engine baselines (and without receiving while
+    serving, which needs them)."""
     world = trainer.world + engine.world * replicas
     if backend == "nccl":
         trainer, engine = replace(trainer, device="cuda"), replace(engine, device="cuda")
@@ -505,12 +517,23 @@ def execute_delta(
         ),
     )
     results = pool.run(
-        rank_delta, world, setup.to_json(), reps, fraction, seed, timeout=timeout_s + 60
+        rank_delta,
+        world,
+        setup.to_json(),
+        reps,
+        fraction,
+        seed,
+        persistent,
+        timeout=timeout_s + 60,
     )
     del store
     engines = [r for r in results if r["engine"]]
     trainers = [r for r in results if not r["engine"]]
-    out: dict[str, Any] = {"fraction": fraction, "correct": all(r["ok"] for r in engines)}
+    out: dict[str, Any] = {
+        "fraction": fraction,
+        "persistent": persistent,
+        "correct": all(r["ok"] for r in engines),
+    }
     for kind in ("dense", "delta"):
         per_rep = [max(r["rows"][kind][k]["seconds"] for r in results) for k in range(reps)]
         busy = [max(r["rows"][kind][k]["engine_busy_s"] for r in engines) for k in range(reps)]

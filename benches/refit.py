@@ -228,8 +228,11 @@ def run_local(
         measured = execute(trainer, engine)
         progress.update(1)
         deltas = []
-        for fraction in (delta, 1.0) if delta else ():
-            progress.set_description(f"dense vs delta refits, {100 * fraction:g}% changed")
+        # received while serving (engine baselines), then patched in place (none)
+        delta_runs = ((delta, False), (delta, True), (1.0, True)) if delta else ()
+        for fraction, persistent in delta_runs:
+            how = "in place" if persistent else "received while serving"
+            progress.set_description(f"dense vs delta, {100 * fraction:g}% changed, {how}")
             deltas.append(
                 localrun.execute_delta(
                     trainer,
@@ -240,6 +243,7 @@ def run_local(
                     reps=reps,
                     pool=pool,
                     backend=backend,
+                    persistent=persistent,
                 )
             )
         progress.update(1)

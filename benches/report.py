@@ -185,13 +185,15 @@ def _print_local(local: dict[str, Any]) -> None:
     for d in local.get("delta", []):
         dense, delta = d["dense"], d["delta"]
         b = delta["baseline_bytes"]
+        how = "in place" if d.get("persistent") else "received while serving"
         print(
-            f"   {100 * d['fraction']:g}% changed: dense {dense['seconds']:.3f} s, delta "
+            f"   {100 * d['fraction']:g}% changed, {how}: dense {dense['seconds']:.3f} s, delta "
             f"{delta['seconds']:.3f} s ({dense['seconds'] / delta['seconds']:.2f}x); wire "
             f"{fmt_bytes(delta['wire_bytes'])} of {fmt_bytes(delta['dense_bytes'])} "
             f"({100 * delta['wire_bytes'] / max(1, delta['dense_bytes']):.1f}%); engine busy "
             f"{delta['pause_s']:.3f} s vs {dense['pause_s']:.3f} s; baselines per rank: "
             f"engine {fmt_bytes(b['engine'])}, trainer {fmt_bytes(b['trainer'])} (host); "
+            f"engine extra {fmt_bytes(delta['extra_bytes']['engine'])}; "
             f"exact: {d['correct']}"
         )
     if "engines" in local:

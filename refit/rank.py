@@ -240,6 +240,8 @@ class Gate:
 class EngineHooks(Protocol):
     device: torch.device
     extra_bytes: int  # memory the install allocated (e.g. checkpoint-format copies)
+    # optional: `persistent`, the bulk names whose destination views persist between
+    # refits holding what the last one wrote (a delta patches them in place)
 
     def begin(self, version: int) -> None: ...
 
@@ -420,12 +422,19 @@ class RefitRank:
         path: Path | None,
         version: int,
         receive_only: bool = False,
+        persistent: frozenset[str] = frozenset(),
     ) -> tuple[XferStats, bool]:
-        """Run the plan (as a delta where this refit is one); its stats, and whether it was."""
+        """Run the plan (as a delta where this refit is one); its stats, and whether it was.
+        `persistent`: bulk names whose destinations keep what the last refit wrote (patched
+        in place by a delta, no baseline kept)."""
         delta = self._delta(version, path)
         if receive_only:
             assert delta is not None
             delta = replace(delta, receive_only=True)
+        elif delta is not None and persistent:
+            bulk = self.plan.items[: self.plan.bulk]
+            keep = frozenset(i for i, it in enumerate(bulk) if it.name in persistent)
+            delta = replace(delta, in_place=keep)
         x = self.resharder.run(srcs, dsts, path=path, delta=delta)
         if delta is not None:
             self._since_dense = 0 if delta.against is None else self._since_dense + 1
@@ -561,8 +570,11 @@ class RefitRank:
         t1 = time.perf_counter()
         self.enter("transfer")
         dsts, misc = self._destinations(hooks)
+        persistent = frozenset(getattr(hooks, "persistent", ()))
         with self._transfer_stream():
-            x, stats.delta = self._run([None] * len(dsts), dsts, path, version)
+            x, stats.delta = self._run(
+                [None] * len(dsts), dsts, path, version, persistent=persistent
+            )
             if self.options.verify:
                 self.enter("verify")
                 self._verify(dsts)

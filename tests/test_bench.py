@@ -177,15 +177,19 @@ def test_local_delta_run_is_exact_and_sends_what_changed(ranks):
     trainer, engine = specs(side)
     kw = {"bucket_bytes": built.bucket_bytes, "reps": 1, "pool": ranks}
     sparse = localrun.execute_delta(trainer, engine, side.replicas, fraction=0.03, **kw)
-    every = localrun.execute_delta(trainer, engine, side.replicas, fraction=1.0, **kw)
+    every = localrun.execute_delta(
+        trainer, engine, side.replicas, fraction=1.0, persistent=True, **kw
+    )
     for out in (sparse, every):
         assert out["correct"]  # every engine rank holds the full tensors' slices, bit for bit
         assert out["dense"]["wire_bytes"] == out["dense"]["dense_bytes"] > 0
-        assert out["delta"]["baseline_bytes"]["engine"] > 0
         assert out["delta"]["baseline_bytes"]["trainer"] > 0
+    assert sparse["delta"]["baseline_bytes"]["engine"] > 0  # received while serving
     ratio = sparse["delta"]["wire_bytes"] / sparse["delta"]["dense_bytes"]
     assert 0.06 < ratio < 0.12  # 3% of bf16 words, 6 B per changed word
     assert every["delta"]["wire_bytes"] == every["delta"]["dense_bytes"]  # dense fallback
+    # engine buffers that persist are patched in place: no engine baselines
+    assert every["delta"]["baseline_bytes"]["engine"] == 0
     # delta refits are received first and installed after: the pause is part of the refit
     assert 0 < sparse["delta"]["pause_s"] < sparse["delta"]["seconds"]
 

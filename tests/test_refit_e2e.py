@@ -114,6 +114,18 @@ def test_sparse_delta_refits_equal_golden_and_hf(workdir):
     assert all(s["baseline_bytes"] > 0 for s in steps)
 
 
+def test_sparse_deltas_patch_live_weights_in_place(workdir):
+    # install="live": the modules written straight into the running weights (on CPU the
+    # norms) keep what the last refit wrote, so deltas patch them there without baselines
+    r = scenario(
+        workdir, "--model", "dsv3", "--trainer-tp", "2", "--steps", "3", "--install", "live",
+        "--delta", "--changed", "0.03",
+    )  # fmt: skip
+    assert_good(r, 3)
+    assert [s["delta"] for s in r["steps"]] == [False, True, True]
+    assert all(s["wire_bytes"] < 0.2 * (s["bulk_bytes"] + s["misc_bytes"]) for s in r["steps"][1:])
+
+
 def test_live_install_writes_the_running_weights_without_copies(workdir):
     # install="live": modules nothing processes after loading are written in place (on CPU
     # the norms; on GPUs also the unquantized linear layers), MLA's attention re-derives its
