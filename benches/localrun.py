@@ -233,15 +233,45 @@ def _broadcast_groups(
     return out
 
 
+def _join(comm: Comm, setup_json: bytes) -> tuple[RankSetup, torch.device, RefitRank]:
+    """This local rank's setup, device (a GPU per local rank over NCCL) and runtime."""
+    setup = RankSetup.from_json(setup_json).for_rank(comm.rank)
+    device = torch.device("cpu")
+    if setup.options.backend == "nccl":
+        device = torch.device("cuda", comm.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return setup, device, RefitRank(setup, device=device)
+
+
+def _bench_setup(
+    trainer: TrainerSpec, engine: EngineSpec, replicas: int, options: RankOptions, prefix: str
+) -> tuple[Any, RankSetup]:
+    """A store on loopback and the setup every local rank joins (on CUDA with NCCL)."""
+    world = trainer.world + engine.world * replicas
+    if options.backend == "nccl":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < world:
+            raise ValueError(f"backend nccl needs a GPU per rank: {world} ranks, {gpus} GPUs")
+        trainer, engine = replace(trainer, device="cuda"), replace(engine, device="cuda")
+    store = tcp_store(HOST, 0, is_master=True)
+    setup = RankSetup(
+        host=HOST,
+        port=store.port,
+        prefix=f"{prefix}{time.time_ns()}",
+        token=secrets.token_hex(16),
+        rank=0,
+        trainer=trainer,
+        engine=engine,
+        replicas=replicas,
+        options=options,
+    )
+    return store, setup
+
+
 def rank_main(comm: Comm, setup_json: bytes, reps: int, seed: int) -> dict[str, Any]:
     """One local rank: join the refit, time every path, check and hash what arrived."""
-    setup = RankSetup.from_json(setup_json).for_rank(comm.rank)
     rank = comm.rank
-    device = torch.device("cpu")
-    if setup.options.backend == "nccl":  # one GPU per local rank
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    rr = RefitRank(setup, device=device)
+    setup, device, rr = _join(comm, setup_json)
     bcasts: dict[int, Comm] = {}
     try:
         plan = rr.plan
@@ -332,25 +362,10 @@ def execute(
     """Run the three paths on `pool`'s ranks (one per refit rank) and summarize; with
     ``backend="nccl"`` every rank takes a GPU of this machine."""
     world = trainer.world + engine.world * replicas
-    if backend == "nccl":
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if gpus < world:
-            raise ValueError(f"backend nccl needs a GPU per rank: {world} ranks, {gpus} GPUs")
-        trainer, engine = replace(trainer, device="cuda"), replace(engine, device="cuda")
-    store = tcp_store(HOST, 0, is_master=True)
-    setup = RankSetup(
-        host=HOST,
-        port=store.port,
-        prefix=f"bench{time.time_ns()}",
-        token=secrets.token_hex(16),
-        rank=0,
-        trainer=trainer,
-        engine=engine,
-        replicas=replicas,
-        options=RankOptions(
-            path="p2p", bucket_bytes=bucket_bytes, backend=backend, timeout_s=timeout_s
-        ),
+    options = RankOptions(
+        path="p2p", bucket_bytes=bucket_bytes, backend=backend, timeout_s=timeout_s
     )
+    store, setup = _bench_setup(trainer, engine, replicas, options, "bench")
     results = pool.run(rank_main, world, setup.to_json(), reps, seed, timeout=timeout_s + 60)
     del store  # the ranks are done with it
     out: dict[str, Any] = {"paths": {}}
@@ -385,13 +400,8 @@ def rank_delta(
     """One local rank of the delta run: refits alternate dense and delta (``full_every=2``),
     each after a step that changed `fraction` of every tensor; the first pair warms up.
     Engine ranks check the last delta's result against the full tensors."""
-    setup = RankSetup.from_json(setup_json).for_rank(comm.rank)
     rank = comm.rank
-    device = torch.device("cpu")
-    if setup.options.backend == "nccl":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    rr = RefitRank(setup, device=device)
+    _, device, rr = _join(comm, setup_json)
     try:
         plan = rr.plan
         engine = (
@@ -495,27 +505,15 @@ def execute_delta(
     deltas patch them in place, without engine baselines (and without receiving while
     serving, which needs them)."""
     world = trainer.world + engine.world * replicas
-    if backend == "nccl":
-        trainer, engine = replace(trainer, device="cuda"), replace(engine, device="cuda")
-    store = tcp_store(HOST, 0, is_master=True)
-    setup = RankSetup(
-        host=HOST,
-        port=store.port,
-        prefix=f"delta{time.time_ns()}",
-        token=secrets.token_hex(16),
-        rank=0,
-        trainer=trainer,
-        engine=engine,
-        replicas=replicas,
-        options=RankOptions(
-            path="p2p",
-            bucket_bytes=bucket_bytes,
-            backend=backend,
-            timeout_s=timeout_s,
-            delta=True,
-            full_every=2,
-        ),
+    options = RankOptions(
+        path="p2p",
+        bucket_bytes=bucket_bytes,
+        backend=backend,
+        timeout_s=timeout_s,
+        delta=True,
+        full_every=2,
     )
+    store, setup = _bench_setup(trainer, engine, replicas, options, "delta")
     results = pool.run(
         rank_delta,
         world,

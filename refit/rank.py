@@ -510,22 +510,31 @@ class RefitRank:
                     self._verify(dsts)
             t3 = time.perf_counter()
             self._fill(stats, x, hooks)
-            self.enter("load misc")
-            hooks.load(misc)
-            t4 = time.perf_counter()
-            self.enter("finish install")
-            hooks.finish(version)
-            t5 = time.perf_counter()
+            load, finish = self._load_and_finish(hooks, misc, version)
+        t5 = time.perf_counter()
         stats.phases = {
             "receive": t1 - t0,
             "wait_for_pause": t2 - t1,
             "apply": t3 - t2,
-            "load_misc": t4 - t3,
-            "finish": t5 - t4,
+            "load_misc": load,
+            "finish": finish,
             "paused": t5 - t2,
         }
         stats.seconds = t5 - t0
         return stats
+
+    def _load_and_finish(
+        self, hooks: EngineHooks, misc: list[tuple[str, torch.Tensor]], version: int
+    ) -> tuple[float, float]:
+        """Hand the misc tensors to the engine's loaders, then finish the install; the
+        seconds each took."""
+        t0 = time.perf_counter()
+        self.enter("load misc")
+        hooks.load(misc)
+        t1 = time.perf_counter()
+        self.enter("finish install")
+        hooks.finish(version)
+        return t1 - t0, time.perf_counter() - t1
 
     def _destinations(
         self, hooks: EngineHooks
@@ -580,17 +589,7 @@ class RefitRank:
                 self._verify(dsts)
         t2 = time.perf_counter()
         self._fill(stats, x, hooks)
-        self.enter("load misc")
-        hooks.load(misc)
-        t3 = time.perf_counter()
-        self.enter("finish install")
-        hooks.finish(version)
-        t4 = time.perf_counter()
-        stats.phases = {
-            "begin": t1 - t0,
-            "transfer": t2 - t1,
-            "load_misc": t3 - t2,
-            "finish": t4 - t3,
-        }
-        stats.seconds = t4 - t0
+        load, finish = self._load_and_finish(hooks, misc, version)
+        stats.phases = {"begin": t1 - t0, "transfer": t2 - t1, "load_misc": load, "finish": finish}
+        stats.seconds = time.perf_counter() - t0
         return stats

@@ -185,15 +185,21 @@ def test_sparse_changes_put_a_fraction_of_the_bytes_on_the_wire(ranks):
         assert steps[-1]["baselines"] == last.bytes_sent + last.bytes_received > 0
 
 
+def _shards(its, rank):
+    """This rank's source shards of seed-0 full tensors."""
+    return [
+        full_tensor(it.src.shape, it.dtype, 0)[it.src.box(rank)].clone()
+        if it.src.holds(rank)
+        else None
+        for it in its
+    ]
+
+
 def lost_baselines(comm, its):
     rank = comm.rank
     resharder = Resharder(its, comm)
     baselines = Baselines()
-    fulls = [full_tensor(it.src.shape, it.dtype, 0) for it in its]
-    srcs = [
-        f[it.src.box(rank)].clone() if it.src.holds(rank) else None
-        for it, f in zip(its, fulls, strict=True)
-    ]
+    srcs = _shards(its, rank)
     resharder.run(srcs, fresh_dsts(its, rank, "contiguous"), delta=Delta(baselines, 1))
     if rank == 5:
         baselines.reset()  # e.g. an engine rank whose weights were replaced behind its back
@@ -222,12 +228,7 @@ def fail_midway(comm, its):
     rank = comm.rank
     resharder = Resharder(its, comm, bucket_bytes=1 << 14)
     baselines = Baselines()
-    srcs = [
-        full_tensor(it.src.shape, it.dtype, 0)[it.src.box(rank)].clone()
-        if it.src.holds(rank)
-        else None
-        for it in its
-    ]
+    srcs = _shards(its, rank)
     resharder.run(srcs, fresh_dsts(its, rank, "contiguous"), delta=Delta(baselines, 1))
     kept = baselines.nbytes
     bad = [None if d is None else d[..., :1] for d in fresh_dsts(its, rank, "contiguous")]
@@ -248,12 +249,7 @@ def test_delta_needs_p2p(ranks):
 
 def golden_delta(comm, its):
     rank = comm.rank
-    srcs = [
-        full_tensor(it.src.shape, it.dtype, 0)[it.src.box(rank)].clone()
-        if it.src.holds(rank)
-        else None
-        for it in its
-    ]
+    srcs = _shards(its, rank)
     dsts = fresh_dsts(its, rank, "contiguous")
     Resharder(its, comm).run(srcs, dsts, path="golden", delta=Delta(Baselines(), 1))
 
@@ -331,12 +327,7 @@ def apply_bad_destination(comm, its):
     rank = comm.rank
     resharder = Resharder(its, comm)
     baselines = Baselines()
-    srcs = [
-        full_tensor(it.src.shape, it.dtype, 0)[it.src.box(rank)].clone()
-        if it.src.holds(rank)
-        else None
-        for it in its
-    ]
+    srcs = _shards(its, rank)
     resharder.run(srcs, [None] * len(its), delta=Delta(baselines, 1, receive_only=True))
     if rank < 4:
         return None
