@@ -50,10 +50,11 @@ failed refit cannot roll those modules back; ``install="staged"`` keeps the roll
 
 Deltas: ``delta=True`` sends, after the first refit of each communicator generation, only
 what changed since the previous refit, message by message on the same plan (`xfer.delta`):
-bit-identical to a dense refit. Every rank keeps baselines, a copy of the bytes it last sent
-or received (`RefitStats.baseline_bytes`, host memory unless ``baselines="device"``). A
-generation's first refit, every refit after a failure or a replaced engine, and every
-`full_every`-th refit are dense; ranks agree on the version a delta is against before any
+bit-identical to a dense refit. Every trainer rank keeps a copy of the shards it last sent,
+and every engine rank a copy of what it last received except where the bytes land in its
+running weights (``install="live"``: patched in place), `RefitStats.baseline_bytes`, in host
+memory unless ``baselines="device"``. A generation's first refit, every refit after a failure
+or a replaced engine, and every `full_every`-th refit are dense; ranks agree on the version a delta is against before any
 byte moves, and a refused delta (a rank holding other baselines) is followed at once by a
 dense refit (`RefitStats.resynced`). With ``receive_while_serving=True`` (engines driven
 through vLLM's weight-transfer API: servers, `LLM`, `AsyncLLM`), each refit's bytes arrive
