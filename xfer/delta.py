@@ -60,13 +60,13 @@ from xfer.comm import Comm, Transfer, Work
 from xfer.execute import (
     Staging,
     XferStats,
-    _device_of,
     _directs,
     _local_copies,
     _Locals,
     _pack,
     _recv_buffers,
     _span,
+    prepare,
 )
 from xfer.program import Message, RankProgram
 from xfer.segments import Local, Segments, copy_in, copy_out
@@ -296,16 +296,12 @@ def _run(
         raise ValueError(f"baselines hold version {base.version}, not {against}")
     if receive_only and any(dsts[lc.item] is not None for lc in program.local):
         raise ValueError("a receive-only run cannot make local copies into destinations")
-    loc = _Locals(srcs, dsts, keep=bool(in_place) and against is not None)
-    device = _device_of(srcs, dsts, comm)
-    rounds = program.rounds
     staging = staging or Staging()
-    sends = [_directs(r.sends, loc.src_bytes) for r in rounds]
-    recvs = [_directs(r.recvs, loc.dst_bytes) for r in rounds]
-    send_staging = max((d.staged for d in sends), default=0)
-    recv_staging = max((d.staged for d in recvs), default=0)
-    sbufs = [staging.get("send", i, send_staging, device) for i in (0, 1)]
-    rbufs = [staging.get("recv", i, recv_staging, device) for i in (0, 1)]
+    run = prepare(program, srcs, dsts, comm, staging, keep=bool(in_place) and against is not None)
+    loc, device, sends, recvs = run.loc, run.device, run.sends, run.recvs
+    sbufs, rbufs = run.sbufs, run.rbufs
+    send_staging, recv_staging = run.send_staging, run.recv_staging
+    rounds = program.rounds
 
     # kinds and payloads of every send (dense: as run_p2p)
     skind: dict[tuple[int, int], int] = {}

@@ -227,6 +227,42 @@ def _unpack(rnd: Round, direct: _Direct, bufs: list[torch.Tensor], loc: _Locals)
             copy_in(dst, c.index, b[c.offset : c.offset + c.nbytes].view(c.shape))
 
 
+@dataclass
+class Prepared:
+    """What a p2p run sets up before its first round: byte views of the local tensors,
+    per round which messages go straight from or into storage, and the staging buffers."""
+
+    loc: _Locals
+    device: torch.device
+    sends: list[_Direct]
+    recvs: list[_Direct]
+    send_staging: int
+    recv_staging: int
+    sbufs: list[torch.Tensor]
+    rbufs: list[torch.Tensor]
+
+
+def prepare(
+    program: RankProgram,
+    srcs: Sequence[Local | None],
+    dsts: Sequence[Local | None],
+    comm: Comm,
+    staging: Staging,
+    *,
+    keep: bool = False,
+) -> Prepared:
+    """Set up a p2p run of `program` (`keep`: see `_Locals`)."""
+    loc = _Locals(srcs, dsts, keep=keep)
+    device = _device_of(srcs, dsts, comm)
+    sends = [_directs(r.sends, loc.src_bytes) for r in program.rounds]
+    recvs = [_directs(r.recvs, loc.dst_bytes) for r in program.rounds]
+    send_staging = max((d.staged for d in sends), default=0)
+    recv_staging = max((d.staged for d in recvs), default=0)
+    sbufs = [staging.get("send", i, send_staging, device) for i in (0, 1)]
+    rbufs = [staging.get("recv", i, recv_staging, device) for i in (0, 1)]
+    return Prepared(loc, device, sends, recvs, send_staging, recv_staging, sbufs, rbufs)
+
+
 def run_p2p(
     program: RankProgram,
     srcs: Sequence[Local | None],
@@ -237,17 +273,11 @@ def run_p2p(
     staging: Staging | None = None,
 ) -> XferStats:
     t0 = time.perf_counter()
-    loc = _Locals(srcs, dsts)
-    device = _device_of(srcs, dsts, comm)
+    run = prepare(program, srcs, dsts, comm, staging or Staging())
+    loc, sends, recvs, sbufs, rbufs = run.loc, run.sends, run.recvs, run.sbufs, run.rbufs
+    send_staging, recv_staging = run.send_staging, run.recv_staging
     local_bytes = 0
     rounds = program.rounds
-    staging = staging or Staging()
-    sends = [_directs(r.sends, loc.src_bytes) for r in rounds]
-    recvs = [_directs(r.recvs, loc.dst_bytes) for r in rounds]
-    send_staging = max((d.staged for d in sends), default=0)
-    recv_staging = max((d.staged for d in recvs), default=0)
-    sbufs = [staging.get("send", i, send_staging, device) for i in (0, 1)]
-    rbufs = [staging.get("recv", i, recv_staging, device) for i in (0, 1)]
     pending: tuple[int, list[torch.Tensor], Work] | None = None
     for i, rnd in enumerate(rounds):
         out = _pack(rnd, sends[i], sbufs[i % 2], loc)
