@@ -61,11 +61,12 @@ from xfer.execute import (
     Staging,
     XferStats,
     _directs,
-    _local_copies,
     _Locals,
     _pack,
     _recv_buffers,
     _span,
+    _unpack,
+    pipeline,
     prepare,
 )
 from xfer.program import Message, RankProgram
@@ -342,7 +343,7 @@ def _run(
     def send_list(i: int) -> list[Transfer]:
         rnd = rounds[i]
         wanted = [skind.get((i, j), DENSE) == DENSE for j in range(len(rnd.sends))]
-        dense = _pack_some(rnd, sends[i], sbufs[i % 2], loc, wanted)
+        dense = _pack(rnd, sends[i], sbufs[i % 2], loc, wanted)
         out = []
         for j, (m, b) in enumerate(zip(rnd.sends, dense, strict=True)):
             kind = skind.get((i, j), DENSE)
@@ -388,7 +389,7 @@ def _run(
             b if rkind.get((i, j), (DENSE, 0))[0] == DENSE else None for j, b in enumerate(into)
         ]
         if not receive_only:
-            _unpack_some(rnd, recvs[i].views, dense, loc)
+            _unpack(rnd, recvs[i], dense, loc)
         for j, (m, b) in enumerate(zip(rnd.recvs, into, strict=True)):
             kind = rkind.get((i, j), (DENSE, 0))[0]
             if inplace[i][j]:  # the destination holds the baseline itself
@@ -412,41 +413,24 @@ def _run(
             if not receive_only:
                 _write(m, recvs[i].views[j], bb, loc)
 
-    wire_sent = wire_received = 0
-    pending: tuple[int, list[torch.Tensor | None], Work] | None = None
-    local_bytes = 0
-    for i in range(len(rounds)):
+    wire = [0, 0]  # bytes sent, received
+
+    def post(i: int) -> tuple[list[torch.Tensor | None], Work]:
         out = send_list(i)
         incoming, into = recv_list(i)
-        wire_sent += sum(t.buffer.numel() for t in out)
-        wire_received += sum(t.buffer.numel() for t in incoming)
-        work = comm.send_recv(out, incoming, stream=stream)
-        if i == 0:
-            local_bytes = _local_copies(program, loc)
-        if pending is not None:
-            pending[2].wait()
-            apply(pending[0], pending[1])
-        pending = (i, into, work)
-    if pending is not None:
-        pending[2].wait()
-        apply(pending[0], pending[1])
-    else:
-        local_bytes = _local_copies(program, loc)
-    loc.finish()
-    return XferStats(
-        path="p2p-delta" if against is not None else "p2p",
-        seconds=time.perf_counter() - t0,
-        bytes_sent=program.bytes_sent,
-        bytes_received=program.bytes_received,
-        local_bytes=local_bytes,
-        messages_sent=sum(len(r.sends) for r in rounds),
-        messages_received=sum(len(r.recvs) for r in rounds),
-        rounds=len(rounds),
+        wire[0] += sum(t.buffer.numel() for t in out)
+        wire[1] += sum(t.buffer.numel() for t in incoming)
+        return into, comm.send_recv(out, incoming, stream=stream)
+
+    local_bytes = pipeline(program, loc, post, apply)
+    return run.stats(
+        "p2p-delta" if against is not None else "p2p",
+        t0,
+        program,
+        local_bytes,
         staging_bytes=2 * (send_staging + recv_staging + max(rsize, default=0)),
-        packed_bytes=sum(d.staged for d in sends),
-        unpacked_bytes=sum(d.staged for d in recvs),
-        wire_bytes_sent=wire_sent,
-        wire_bytes_received=wire_received,
+        wire_bytes_sent=wire[0],
+        wire_bytes_received=wire[1],
         kinds_sent=tuple(sum(1 for k in skind.values() if k == x) for x in range(4))
         if against is not None
         else (0, 0, 0, sum(len(r.sends) for r in rounds)),
@@ -465,38 +449,6 @@ def apply_received(program: RankProgram, dsts: Sequence[Local | None], base: Bas
             n += m.nbytes
     loc.finish()
     return n
-
-
-def _pack_some(
-    rnd: Any, direct: Any, buf: torch.Tensor, loc: _Locals, wanted: list[bool]
-) -> list[torch.Tensor]:
-    """`_pack`, copying only the `wanted` messages' bytes (the others are sent encoded)."""
-    out, at = [], 0
-    for m, v, want in zip(rnd.sends, direct.views, wanted, strict=True):
-        if v is not None:
-            out.append(v)
-            continue
-        if want:
-            for c in m.copies:
-                src = loc.src_bytes[c.item]
-                assert src is not None
-                copy_out(src, c.index, buf[at + c.offset : at + c.offset + c.nbytes].view(c.shape))
-        out.append(buf[at : at + m.nbytes])
-        at += m.nbytes
-    return out
-
-
-def _unpack_some(
-    rnd: Any, views: list[torch.Tensor | None], bufs: list[torch.Tensor | None], loc: _Locals
-) -> None:
-    """`_unpack` for the messages received dense (the others are None)."""
-    for m, v, b in zip(rnd.recvs, views, bufs, strict=True):
-        if v is not None or b is None:
-            continue
-        for c in m.copies:
-            dst = loc.dst_bytes[c.item]
-            assert dst is not None
-            copy_in(dst, c.index, b[c.offset : c.offset + c.nbytes].view(c.shape))
 
 
 def _decode_into(

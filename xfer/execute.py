@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,14 +190,21 @@ def _directs(msgs: tuple[Message, ...], side: list[Local | None]) -> _Direct:
     return _Direct(views, staged)
 
 
-def _pack(rnd: Round, direct: _Direct, buf: torch.Tensor, loc: _Locals) -> list[torch.Tensor]:
-    """Each send's buffer: its direct view, or its bytes packed into `buf`."""
+def _pack(
+    rnd: Round,
+    direct: _Direct,
+    buf: torch.Tensor,
+    loc: _Locals,
+    wanted: Sequence[bool] | None = None,
+) -> list[torch.Tensor]:
+    """Each send's buffer: its direct view, or its bytes packed into `buf` (with `wanted`,
+    only the wanted messages' bytes are copied; the others keep their place in `buf`)."""
     out, at = [], 0
-    for m, v in zip(rnd.sends, direct.views, strict=True):
+    for j, (m, v) in enumerate(zip(rnd.sends, direct.views, strict=True)):
         if v is not None:
             out.append(v)
             continue
-        for c in m.copies:
+        for c in m.copies if wanted is None or wanted[j] else ():
             src = loc.src_bytes[c.item]
             assert src is not None
             copy_out(src, c.index, buf[at + c.offset : at + c.offset + c.nbytes].view(c.shape))
@@ -217,9 +224,10 @@ def _recv_buffers(rnd: Round, direct: _Direct, buf: torch.Tensor) -> list[torch.
     return out
 
 
-def _unpack(rnd: Round, direct: _Direct, bufs: list[torch.Tensor], loc: _Locals) -> None:
+def _unpack(rnd: Round, direct: _Direct, bufs: Sequence[torch.Tensor | None], loc: _Locals) -> None:
+    """Copy each staged message out of its buffer (None: nothing to unpack here)."""
     for m, v, b in zip(rnd.recvs, direct.views, bufs, strict=True):
-        if v is not None:
+        if v is not None or b is None:
             continue  # landed in place
         for c in m.copies:
             dst = loc.dst_bytes[c.item]
@@ -240,6 +248,26 @@ class Prepared:
     recv_staging: int
     sbufs: list[torch.Tensor]
     rbufs: list[torch.Tensor]
+
+    def stats(
+        self, path: str, t0: float, program: RankProgram, local_bytes: int, **extra: Any
+    ) -> XferStats:
+        """What the run did (`extra`: the fields a path fills itself, e.g. wire bytes)."""
+        rounds = program.rounds
+        extra.setdefault("staging_bytes", 2 * (self.send_staging + self.recv_staging))
+        return XferStats(
+            path=path,
+            seconds=time.perf_counter() - t0,
+            bytes_sent=program.bytes_sent,
+            bytes_received=program.bytes_received,
+            local_bytes=local_bytes,
+            messages_sent=sum(len(r.sends) for r in rounds),
+            messages_received=sum(len(r.recvs) for r in rounds),
+            rounds=len(rounds),
+            packed_bytes=sum(d.staged for d in self.sends),
+            unpacked_bytes=sum(d.staged for d in self.recvs),
+            **extra,
+        )
 
 
 def prepare(
@@ -274,47 +302,61 @@ def run_p2p(
 ) -> XferStats:
     t0 = time.perf_counter()
     run = prepare(program, srcs, dsts, comm, staging or Staging())
-    loc, sends, recvs, sbufs, rbufs = run.loc, run.sends, run.recvs, run.sbufs, run.rbufs
-    send_staging, recv_staging = run.send_staging, run.recv_staging
-    local_bytes = 0
     rounds = program.rounds
-    pending: tuple[int, list[torch.Tensor], Work] | None = None
-    for i, rnd in enumerate(rounds):
-        out = _pack(rnd, sends[i], sbufs[i % 2], loc)
-        into = _recv_buffers(rnd, recvs[i], rbufs[i % 2])
+
+    def post(i: int) -> tuple[list[torch.Tensor], Work]:
+        rnd = rounds[i]
+        out = _pack(rnd, run.sends[i], run.sbufs[i % 2], run.loc)
+        into = _recv_buffers(rnd, run.recvs[i], run.rbufs[i % 2])
         work = comm.send_recv(
             [Transfer(m.peer, b) for m, b in zip(rnd.sends, out, strict=True)],
             [Transfer(m.peer, b) for m, b in zip(rnd.recvs, into, strict=True)],
             stream=stream,
         )
-        if i == 0:
-            local_bytes = _local_copies(program, loc)
-        if pending is not None:
-            pending[2].wait()
-            _unpack(rounds[pending[0]], recvs[pending[0]], pending[1], loc)
-        pending = (i, into, work)
-    if pending is not None:
-        pending[2].wait()
-        _unpack(rounds[pending[0]], recvs[pending[0]], pending[1], loc)
-    else:
-        local_bytes = _local_copies(program, loc)
-    loc.finish()
-    return XferStats(
-        path="p2p",
-        seconds=time.perf_counter() - t0,
-        bytes_sent=program.bytes_sent,
-        bytes_received=program.bytes_received,
-        local_bytes=local_bytes,
-        messages_sent=sum(len(r.sends) for r in rounds),
-        messages_received=sum(len(r.recvs) for r in rounds),
-        rounds=len(rounds),
-        staging_bytes=2 * (send_staging + recv_staging),
-        packed_bytes=sum(d.staged for d in sends),
-        unpacked_bytes=sum(d.staged for d in recvs),
+        return into, work
+
+    def land(i: int, into: list[torch.Tensor]) -> None:
+        _unpack(rounds[i], run.recvs[i], into, run.loc)
+
+    local_bytes = pipeline(program, run.loc, post, land)
+    return run.stats(
+        "p2p",
+        t0,
+        program,
+        local_bytes,
         wire_bytes_sent=program.bytes_sent,
         wire_bytes_received=program.bytes_received,
         kinds_sent=(0, 0, 0, sum(len(r.sends) for r in rounds)),
     )
+
+
+def pipeline(
+    program: RankProgram,
+    loc: _Locals,
+    post: Callable[[int], tuple[Any, Work]],
+    land: Callable[[int, Any], None],
+) -> int:
+    """Run `program`'s rounds double-buffered: post round ``i`` (`post` packs it and starts
+    its transfer), make the local copies while round 0 is on the wire, then wait for round
+    ``i - 1`` and `land` it (unpack) while round ``i`` is in flight. Writes back the
+    destinations' temporaries at the end; returns the local bytes copied."""
+    local_bytes = 0
+    pending: tuple[int, Any, Work] | None = None
+    for i in range(len(program.rounds)):
+        received, work = post(i)
+        if i == 0:
+            local_bytes = _local_copies(program, loc)
+        if pending is not None:
+            pending[2].wait()
+            land(pending[0], pending[1])
+        pending = (i, received, work)
+    if pending is not None:
+        pending[2].wait()
+        land(pending[0], pending[1])
+    else:
+        local_bytes = _local_copies(program, loc)
+    loc.finish()
+    return local_bytes
 
 
 def _local_copies(program: RankProgram, loc: _Locals) -> int:
