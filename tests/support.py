@@ -63,29 +63,38 @@ def local_inputs(its, rank, fulls, device="cpu"):
 
 
 def apply_plan(plan, fulls, device="cpu"):
-    """Run every rank's program in-process; return each rank's destination tensors."""
+    """Run every rank's program in-process, round after round (a relay send reads what its
+    rank received in an earlier round); return each rank's destination tensors."""
     world = plan.world_size
     progs = [build_program(plan, r) for r in range(world)]
     state = [local_inputs(plan.items, r, fulls, device) for r in range(world)]
     locs = [_Locals(*state[r]) for r in range(world)]
-    wire: dict[tuple[int, int, int], torch.Tensor] = {}
     for r, prog in enumerate(progs):
         for lc in prog.local:
             locs[r].dst[lc.item][lc.dst_index].copy_(locs[r].src[lc.item][lc.src_index])
-        for rnd in prog.rounds:
-            direct = _directs(rnd.sends, locs[r].src_bytes)
+    by_round = [{rnd.index: rnd for rnd in prog.rounds} for prog in progs]
+    for index in range(plan.rounds):
+        wire: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for r in range(world):
+            rnd = by_round[r].get(index)
+            if rnd is None:
+                continue
+            direct = _directs(rnd.sends, locs[r].src_bytes, locs[r].dst_bytes)
             buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
             for m, out in zip(rnd.sends, _pack(rnd, direct, buf, locs[r]), strict=True):
-                wire[(rnd.index, r, m.peer)] = out.clone()
-    for r, prog in enumerate(progs):
-        for rnd in prog.rounds:
-            direct = _directs(rnd.recvs, locs[r].dst_bytes)
+                wire.setdefault((r, m.peer), []).append(out.clone())
+        for r in range(world):
+            rnd = by_round[r].get(index)
+            if rnd is None:
+                continue
+            direct = _directs(rnd.recvs, locs[r].dst_bytes, locs[r].dst_bytes)
             buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
             into = _recv_buffers(rnd, direct, buf)
             for m, b in zip(rnd.recvs, into, strict=True):
-                b.copy_(wire.pop((rnd.index, m.peer, r)))
+                b.copy_(wire[(m.peer, r)].pop(0))
             _unpack(rnd, direct, into, locs[r])
-    assert not wire, f"messages nobody received: {sorted(wire)[:5]}"
+        left = sorted(k for k, v in wire.items() if v)
+        assert not left, f"round {index}: messages nobody received: {left[:5]}"
     for loc in locs:
         loc.finish()
     return [s[1] for s in state], progs

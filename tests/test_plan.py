@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from tests.strategies import full_tensor, items, same_bits
 from tests.support import apply_plan
 from xfer import Layout, Mesh, Replicate, ReshardItem, Shard, XferError, build_program, plan_reshard
+from xfer.plan import replica_classes
 from xfer.program import split_range
 
 WORLD = 8
@@ -54,10 +55,14 @@ def test_plan_rebuilds_every_destination(its, bucket):
         assert stats.bytes_in[r] == need == progs[r].bytes_received
         assert stats.bytes_out[r] == progs[r].bytes_sent
     for prog in progs:
+        row = plan.relay.row_of_follower(prog.rank)
+        forwarder = None if row is None else int(plan.relay.forwarder[row])
         for rnd in prog.rounds:
-            # one message per pair per round, and the cap holds both ways
-            assert len({m.peer for m in rnd.sends}) == len(rnd.sends)
-            assert len({m.peer for m in rnd.recvs}) == len(rnd.recvs)
+            # one message per pair per round (relay aside), and the cap holds both ways
+            direct = [m.peer for m in rnd.sends if not m.from_dst]
+            assert len(set(direct)) == len(direct)
+            direct = [m.peer for m in rnd.recvs if m.peer != forwarder]
+            assert len(set(direct)) == len(direct)
             assert rnd.send_bytes <= bucket and rnd.recv_bytes <= bucket
     assert stats.messages == sum(len(r.sends) for p in progs for r in p.rounds)
     assert stats.peak_recv_round.max(initial=0) <= bucket
@@ -166,3 +171,45 @@ def test_rounds_spread_large_pairs():
         for rnd in build_program(plan, r).rounds:
             per_round[(r, rnd.index)] += rnd.recv_bytes
     assert max(per_round.values()) <= 4096
+
+
+def test_relay_chains_replicas_and_auto_picks_fewest_rounds():
+    src = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [64, 32])
+    dst = Layout(Mesh([[2, 3], [4, 5], [6, 7], [8, 9]], ("dp", "tp")), [Replicate(), Shard(1)],
+                 [64, 32])  # fmt: skip
+    its = [ReshardItem(src, dst, torch.float32, f"w{i}") for i in range(5)]
+    one_replica = 64 * 32 * 4 * 5
+    off = plan_reshard(its, bucket_bytes=512, relay=False)
+    auto = plan_reshard(its, bucket_bytes=512)
+    two = plan_reshard(its, bucket_bytes=512, relay=2)
+    # without relay each source rank sends its half to 4 replicas: 80 KiB at 512 B a round
+    assert len(off.relay) == 0 and off.rounds == off.direct_rounds == 160
+    # auto: one chain per TP position (2 x 3 followers), 20 direct rounds + 2 per hop
+    assert len(auto.relay) == 6 and auto.relay.max_depth == 3
+    assert auto.direct_rounds == 40 and auto.rounds == 46
+    assert two.relay.max_depth == 1 and two.rounds == two.direct_rounds + 2
+    for plan, chains in ((off, 4), (auto, 1), (two, 2)):
+        stats = plan.stats
+        assert stats.bytes_out[:2].sum() == chains * one_replica
+        assert (stats.bytes_in[2:10] == one_replica // 2).all()
+        assert stats.relay_bytes == (4 - chains) * one_replica
+        assert stats.peak_send_round.max() <= 512 and stats.peak_recv_round.max() <= 512
+        fulls = [full_tensor(it.src.shape, it.dtype, seed=i) for i, it in enumerate(its)]
+        dsts, progs = apply_plan(plan, fulls)
+        for r in range(2, 10):
+            for i, it in enumerate(its):
+                assert same_bits(dsts[r][i], fulls[i][it.dst.box(r)])
+        assert stats.messages == sum(len(r.sends) for p in progs for r in p.rounds)
+    # the follower at depth k hears from the member before it, 2k rounds after its head
+    assert auto.relay.follower.tolist() == [4, 5, 6, 7, 8, 9]
+    assert auto.relay.forwarder.tolist() == [2, 3, 4, 5, 6, 7]
+    assert auto.relay.head.tolist() == [2, 3, 2, 3, 2, 3]
+    assert auto.relay.depth.tolist() == [1, 1, 2, 2, 3, 3]
+    # one round of everything: a relay could only add rounds
+    assert len(plan_reshard(its, bucket_bytes=1 << 20).relay) == 0
+    # ranks that also hold a source box are never relayed; nor are different boxes
+    mixed = Layout(Mesh([[0, 1], [2, 3]], ("dp", "tp")), [Replicate(), Shard(1)], [64, 32])
+    assert len(plan_reshard([ReshardItem(src, mixed, torch.float32)], bucket_bytes=64).relay) == 0
+    classes = replica_classes(its, 10).tolist()
+    assert classes[:2] == [-1, -1] and classes[2] != classes[3] >= 0
+    assert classes[2:] == classes[2:4] * 4

@@ -38,16 +38,17 @@ def _locals(its, rank, seeds, mode):
     return fulls, srcs
 
 
-def run_paths(comm, its, seeds, bucket, mode):
+def run_paths(comm, its, seeds, bucket, mode, relay=None):
     """Golden and p2p on the same inputs; report equality and what went over the wire."""
     rank = comm.rank
     fulls, srcs = _locals(its, rank, seeds, mode)
     out = {}
     for path in ("golden", "p2p"):
         rec = RecordingComm(comm)
-        resharder = Resharder(its, rec, bucket_bytes=bucket)
+        resharder = Resharder(its, rec, bucket_bytes=bucket, relay=relay)
         dsts = fresh_dsts(its, rank, mode)
         stats = resharder.run(srcs, dsts, path=path)
+        verified = resharder.verify(srcs, dsts) if path == "p2p" else []
         dsts_seen = [None if d is None else d.contiguous() for d in dsts]
         ok = [
             d is None or same_bits(d, f[it.dst.box(rank)])
@@ -66,6 +67,8 @@ def run_paths(comm, its, seeds, bucket, mode):
             ],
             "plan_in": int(resharder.plan.stats.bytes_in[rank]),
             "plan_out": int(resharder.plan.stats.bytes_out[rank]),
+            "verified": verified,
+            "relay": len(resharder.plan.relay),
         }
     # sources are untouched by either path
     _, again = _locals(its, rank, seeds, mode)
@@ -84,9 +87,10 @@ def check_run(results, its):
         for a, b in zip(res["golden"]["dsts"], res["p2p"]["dsts"], strict=True):
             assert (a is None and b is None) or same_bits(a, b)
         p2p = res["p2p"]
+        assert p2p["verified"] == [], (rank, p2p["verified"])
         n = len(p2p["rounds"])
-        data = p2p["groups"][len(p2p["groups"]) - n :]
-        control = p2p["groups"][: len(p2p["groups"]) - n]
+        data = p2p["groups"][len(p2p["groups"]) - n - 1 : -1]  # the last: verify's exchange
+        control = p2p["groups"][: len(p2p["groups"]) - n - 1]
         # the data rounds are exactly the program's, the rest is agreement traffic with rank 0
         assert [tuple(g) for g in data] == [tuple(r) for r in p2p["rounds"]]
         for sends, recvs in control:
@@ -392,3 +396,25 @@ def test_contiguous_regions_go_straight_from_and_into_storage(ranks):
     out = ranks.run(row_sharded, 6, "padded")
     assert all(ok for ok, *_ in out)
     assert sum(b[1] for b in out) == sum(b[2] for b in out) == 16 * 8 * 4
+
+
+@pytest.mark.parametrize(
+    ("relay", "mode"),
+    [(1, "contiguous"), (1, "padded"), (2, "segments"), (None, "contiguous"), (False, "padded")],
+)
+def test_relay_feeds_replicas_from_each_other(ranks, relay, mode):
+    """Two trainer ranks, three engine replicas of TP2: with relay the sources send one
+    replica's worth; the others forward it (from their destinations, two rounds after it
+    landed), bit for bit, checked by golden, slicing and the checksums."""
+    src = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [24, 40])
+    dst = Layout(Mesh([[2, 3], [4, 5], [6, 7]], ("dp", "tp")), [Replicate(), Shard(1)], [24, 40])
+    dtypes = [torch.float32, torch.bfloat16, torch.int8, torch.float32]
+    its = [ReshardItem(src, dst, dt, f"w{i}") for i, dt in enumerate(dtypes)]
+    res = ranks.run(run_paths, WORLD, its, [1, 2, 3, 4], 512, mode, relay)
+    check_run(res, its)
+    one_replica = sum(24 * 40 * dt.itemsize for dt in dtypes)
+    sent_by_sources = res[0]["p2p"]["plan_out"] + res[1]["p2p"]["plan_out"]
+    chains = {1: 1, 2: 2, None: 1, False: 3}[relay]  # auto: one chain is fewest rounds here
+    assert sent_by_sources == chains * one_replica
+    assert [r["p2p"]["relay"] for r in res] == [2 * (3 - chains)] * WORLD  # followers
+    assert all(r["p2p"]["plan_in"] == one_replica // 2 for r in res[2:])

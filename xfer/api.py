@@ -107,16 +107,19 @@ class Resharder:
         path: Path = "auto",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         node_of: Sequence[int] | Mapping[int, int] | None = None,
+        relay: bool | int | None = None,
     ) -> None:
         _check_path(path)
         self.comm = comm
         self.path: Path = path
         self.plan: Plan = plan_reshard(
-            items, bucket_bytes=bucket_bytes, world_size=comm.size, node_of=node_of
+            items, bucket_bytes=bucket_bytes, world_size=comm.size, node_of=node_of, relay=relay
         )
         self._bucket_bytes = bucket_bytes
         self._node_of = node_of
+        self._relay = relay
         self._program: RankProgram | None = None
+        self._direct_program: RankProgram | None = None
         self._m2n_meta: list[str | None] | None = None  # per item, from metadata
         self._rest: dict[tuple[int, ...], tuple[Plan, RankProgram]] = {}
         self.staging = Staging()  # p2p staging (may be replaced per run to share it)
@@ -132,6 +135,23 @@ class Resharder:
         if self._program is None:
             self._program = build_program(self.plan, self.comm.rank)
         return self._program
+
+    @property
+    def direct_program(self) -> RankProgram:
+        """This rank's share of the plan without relay (what delta runs replay: a relayed
+        message would forward dense bytes)."""
+        if not len(self.plan.relay):
+            return self.program
+        if self._direct_program is None:
+            direct = plan_reshard(
+                self.plan.items,
+                bucket_bytes=self._bucket_bytes,
+                world_size=self.comm.size,
+                node_of=self._node_of,
+                relay=False,
+            )
+            self._direct_program = build_program(direct, self.comm.rank)
+        return self._direct_program
 
     def run(
         self,
@@ -221,7 +241,7 @@ class Resharder:
         agree(self.comm, problems, f"{self.plan.fingerprint}|p2p|{against}")
         try:
             return run_p2p_delta(
-                self.program,
+                self.direct_program,
                 [it.itemsize for it in self.plan.items],
                 srcs,
                 dsts,
@@ -247,7 +267,7 @@ class Resharder:
             raise XferError(problems)
         if baselines.version is None:
             raise XferError(f"rank {rank}: nothing received to apply (no baselines)")
-        return apply_received(self.program, dsts, baselines)
+        return apply_received(self.direct_program, dsts, baselines)
 
     def verify(self, srcs: Sequence[Local | None], dsts: Sequence[Local | None]) -> list[str]:
         """After `run`, on every rank: the items whose destination box on this rank differs
@@ -311,6 +331,7 @@ class Resharder:
                 bucket_bytes=self._bucket_bytes,
                 world_size=self.comm.size,
                 node_of=self._node_of,
+                relay=self._relay,
             )
             self._rest[rest] = (sub, build_program(sub, self.comm.rank))
         return self._rest[rest]

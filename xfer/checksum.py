@@ -145,17 +145,23 @@ def box_checksum(local: Local | None, layout: Layout, rank: int) -> Checksum:
 
 
 def sent_checksums(
-    plan: Plan, program: RankProgram, srcs: Sequence[Local | None]
+    plan: Plan,
+    program: RankProgram,
+    srcs: Sequence[Local | None],
+    dsts: Sequence[Local | None] = (),
 ) -> dict[tuple[int, int], Checksum]:
-    """Per (item, receiving peer), the checksum of every byte this rank sends it."""
+    """Per (item, receiving peer), the checksum of every byte this rank sends it (relay
+    sends: of what this rank forwards from its destination, itself checked against its own
+    senders')."""
     out: dict[tuple[int, int], Checksum] = {}
     for rnd in program.rounds:
         for m in rnd.sends:
             for c in m.copies:
                 it = plan.items[c.item]
-                local = srcs[c.item]
+                local = (dsts if m.from_dst else srcs)[c.item]
+                layout = it.dst if m.from_dst else it.src
                 assert local is not None
-                origin = _origin(it.src, program.rank, it.itemsize)
+                origin = _origin(layout, program.rank, it.itemsize)
                 start = [o + s.start for o, s in zip(origin, c.index, strict=True)]
                 full = byte_shape(it.src.shape, it.itemsize)
                 key = (c.item, m.peer)
@@ -197,7 +203,7 @@ def verify(
     all match). Every rank of the plan calls it; two integers per item and peer cross the
     wire, in one grouped exchange."""
     n, rank, dev = len(plan.items), program.rank, comm.device
-    sums = sent_checksums(plan, program, srcs)
+    sums = sent_checksums(plan, program, srcs, dsts)
     to = sorted({m.peer for r in program.rounds for m in r.sends})
     frm = sorted({m.peer for r in program.rounds for m in r.recvs})
     sends = [

@@ -178,12 +178,16 @@ class _Direct:
     staged: int
 
 
-def _directs(msgs: tuple[Message, ...], side: list[Local | None]) -> _Direct:
+def _directs(
+    msgs: tuple[Message, ...], side: list[Local | None], dst: list[Local | None]
+) -> _Direct:
+    """`side`: the tensors messages read or write (`dst`: what relay sends read)."""
     views = []
     staged = 0
     for m in msgs:
         items = {c.item for c in m.copies}
-        v = _span(side[next(iter(items))], m.copies, m.nbytes) if len(items) == 1 else None
+        local = (dst if m.from_dst else side)[next(iter(items))] if len(items) == 1 else None
+        v = _span(local, m.copies, m.nbytes)
         views.append(v)
         if v is None:
             staged += m.nbytes
@@ -204,8 +208,9 @@ def _pack(
         if v is not None:
             out.append(v)
             continue
+        side = loc.dst_bytes if m.from_dst else loc.src_bytes
         for c in m.copies if wanted is None or wanted[j] else ():
-            src = loc.src_bytes[c.item]
+            src = side[c.item]
             assert src is not None
             copy_out(src, c.index, buf[at + c.offset : at + c.offset + c.nbytes].view(c.shape))
         out.append(buf[at : at + m.nbytes])
@@ -282,8 +287,8 @@ def prepare(
     """Set up a p2p run of `program` (`keep`: see `_Locals`)."""
     loc = _Locals(srcs, dsts, keep=keep)
     device = _device_of(srcs, dsts, comm)
-    sends = [_directs(r.sends, loc.src_bytes) for r in program.rounds]
-    recvs = [_directs(r.recvs, loc.dst_bytes) for r in program.rounds]
+    sends = [_directs(r.sends, loc.src_bytes, loc.dst_bytes) for r in program.rounds]
+    recvs = [_directs(r.recvs, loc.dst_bytes, loc.dst_bytes) for r in program.rounds]
     send_staging = max((d.staged for d in sends), default=0)
     recv_staging = max((d.staged for d in recvs), default=0)
     sbufs = [staging.get("send", i, send_staging, device) for i in (0, 1)]
@@ -338,11 +343,23 @@ def pipeline(
 ) -> int:
     """Run `program`'s rounds double-buffered: post round ``i`` (`post` packs it and starts
     its transfer), make the local copies while round 0 is on the wire, then wait for round
-    ``i - 1`` and `land` it (unpack) while round ``i`` is in flight. Writes back the
+    ``i - 1`` and `land` it (unpack) while round ``i`` is in flight (a round with relay
+    sends first lands what they forward). Writes back the
     destinations' temporaries at the end; returns the local bytes copied."""
     local_bytes = 0
     pending: tuple[int, Any, Work] | None = None
     for i in range(len(program.rounds)):
+        rnd = program.rounds[i]
+        if (
+            pending is not None
+            and any(m.from_dst for m in rnd.sends)
+            and program.rounds[pending[0]].index <= rnd.index - 2
+        ):
+            # relay sends read what this rank received two plan rounds before; that round is
+            # still pending when the rank had nothing to do in the round between: land it
+            pending[2].wait()
+            land(pending[0], pending[1])
+            pending = None
         received, work = post(i)
         if i == 0:
             local_bytes = _local_copies(program, loc)

@@ -20,7 +20,7 @@ byte offsets, so no padding is ever needed and the byte counts stay exact.
 Rounds
 ------
 Execution proceeds in ``R`` rounds; in each round every rank sends at most `bucket_bytes` and
-receives at most `bucket_bytes`, with at most one message per pair. With ``L`` the largest
+receives at most `bucket_bytes`, with at most one message per pair (relay aside). With ``L`` the largest
 per-rank load (bytes in or out, local copies excluded), ``R = ceil(L / bucket_bytes)`` at
 least. A pair of ``B`` bytes is cut into ``m = min(R, ceil(B / S))`` near-equal messages
 (``S``, the smallest message worth sending alone, is ``bucket_bytes / (2 * max peers)``),
@@ -28,6 +28,23 @@ spread over the rounds from a per-pair phase. Large pairs thus send in every rou
 sender and receiver is busy in every round (the time of a round is its largest load), while
 small pairs send few messages. The schedule is checked against the cap with an upper bound;
 ``R`` grows until it holds.
+
+Relay
+-----
+Destination ranks that hold the same box of every item and no source box (engine replicas of
+one layout) form a *replica class*. Without relay every member receives its box from the
+source ranks, so a source rank's egress grows with the number of replicas while each
+receiver's ingress does not. With relay the members of a class of ``K`` are cut into ``H``
+chains (member ``q`` in chain ``q mod H`` at depth ``q // H``): only the heads (depth 0)
+receive from the sources, in the ``R`` rounds scheduled above; the member at depth ``k``
+receives in round ``t + 2k`` exactly what its head received in round ``t``, as one message
+from the member before it in its chain, read from that member's *destination* (landed two
+rounds earlier: the executor unpacks a round while the next is on the wire), one message per
+message the head received. Every member holds the same box, so the regions are the same on
+all three ranks. The plan has ``R + 2 * (ceil(K / H) - 1)`` rounds; each rank still
+sends and receives at most `bucket_bytes` per round. ``relay=None`` picks ``H`` (or none) by
+the rounds it leads to: ``ceil(L_H / bucket_bytes) + 2 * (depth)``, ``L_H`` the largest
+per-rank load once followers are fed by their chains.
 
 Scale
 -----
@@ -57,6 +74,7 @@ __all__ = [
     "Pairs",
     "Plan",
     "PlanStats",
+    "Relay",
     "ReshardItem",
     "plan_reshard",
 ]
@@ -146,6 +164,32 @@ class Pairs:
         return (np.arange(m + 1, dtype=np.int64) * b) // m
 
 
+@dataclass(frozen=True, eq=False)
+class Relay:
+    """One row per follower (a destination rank fed by relay), sorted by follower: it receives
+    from `forwarder`, at chain `depth` >= 1 below `head`, what `head` received from the
+    sources, ``2 * depth`` rounds later. Empty when the plan does not relay."""
+
+    forwarder: np.ndarray
+    follower: np.ndarray
+    head: np.ndarray
+    depth: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.follower.shape[0])
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max(initial=0))
+
+    def row_of_follower(self, rank: int) -> int | None:
+        i = int(np.searchsorted(self.follower, rank))
+        return i if i < len(self) and int(self.follower[i]) == rank else None
+
+    def rows_of_forwarder(self, rank: int) -> np.ndarray:
+        return np.nonzero(self.forwarder == rank)[0]
+
+
 @dataclass(frozen=True)
 class PlanStats:
     """Totals of a plan, per communicator rank (arrays of length ``world_size``)."""
@@ -161,6 +205,7 @@ class PlanStats:
     messages: int
     remote_bytes: int
     total_local_bytes: int
+    relay_bytes: int = 0  # of `remote_bytes`, those forwarded between destination ranks
 
     def summary(self) -> str:
         def gib(x: float) -> str:
@@ -168,7 +213,8 @@ class PlanStats:
 
         return (
             f"{self.remote_bytes / 2**20:.1f} MiB remote in {self.messages} messages over "
-            f"{self.rounds} rounds; {self.total_local_bytes / 2**20:.1f} MiB local; max per rank "
+            f"{self.rounds} rounds ({self.relay_bytes / 2**20:.1f} MiB relayed); "
+            f"{self.total_local_bytes / 2**20:.1f} MiB local; max per rank "
             f"in {gib(self.bytes_in.max(initial=0))}, out {gib(self.bytes_out.max(initial=0))}"
         )
 
@@ -181,10 +227,13 @@ class Plan:
     world_size: int
     bucket_bytes: int
     node_of: tuple[int, ...] | None
-    rounds: int
-    chunks: Chunks
+    rounds: int  # all rounds, relay included
+    chunks: Chunks  # remote chunks from the sources (followers' boxes come by relay)
     local: Chunks
     pairs: Pairs
+    relay: Relay
+    direct_rounds: int  # the rounds `pairs` are spread over (`rounds` minus the relay tail)
+    relay_option: bool | int | None = None
     _cache: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, object]:
@@ -206,9 +255,35 @@ class Plan:
         """A digest of everything the plan was built from; equal on every rank or a bug."""
         if "fingerprint" not in self._cache:
             self._cache["fingerprint"] = _fingerprint(
-                self.items, self.world_size, self.bucket_bytes, self.node_of
+                self.items, self.world_size, self.bucket_bytes, self.node_of, self.relay_option
             )
         return self._cache["fingerprint"]  # type: ignore[return-value]
+
+    def direct_loads(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per rank and direct round (``[world, direct_rounds]`` each), in the sources' pairs:
+        bytes sent, bytes received, messages received."""
+        if "direct_loads" not in self._cache:
+            self._cache["direct_loads"] = _direct_loads(
+                self.pairs, self.direct_rounds, self.world_size
+            )
+        return self._cache["direct_loads"]  # type: ignore[return-value]
+
+    def relay_messages(self) -> tuple[np.ndarray, ...]:
+        """Relay traffic per (forwarder, follower, round): (sender, receiver, round, nbytes,
+        messages) arrays (a forwarder sends as many messages as the head received)."""
+        if "relay_messages" not in self._cache:
+            rl = self.relay
+            _, into, count = self.direct_loads()
+            per = into[rl.head] if len(rl) else np.zeros((0, 0), np.int64)
+            row, t = np.nonzero(per)
+            self._cache["relay_messages"] = (
+                _frozen(rl.forwarder[row]),
+                _frozen(rl.follower[row]),
+                _frozen(t + 2 * rl.depth[row]),
+                _frozen(per[row, t]),
+                _frozen(count[rl.head[row], t]),
+            )
+        return self._cache["relay_messages"]  # type: ignore[return-value]
 
     def pairs_of_sender(self, rank: int) -> range:
         lo, hi = np.searchsorted(self.pairs.sender, [rank, rank + 1])
@@ -322,6 +397,7 @@ def plan_reshard(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     world_size: int | None = None,
     node_of: Sequence[int] | Mapping[int, int] | None = None,
+    relay: bool | int | None = None,
 ) -> Plan:
     """Plan moving every item from its source layout to its destination layout.
 
@@ -332,6 +408,9 @@ def plan_reshard(
         world_size: size of the communicator; defaults to one more than the largest rank.
         node_of: node id of each communicator rank (a sequence indexed by rank, or a
             mapping); senders on the receiver's node are preferred.
+        relay: feed replicas of one destination layout from each other (see Relay above):
+            None picks by the rounds it saves, False never, True always with the best number
+            of chains, an int that many chains per replica class.
 
     Pure: no communication, no CUDA. Raises one `XferError` listing every problem.
     """
@@ -351,27 +430,153 @@ def plan_reshard(
     problems = check_items(items, world_size, nodes)
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         problems.append(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
+    if not (relay is None or isinstance(relay, bool) or (type(relay) is int and relay >= 1)):
+        problems.append(f"relay must be None, a bool or a positive int, got {relay!r}")
     raise_if(problems)
 
     width = max([1] + [it.dst.ndim for it in items])
     all_chunks = _chunks(items, width, nodes)
     remote = all_chunks.sender != all_chunks.receiver
     local = all_chunks.take(np.nonzero(~remote)[0])
+    chains = _relay(items, world_size, all_chunks, remote, bucket_bytes, relay)
+    if len(chains):  # followers receive by relay, not from the sources
+        fed = np.zeros(world_size, dtype=bool)
+        fed[chains.follower] = True
+        remote &= ~fed[all_chunks.receiver]
     rem = all_chunks.take(np.nonzero(remote)[0])
     keys = [rem.lo[:, d] for d in range(width - 1, -1, -1)]
     order = np.lexsort((*keys, rem.item, rem.receiver, rem.sender))
     rem = rem.take(order)
-    pairs, rounds = _schedule(rem, world_size, bucket_bytes)
+    pairs, direct = _schedule(rem, world_size, bucket_bytes)
     return Plan(
         items=items,
         world_size=world_size,
         bucket_bytes=bucket_bytes,
         node_of=nodes,
-        rounds=rounds,
+        rounds=direct + (2 * chains.max_depth if direct else 0),
         chunks=rem,
         local=local,
         pairs=pairs,
+        relay=chains,
+        direct_rounds=direct,
+        relay_option=relay,
     )
+
+
+def _no_relay() -> Relay:
+    z = _frozen(np.zeros(0, np.int64))
+    return Relay(z, z, z, z)
+
+
+@functools.lru_cache(maxsize=4096)
+def _box_ids(dst_key: _GeomKey) -> tuple[np.ndarray, np.ndarray]:
+    """Per mesh position of a geometry: an id of its box (equal ids: equal boxes), and
+    whether the box is non-empty."""
+    g = geometry(*dst_key)
+    boxes = np.concatenate([g.starts, g.stops], axis=1)
+    _, ids = np.unique(boxes, axis=0, return_inverse=True)
+    nonempty = np.asarray((g.stops > g.starts).all(axis=1), dtype=bool)
+    return ids.reshape(-1).astype(np.uint64), nonempty
+
+
+def replica_classes(items: Sequence[ReshardItem], world_size: int) -> np.ndarray:
+    """Class of every rank (-1: none): ranks in one class hold the same destination box of
+    every item, at least one non-empty, and no source box."""
+    sources = np.zeros(world_size, dtype=bool)
+    holds = np.zeros(world_size, dtype=bool)
+    sig = np.zeros((world_size, 2), dtype=np.uint64)
+    groups: dict[_GeomKey, list[int]] = {}
+    for i, it in enumerate(items):
+        sources[np.asarray(it.src.mesh.flat, dtype=np.int64)] = True
+        groups.setdefault(it.dst.key, []).append(i)
+    mult = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for key, idxs in groups.items():
+            ids, nonempty = _box_ids(key)
+            ranks = np.array([items[i].dst.mesh.flat for i in idxs], dtype=np.int64)  # [T, P]
+            salt = _mix(np.asarray(idxs, dtype=np.uint64))  # [T]
+            for h in range(2):
+                word = _mix(salt[:, None] * mult[h] + ids[None, :] + np.uint64(h + 1))
+                np.add.at(sig[:, h], ranks.reshape(-1), word.reshape(-1))
+            holds[ranks[:, nonempty].reshape(-1)] = True
+    member = holds & ~sources
+    out = np.full(world_size, -1, dtype=np.int64)
+    if member.sum() < 2:
+        return out
+    ranks = np.nonzero(member)[0]
+    _, cls, counts = np.unique(sig[ranks], axis=0, return_inverse=True, return_counts=True)
+    cls = cls.reshape(-1)
+    keep = counts[cls] >= 2
+    out[ranks[keep]] = cls[keep]
+    return out
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A 64-bit finalizer (splitmix64's), elementwise on uint64 arrays."""
+    x = x.astype(np.uint64)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _chains(classes: np.ndarray, heads: int) -> Relay:
+    """Cut every class into `heads` chains (members in rank order, member ``q`` in chain
+    ``q mod heads`` at depth ``q // heads``)."""
+    rows: list[tuple[int, int, int, int]] = []
+    for c in np.unique(classes[classes >= 0]).tolist():
+        members = np.nonzero(classes == c)[0].tolist()
+        for q in range(heads, len(members)):
+            rows.append((members[q - heads], members[q], members[q % heads], q // heads))
+    if not rows:
+        return _no_relay()
+    rows.sort(key=lambda r: r[1])
+    cols = np.array(rows, dtype=np.int64).T
+    return Relay(*(_frozen(c) for c in cols))
+
+
+def _relay(
+    items: tuple[ReshardItem, ...],
+    world_size: int,
+    chunks: Chunks,
+    remote: np.ndarray,
+    cap: int,
+    option: bool | int | None,
+) -> Relay:
+    """The relay chains for `option` (see `plan_reshard`); `remote` masks `chunks`."""
+    if option is False or not remote.any():
+        return _no_relay()
+    classes = replica_classes(items, world_size)
+    if (classes < 0).all():
+        return _no_relay()
+    if type(option) is int:
+        return _chains(classes, option)
+    largest = int(np.bincount(classes[classes >= 0]).max())
+
+    sender, receiver, nbytes = chunks.sender[remote], chunks.receiver[remote], chunks.nbytes[remote]
+
+    def rounds(chains: Relay) -> int:
+        fed = np.zeros(world_size, dtype=bool)
+        fed[chains.follower] = True
+        keep = ~fed[receiver]
+        w = nbytes[keep]
+        load = max(
+            np.bincount(sender[keep], weights=w, minlength=world_size).max(),
+            np.bincount(receiver[keep], weights=w, minlength=world_size).max(),
+        )
+        return -(-int(load) // cap) + 2 * chains.max_depth
+
+    best, best_rounds = _no_relay(), rounds(_no_relay())
+    h = 1
+    while h < largest:
+        chains = _chains(classes, h)
+        r = rounds(chains)
+        if r < best_rounds or (option is True and not len(best)):
+            best, best_rounds = chains, r
+        h *= 2
+    return best
 
 
 def _chunks(items: tuple[ReshardItem, ...], width: int, nodes: tuple[int, ...] | None) -> Chunks:
@@ -500,36 +705,58 @@ def _fits(
 
 
 # -- statistics -----------------------------------------------------------------------------
+def _direct_loads(pr: Pairs, rounds: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r = max(1, rounds)
+    out_r = np.zeros((w, r), dtype=np.int64)
+    in_r = np.zeros((w, r), dtype=np.int64)
+    count = np.zeros((w, r), dtype=np.int64)
+    if len(pr):
+        m = pr.messages
+        p_idx = np.repeat(np.arange(len(pr)), m)
+        j = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+        b = pr.nbytes[p_idx]
+        size = ((j + 1) * b) // m[p_idx] - (j * b) // m[p_idx]
+        rnd = (pr.phase[p_idx] + (j * r) // m[p_idx]) % r
+        np.add.at(out_r, (pr.sender[p_idx], rnd), size)
+        np.add.at(in_r, (pr.receiver[p_idx], rnd), size)
+        np.add.at(count, (pr.receiver[p_idx], rnd), (size > 0).astype(np.int64))
+    for a in (out_r, in_r, count):
+        a.setflags(write=False)
+    return out_r, in_r, count
+
+
 def _stats(plan: Plan) -> PlanStats:
-    w, pr, r = plan.world_size, plan.pairs, max(1, plan.rounds)
+    w, pr = plan.world_size, plan.pairs
+    s, r, rnd, size, count = plan.relay_messages()
+    d_out, d_in, _ = plan.direct_loads()
+    out_r = np.zeros((w, max(1, plan.rounds)), dtype=np.int64)
+    in_r = np.zeros_like(out_r)
+    out_r[:, : d_out.shape[1]] += d_out
+    in_r[:, : d_in.shape[1]] += d_in
+    np.add.at(out_r, (s, rnd), size)
+    np.add.at(in_r, (r, rnd), size)
+    relay_out = np.bincount(s, weights=size, minlength=w).astype(np.int64)
+    relay_in = np.bincount(r, weights=size, minlength=w).astype(np.int64)
     bytes_out = np.bincount(pr.sender, weights=pr.nbytes, minlength=w).astype(np.int64)
     bytes_in = np.bincount(pr.receiver, weights=pr.nbytes, minlength=w).astype(np.int64)
     local_bytes = np.bincount(plan.local.receiver, weights=plan.local.nbytes, minlength=w)
     msg_out = np.bincount(pr.sender, weights=pr.messages, minlength=w).astype(np.int64)
     msg_in = np.bincount(pr.receiver, weights=pr.messages, minlength=w).astype(np.int64)
-    m = pr.messages
-    total = int(m.sum())
-    p_idx = np.repeat(np.arange(len(pr)), m)
-    j = np.arange(total) - np.repeat(np.cumsum(m) - m, m)
-    b = pr.nbytes[p_idx]
-    size = ((j + 1) * b) // m[p_idx] - (j * b) // m[p_idx]
-    rnd = (pr.phase[p_idx] + (j * r) // m[p_idx]) % r
-    out_r = np.zeros((w, r), dtype=np.int64)
-    in_r = np.zeros((w, r), dtype=np.int64)
-    np.add.at(out_r, (pr.sender[p_idx], rnd), size)
-    np.add.at(in_r, (pr.receiver[p_idx], rnd), size)
+    msg_out += np.bincount(s, weights=count, minlength=w).astype(np.int64)
+    msg_in += np.bincount(r, weights=count, minlength=w).astype(np.int64)
     return PlanStats(
-        bytes_out=bytes_out,
-        bytes_in=bytes_in,
+        bytes_out=bytes_out + relay_out,
+        bytes_in=bytes_in + relay_in,
         local_bytes=local_bytes.astype(np.int64),
         messages_out=msg_out,
         messages_in=msg_in,
         peak_send_round=out_r.max(axis=1),
         peak_recv_round=in_r.max(axis=1),
         rounds=plan.rounds,
-        messages=total,
-        remote_bytes=int(pr.nbytes.sum()),
+        messages=int(pr.messages.sum()) + int(count.sum()),
+        remote_bytes=int(pr.nbytes.sum()) + int(size.sum()),
         total_local_bytes=int(plan.local.nbytes.sum()),
+        relay_bytes=int(size.sum()),
     )
 
 
@@ -544,9 +771,13 @@ def describe_item(it: ReshardItem) -> str:
 
 
 def _fingerprint(
-    items: tuple[ReshardItem, ...], world: int, bucket: int, nodes: tuple[int, ...] | None
+    items: tuple[ReshardItem, ...],
+    world: int,
+    bucket: int,
+    nodes: tuple[int, ...] | None,
+    relay: bool | int | None,
 ) -> str:
-    h = hashlib.sha256(f"{world}|{bucket}|{nodes}\n".encode())
+    h = hashlib.sha256(f"{world}|{bucket}|{nodes}|relay={relay}\n".encode())
     for it in items:
         h.update(describe_item(it).encode())
         h.update(b"\n")

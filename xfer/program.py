@@ -7,6 +7,13 @@ of the global tensor maps to a box of that view; a message is a byte range of a 
 of such boxes, and a byte range of a box splits exactly into at most ``2 * ndim - 1`` sub-boxes
 (`split_range`). Sender and receiver derive their copies from the same global regions and the
 same offsets, so the bytes line up by construction.
+
+Relay (`xfer.plan.Relay`): a follower at depth ``k`` receives in round ``t + 2k``, from its
+forwarder, one message per message its head receives in round ``t``, with the same copies, in
+the head's order (the only place where a pair exchanges several messages in a round; both
+ends post them in the same order); the forwarder reads them from its destination (`from_dst`). The
+head's copies index the head's destination box, which is the follower's and the forwarder's
+box too (that is what makes them replicas), so the same indices serve all three.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from xfer.errors import XferError
 from xfer.plan import Chunks, Plan
 
 __all__ = ["Copy", "LocalCopy", "Message", "RankProgram", "Round", "as_bytes", "build_program"]
@@ -40,6 +48,7 @@ class Message:
     offset: int
     nbytes: int
     copies: tuple[Copy, ...]
+    from_dst: bool = False  # a relay send: read from this rank's destination, not its source
 
 
 @dataclass(frozen=True)
@@ -194,38 +203,83 @@ def _message_copies(
     return tuple(out)
 
 
+def _direct(plan: Plan, rank: int, side: str) -> dict[int, list[Message]]:
+    """This rank's messages to (``side="send"``) or from the sources' pairs, per round."""
+    chunks, pairs = plan.chunks, plan.pairs
+    out: dict[int, list[Message]] = {}
+    origins: dict[int, tuple[int, ...]] = {}
+    if side == "send":
+        pair_ids, box = np.asarray(plan.pairs_of_sender(rank)), "src"
+    else:
+        pair_ids, box = plan.pairs_of_receiver(rank), "dst"
+    for p in pair_ids.tolist():
+        rows = np.arange(pairs.first[p], pairs.last[p])
+        sizes = chunks.nbytes[rows]
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        bounds = pairs.bounds_of(p)
+        peer = int(pairs.receiver[p] if side == "send" else pairs.sender[p])
+        for j, rnd in enumerate(pairs.rounds_of(p, plan.direct_rounds).tolist()):
+            a, b = int(bounds[j]), int(bounds[j + 1])
+            if a == b:
+                continue
+            copies = _message_copies(plan, chunks, rows, starts, a, b, rank, box, origins)
+            out.setdefault(rnd, []).append(Message(peer, -1, b - a, copies))
+    return out
+
+
+def _relayed(head: dict[int, list[Message]], peer: int, depth: int, from_dst: bool) -> dict:
+    """The head's receives of each round, `2 * depth` rounds later, to or from `peer`: one
+    message per message the head received (in the head's peer order), so a region that is
+    one span of the destination goes out of and lands in storage directly."""
+    return {
+        rnd + 2 * depth: [
+            Message(peer, -1, m.nbytes, m.copies, from_dst)
+            for m in sorted(msgs, key=lambda m: m.peer)
+        ]
+        for rnd, msgs in head.items()
+    }
+
+
+def _check_replicas(plan: Plan, a: int, b: int) -> None:
+    for it in plan.items:
+        if it.dst.bounds(a) != it.dst.bounds(b):
+            raise XferError(
+                f"relay between ranks {a} and {b}: their boxes of {it.label!r} differ "
+                f"({it.dst.bounds(a)} vs {it.dst.bounds(b)}); plan with relay=False"
+            )
+
+
 def build_program(plan: Plan, rank: int) -> RankProgram:
     """This rank's rounds (sends and receives with their copies) and local copies."""
-    chunks, pairs, rounds = plan.chunks, plan.pairs, plan.rounds
-    sends: dict[int, list[Message]] = {}
-    recvs: dict[int, list[Message]] = {}
-    origins: dict[str, dict[int, tuple[int, ...]]] = {"src": {}, "dst": {}}
-    for side, pair_ids, box in (
-        ("send", np.asarray(plan.pairs_of_sender(rank)), "src"),
-        ("recv", plan.pairs_of_receiver(rank), "dst"),
-    ):
-        target = sends if side == "send" else recvs
-        for p in pair_ids.tolist():
-            rows = np.arange(pairs.first[p], pairs.last[p])
-            sizes = chunks.nbytes[rows]
-            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            bounds = pairs.bounds_of(p)
-            peer = int(pairs.receiver[p] if side == "send" else pairs.sender[p])
-            for j, rnd in enumerate(pairs.rounds_of(p, rounds).tolist()):
-                a, b = int(bounds[j]), int(bounds[j + 1])
-                if a == b:
-                    continue
-                copies = _message_copies(plan, chunks, rows, starts, a, b, rank, box, origins[box])
-                target.setdefault(rnd, []).append(Message(peer, -1, b - a, copies))
+    sends = _direct(plan, rank, "send")
+    recvs = _direct(plan, rank, "recv")
+    relay = plan.relay
+    heads: dict[int, dict[int, list[Message]]] = {}
+
+    def head_recvs(h: int) -> dict[int, list[Message]]:
+        if h not in heads:
+            heads[h] = recvs if h == rank else _direct(plan, h, "recv")
+        return heads[h]
+
+    row = relay.row_of_follower(rank)
+    if row is not None:
+        fwd, head = int(relay.forwarder[row]), int(relay.head[row])
+        _check_replicas(plan, rank, fwd)
+        for rnd, msgs in _relayed(head_recvs(head), fwd, int(relay.depth[row]), False).items():
+            recvs.setdefault(rnd, []).extend(msgs)
+    for r in relay.rows_of_forwarder(rank).tolist():
+        follower, head = int(relay.follower[r]), int(relay.head[r])
+        for rnd, msgs in _relayed(head_recvs(head), follower, int(relay.depth[r]), True).items():
+            sends.setdefault(rnd, []).extend(msgs)
     out_rounds = []
     for rnd in sorted(set(sends) | set(recvs)):
         out_rounds.append(Round(rnd, _place(sends.get(rnd, [])), _place(recvs.get(rnd, []))))
     local = []
-    for row in plan.local_of(rank).tolist():
-        item = int(plan.local.item[row])
+    for row_ in plan.local_of(rank).tolist():
+        item = int(plan.local.item[row_])
         it = plan.items[item]
         nd = it.dst.ndim
-        lo, hi = plan.local.lo[row, :nd], plan.local.hi[row, :nd]
+        lo, hi = plan.local.lo[row_, :nd], plan.local.hi[row_, :nd]
         so, do = _box_origin(plan, item, rank, "src"), _box_origin(plan, item, rank, "dst")
         local.append(
             LocalCopy(
@@ -244,7 +298,7 @@ def _local_index(lo: np.ndarray, hi: np.ndarray, origin: tuple[int, ...]) -> tup
 def _place(msgs: list[Message]) -> tuple[Message, ...]:
     """Lay messages out back to back in the staging buffer, ordered by peer."""
     out, off = [], 0
-    for m in sorted(msgs, key=lambda m: m.peer):
-        out.append(Message(m.peer, off, m.nbytes, m.copies))
+    for m in sorted(msgs, key=lambda m: (m.peer, m.from_dst)):
+        out.append(Message(m.peer, off, m.nbytes, m.copies, m.from_dst))
         off += m.nbytes
     return tuple(out)
