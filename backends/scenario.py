@@ -269,7 +269,15 @@ def make_refitter(args: argparse.Namespace, trainer: Any, replicas: list[Any]) -
         strict=args.strict,
         delta=args.delta,
         install=args.install,
+        relay=_relay_option(args.relay),
     )
+
+
+def _relay_option(text: str) -> bool | int | None:
+    """``--relay``: auto, off, on, or a number of chains."""
+    if text.isdigit():
+        return int(text)
+    return {"auto": None, "off": False, "on": True}[text]
 
 
 def plan_facts(plan: Any) -> dict[str, int]:
@@ -352,6 +360,7 @@ def check_step(
     rec["engine_extra_bytes"] = p2p.engine_extra_bytes
     rec["trainer_extra_bytes"] = p2p.trainer_extra_bytes
     rec["bulk_bytes"], rec["misc_bytes"] = p2p.bulk_bytes, p2p.misc_bytes
+    rec["trainer_sent_bytes"], rec["relayed_bytes"] = p2p.trainer_sent_bytes, p2p.relayed_bytes
     rec["phases"] = p2p.phases
     rec["received_differs"] = [
         _same(a, b)
@@ -598,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         "vLLM's own weight-transfer API with the 'xfer' backend",
     )
     ap.add_argument("--replicas", type=int, default=1, help="vLLM engine replicas")
+    ap.add_argument(
+        "--relay",
+        default="auto",
+        help="Refitter(relay=...): auto, off, on, or chains per replica class (an int)",
+    )
     ap.add_argument("--steps", type=int, default=2, help="training steps, one refit pair each")
     ap.add_argument("--tokens", type=int, default=8, help="greedy tokens generated per prompt")
     ap.add_argument("--atol", type=float, default=1e-4, help="logprob tolerance against HF")

@@ -84,6 +84,9 @@ class RankOptions:
     delta: bool = False
     full_every: int = 0
     baselines: str = "cpu"
+    # engine replicas forward to each other (`xfer.plan`): None picks by rounds saved,
+    # False never, True always, an int that many chains per replica class
+    relay: bool | int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +100,7 @@ class RankOptions:
             "delta": self.delta,
             "full_every": self.full_every,
             "baselines": self.baselines,
+            "relay": self.relay,
         }
 
     @classmethod
@@ -121,11 +125,18 @@ class RankOptions:
             bool(x.get("delta", False)),
             as_int(x.get("full_every", 0), "full_every", lo=0),
             _baselines(x.get("baselines", "cpu")),
+            _relay(x.get("relay")),
         )
 
 
 INSTALLS = ("auto", "live", "staged")
 BASELINES = ("cpu", "device")
+
+
+def _relay(x: Any) -> bool | int | None:
+    if x is None or isinstance(x, bool):
+        return x
+    return as_int(x, "relay", lo=1)
 
 
 def _baselines(x: Any) -> str:
@@ -205,7 +216,7 @@ class RankStats:
     rank: int
     role: str
     seconds: float = 0.0
-    bulk_sent: int = 0
+    bulk_sent: int = 0  # trainer ranks: sent; engine ranks: forwarded to replicas (relay)
     bulk_received: int = 0
     misc_bytes: int = 0  # misc tensors received (engine ranks)
     staging_bytes: int = 0  # staging buffers held
@@ -306,6 +317,7 @@ class RefitRank:
             self.comm,
             path=self.options.path,
             bucket_bytes=self.options.bucket_bytes,
+            relay=self.options.relay,
         )
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         where = self.device if self.options.baselines == "device" else torch.device("cpu")
@@ -565,6 +577,7 @@ class RefitRank:
         )
         stats.misc_bytes = sum(e.nbytes for e in plan.misc)
         stats.wire_bytes = x.wire_bytes_received
+        stats.bulk_sent = x.bytes_sent  # forwarded to other replicas (relay)
         stats.baseline_bytes = self.baselines.nbytes
         stats.staging_bytes = self.resharder.staging.nbytes
         # staging, the misc tensors, and the checkpoint-format copies the install made

@@ -48,6 +48,15 @@ into the running weights wherever nothing processes them after loading: no copy,
 failed refit cannot roll those modules back; ``install="staged"`` keeps the rollback.
 `RefitStats.engine_extra_bytes` reports the largest total per engine rank.
 
+Replicas: engine replicas of one layout forward what they received to the next replica
+(`relay`, `xfer.plan`): each trainer byte leaves the trainer once per chain instead of once
+per replica, so the trainer's egress stops growing with the number of replicas. ``relay=None``
+(default) relays when the plan's rounds model says it is faster (many replicas, several
+rounds), ``False`` never, ``True`` always, an int sets the chains per replica class. A
+forwarding engine rank also stages the relay sends that are not one contiguous span of its
+destination (counted in `RefitStats.engine_extra_bytes`). Delta refits move on the plan
+without relay.
+
 Deltas: ``delta=True`` sends, after the first refit of each communicator generation, only
 what changed since the previous refit, message by message on the same plan (`xfer.delta`):
 bit-identical to a dense refit. Every trainer rank keeps a copy of the shards it last sent,
@@ -114,6 +123,9 @@ class RefitStats:
     # longest time an engine replica served nothing new for this refit: the whole engine
     # step, or with receive_while_serving only the install after the bytes arrived
     pause_s: float = 0.0
+    # bytes the trainer ranks sent, and those engine ranks forwarded to other replicas
+    trainer_sent_bytes: int = 0
+    relayed_bytes: int = 0
 
     @property
     def gbps(self) -> float:
@@ -187,11 +199,12 @@ def _refused_delta(e: RefitFailed) -> bool:
     return any("asked for a delta against version" in f.message for f in e.failures)
 
 
-def budget_bucket(budget: int, misc_bytes: int, bucket_bytes: int) -> int:
+def budget_bucket(budget: int, misc_bytes: int, bucket_bytes: int, relaying: bool = False) -> int:
     """The bucket that keeps an engine rank's extra memory within `budget` bytes: two receive
-    buffers of one bucket plus every misc tensor whole (`misc_bytes`), at most `bucket_bytes`.
+    buffers of one bucket (and, `relaying`, two send buffers: a forwarding rank may stage
+    what it forwards) plus every misc tensor whole (`misc_bytes`), at most `bucket_bytes`.
     A staged install's copies come on top: use ``install="live"`` where the budget is tight."""
-    bucket = min(bucket_bytes, (budget - misc_bytes) // 2)
+    bucket = min(bucket_bytes, (budget - misc_bytes) // (4 if relaying else 2))
     if bucket < MIN_BUDGET_BUCKET:
         raise RefitError(
             f"max_extra_bytes={budget} does not fit: the misc tensors alone take {misc_bytes} B "
@@ -222,6 +235,7 @@ class Refitter:
         delta: bool = False,
         full_every: int = 0,
         baselines: str = "cpu",
+        relay: bool | int | None = None,
         receive_while_serving: bool = False,
         pause: str | None = "wait",
         store: Any = None,
@@ -250,6 +264,8 @@ class Refitter:
             problems.append(f"full_every must be an int >= 0 (0: never), got {full_every!r}")
         if baselines not in BASELINES:
             problems.append(f"baselines must be one of {BASELINES}, got {baselines!r}")
+        if not (relay is None or isinstance(relay, bool) or (isinstance(relay, int) and relay > 0)):
+            problems.append(f"relay must be None (auto), a bool or an int >= 1, got {relay!r}")
         if receive_while_serving and not delta:
             problems.append(
                 "receive_while_serving=True needs delta=True: the bytes arrive into the delta "
@@ -286,6 +302,7 @@ class Refitter:
         self.delta = bool(delta)
         self.full_every = full_every
         self.baselines = baselines
+        self.relay = relay
         self.receive_while_serving = bool(receive_while_serving)
         self.plan: RefitPlan | None = None
         self.version = 0  # the last refit attempted
@@ -331,7 +348,11 @@ class Refitter:
                 )
             if self.max_extra_bytes is not None:
                 misc = sum(e.nbytes for e in plan.misc)
-                self.bucket_bytes = budget_bucket(self.max_extra_bytes, misc, self.bucket_bytes)
+                # delta refits move on the plan without relay (`xfer.Resharder`)
+                relaying = self.relay is not False and plan.replicas > 1 and not self.delta
+                self.bucket_bytes = budget_bucket(
+                    self.max_extra_bytes, misc, self.bucket_bytes, relaying
+                )
             self._specs = (trainer_spec, engine_specs)
             self.plan = plan
             log.info(
@@ -400,6 +421,7 @@ class Refitter:
                 delta=self.delta,
                 full_every=self.full_every,
                 baselines=self.baselines,
+                relay=self.relay,
             ),
         )
         pendings = [self.trainer.connect(base.to_json())]
@@ -503,6 +525,8 @@ class Refitter:
             wire_bytes=sum(s.wire_bytes for s in engine),
             baseline_bytes=max((s.baseline_bytes for s in ranks), default=0),
             pause_s=max((s.phases.get("paused", s.seconds) for s in engine), default=0.0),
+            trainer_sent_bytes=sum(s.bulk_sent for s in trainer),
+            relayed_bytes=sum(s.bulk_sent for s in engine),
         )
         log.info("%s", stats.summary())
         return stats

@@ -327,7 +327,7 @@ def test_receive_while_serving_installs_on_the_pausing_threads_stream(monkeypatc
         def run(self, srcs, dsts, path=None, delta=None):
             seen.append(("receive", cuda.now().name))
             assert delta is not None and delta.receive_only
-            return types.SimpleNamespace(wire_bytes_received=0)
+            return types.SimpleNamespace(wire_bytes_received=0, bytes_sent=0)
 
         def apply(self, dsts, baselines):
             seen.append(("apply", cuda.now().name))
