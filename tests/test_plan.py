@@ -55,14 +55,10 @@ def test_plan_rebuilds_every_destination(its, bucket):
         assert stats.bytes_in[r] == need == progs[r].bytes_received
         assert stats.bytes_out[r] == progs[r].bytes_sent
     for prog in progs:
-        row = plan.relay.row_of_follower(prog.rank)
-        forwarder = None if row is None else int(plan.relay.forwarder[row])
         for rnd in prog.rounds:
-            # one message per pair per round (relay aside), and the cap holds both ways
-            direct = [m.peer for m in rnd.sends if not m.from_dst]
-            assert len(set(direct)) == len(direct)
-            direct = [m.peer for m in rnd.recvs if m.peer != forwarder]
-            assert len(set(direct)) == len(direct)
+            # one message per pair per round (relay included), and the cap holds both ways
+            assert len({m.peer for m in rnd.sends}) == len(rnd.sends)
+            assert len({m.peer for m in rnd.recvs}) == len(rnd.recvs)
             assert rnd.send_bytes <= bucket and rnd.recv_bytes <= bucket
     assert stats.messages == sum(len(r.sends) for p in progs for r in p.rounds)
     assert stats.peak_recv_round.max(initial=0) <= bucket

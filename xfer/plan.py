@@ -20,7 +20,7 @@ byte offsets, so no padding is ever needed and the byte counts stay exact.
 Rounds
 ------
 Execution proceeds in ``R`` rounds; in each round every rank sends at most `bucket_bytes` and
-receives at most `bucket_bytes`, with at most one message per pair (relay aside). With ``L`` the largest
+receives at most `bucket_bytes`, with at most one message per pair. With ``L`` the largest
 per-rank load (bytes in or out, local copies excluded), ``R = ceil(L / bucket_bytes)`` at
 least. A pair of ``B`` bytes is cut into ``m = min(R, ceil(B / S))`` near-equal messages
 (``S``, the smallest message worth sending alone, is ``bucket_bytes / (2 * max peers)``),
@@ -39,9 +39,8 @@ chains (member ``q`` in chain ``q mod H`` at depth ``q // H``): only the heads (
 receive from the sources, in the ``R`` rounds scheduled above; the member at depth ``k``
 receives in round ``t + 2k`` exactly what its head received in round ``t``, as one message
 from the member before it in its chain, read from that member's *destination* (landed two
-rounds earlier: the executor unpacks a round while the next is on the wire), one message per
-message the head received. Every member holds the same box, so the regions are the same on
-all three ranks. The plan has ``R + 2 * (ceil(K / H) - 1)`` rounds; each rank still
+rounds earlier: the executor unpacks a round while the next is on the wire), as one message.
+Every member holds the same box, so the regions are the same on all three ranks. The plan has ``R + 2 * (ceil(K / H) - 1)`` rounds; each rank still
 sends and receives at most `bucket_bytes` per round. ``relay=None`` picks ``H`` (or none) by
 the rounds it leads to: ``ceil(L_H / bucket_bytes) + 2 * (depth)``, ``L_H`` the largest
 per-rank load once followers are fed by their chains.
@@ -269,11 +268,11 @@ class Plan:
         return self._cache["direct_loads"]  # type: ignore[return-value]
 
     def relay_messages(self) -> tuple[np.ndarray, ...]:
-        """Relay traffic per (forwarder, follower, round): (sender, receiver, round, nbytes,
-        messages) arrays (a forwarder sends as many messages as the head received)."""
+        """Every relay message (one per forwarder, follower and round): (sender, receiver,
+        round, nbytes, messages) arrays, `messages` all ones."""
         if "relay_messages" not in self._cache:
             rl = self.relay
-            _, into, count = self.direct_loads()
+            _, into, _ = self.direct_loads()
             per = into[rl.head] if len(rl) else np.zeros((0, 0), np.int64)
             row, t = np.nonzero(per)
             self._cache["relay_messages"] = (
@@ -281,7 +280,7 @@ class Plan:
                 _frozen(rl.follower[row]),
                 _frozen(t + 2 * rl.depth[row]),
                 _frozen(per[row, t]),
-                _frozen(count[rl.head[row], t]),
+                _frozen(np.ones(len(row), dtype=np.int64)),
             )
         return self._cache["relay_messages"]  # type: ignore[return-value]
 
