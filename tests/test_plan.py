@@ -209,3 +209,18 @@ def test_relay_chains_replicas_and_auto_picks_fewest_rounds():
     classes = replica_classes(its, 10).tolist()
     assert classes[:2] == [-1, -1] and classes[2] != classes[3] >= 0
     assert classes[2:] == classes[2:4] * 4
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(items(WORLD), min_size=1, max_size=5))
+def test_chunks_come_sorted_and_one_node_picks_as_no_nodes(its):
+    # the pair order is a stable sort by (sender, receiver, item): chunks are made in region
+    # order, which the full sort with regions confirms
+    plan = plan_reshard(its, bucket_bytes=64, world_size=WORLD, relay=False)
+    c = plan.chunks
+    regions = [c.lo[:, d] for d in range(c.lo.shape[1] - 1, -1, -1)]
+    assert (np.lexsort((*regions, c.item, c.receiver, c.sender)) == np.arange(len(c))).all()
+    # the fast sender rotation (no nodes) picks what the node-aware one does on one node
+    one = plan_reshard(its, bucket_bytes=64, world_size=WORLD, relay=False, node_of=[0] * WORLD)
+    for a, b in ((c, one.chunks), (plan.local, one.local)):
+        assert all((x == y).all() for x, y in zip(a._arrays(), b._arrays(), strict=True))

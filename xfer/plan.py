@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from xfer.errors import XferError, raise_if
-from xfer.layout import Layout, Placement, geometry, placement_str
+from xfer.layout import Geometry, Layout, Placement, geometry, placement_str
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -434,18 +434,13 @@ def plan_reshard(
     raise_if(problems)
 
     width = max([1] + [it.dst.ndim for it in items])
-    all_chunks = _chunks(items, width, nodes)
-    remote = all_chunks.sender != all_chunks.receiver
-    local = all_chunks.take(np.nonzero(~remote)[0])
-    chains = _relay(items, world_size, all_chunks, remote, bucket_bytes, relay)
-    if len(chains):  # followers receive by relay, not from the sources
-        fed = np.zeros(world_size, dtype=bool)
-        fed[chains.follower] = True
-        remote &= ~fed[all_chunks.receiver]
-    rem = all_chunks.take(np.nonzero(remote)[0])
-    keys = [rem.lo[:, d] for d in range(width - 1, -1, -1)]
-    order = np.lexsort((*keys, rem.item, rem.receiver, rem.sender))
-    rem = rem.take(order)
+    picked = _pick_senders(items, nodes)
+    classes = replica_classes(items, world_size) if relay is not False else None
+    chains = _relay(picked, classes, world_size, bucket_bytes, relay)
+    fed = np.zeros(world_size, dtype=bool)
+    fed[chains.follower] = True  # followers receive by relay, not from the sources
+    local, rem = picked.chunks(width, fed, world_size, len(items))
+    del picked  # the per-chunk senders of every replica: the largest temporary
     pairs, direct = _schedule(rem, world_size, bucket_bytes)
     return Plan(
         items=items,
@@ -537,55 +532,164 @@ def _chains(classes: np.ndarray, heads: int) -> Relay:
 
 
 def _relay(
-    items: tuple[ReshardItem, ...],
+    picked: _Picked,
+    classes: np.ndarray | None,
     world_size: int,
-    chunks: Chunks,
-    remote: np.ndarray,
     cap: int,
     option: bool | int | None,
 ) -> Relay:
-    """The relay chains for `option` (see `plan_reshard`); `remote` masks `chunks`."""
-    if option is False or not remote.any():
-        return _no_relay()
-    classes = replica_classes(items, world_size)
-    if (classes < 0).all():
+    """The relay chains for `option` (see `plan_reshard`), from the senders `picked` chose
+    and the replica `classes` of the ranks."""
+    if option is False or classes is None or (classes < 0).all():
         return _no_relay()
     if type(option) is int:
         return _chains(classes, option)
-    largest = int(np.bincount(classes[classes >= 0]).max())
+    # remote bytes each rank sends to receivers at each position of their class (column 0:
+    # receivers in no class), and receives: the loads of any number of chains follow
+    position = _class_positions(classes)
+    largest = int(position.max(initial=-1)) + 1
+    out_by_pos, into = picked.loads(position + 1, largest + 1, world_size)
 
-    sender, receiver, nbytes = chunks.sender[remote], chunks.receiver[remote], chunks.nbytes[remote]
+    def rounds(heads: int) -> int:
+        out = out_by_pos[:, : heads + 1].sum(axis=1)
+        fed = position >= heads
+        load = max(out.max(initial=0), into[~fed].max(initial=0))
+        depth = max(0, -(-largest // heads) - 1)
+        return -(-int(load) // cap) + 2 * depth
 
-    def rounds(chains: Relay) -> int:
-        fed = np.zeros(world_size, dtype=bool)
-        fed[chains.follower] = True
-        keep = ~fed[receiver]
-        w = nbytes[keep]
-        load = max(
-            np.bincount(sender[keep], weights=w, minlength=world_size).max(),
-            np.bincount(receiver[keep], weights=w, minlength=world_size).max(),
-        )
-        return -(-int(load) // cap) + 2 * chains.max_depth
-
-    best, best_rounds = _no_relay(), rounds(_no_relay())
+    best, best_rounds = 0, rounds(largest)  # as many chains as members: no relay
     h = 1
     while h < largest:
-        chains = _chains(classes, h)
-        r = rounds(chains)
-        if r < best_rounds or (option is True and not len(best)):
-            best, best_rounds = chains, r
+        r = rounds(h)
+        if r < best_rounds or (option is True and not best):
+            best, best_rounds = h, r
         h *= 2
-    return best
+    return _chains(classes, best) if best else _no_relay()
 
 
-def _chunks(items: tuple[ReshardItem, ...], width: int, nodes: tuple[int, ...] | None) -> Chunks:
+def _class_positions(classes: np.ndarray) -> np.ndarray:
+    """Each rank's index among its class's members in rank order (-1: in no class)."""
+    out = np.full(classes.shape, -1, dtype=np.int64)
+    ranks = np.nonzero(classes >= 0)[0]
+    if len(ranks):
+        order = ranks[np.lexsort((ranks, classes[ranks]))]
+        cls = classes[order]
+        start = np.r_[0, np.nonzero(cls[1:] != cls[:-1])[0] + 1]
+        first = np.repeat(start, np.diff(np.r_[start, len(order)]))
+        out[order] = np.arange(len(order)) - first
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class _Part:
+    """Chunks of a batch of items sharing a template: items `sel` in order, and per
+    (item, template row) its sender and receiver."""
+
+    tmpl: _Template
+    sel: np.ndarray
+    itemsize: int
+    sender: np.ndarray  # [T * K]
+    receiver: np.ndarray  # [T * K]
+
+
+@dataclass(frozen=True, eq=False)
+class _Picked:
+    """Every chunk's sender, before the chunk table is built (so that relay can leave the
+    followers' chunks out of it)."""
+
+    parts: list[_Part]
+
+    def loads(self, column: np.ndarray, ncols: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+        """Remote bytes per (sender, `column` of the receiver), and received per rank."""
+        out = np.zeros(world * ncols, dtype=np.float64)
+        into = np.zeros(world, dtype=np.float64)
+        for p in self.parts:
+            nb = (np.tile(p.tmpl.nelem, len(p.sel)) * p.itemsize).astype(np.float64)
+            remote = p.sender != p.receiver
+            s, r, w = p.sender[remote], p.receiver[remote], nb[remote]
+            out += np.bincount(s * ncols + column[r], weights=w, minlength=world * ncols)
+            into += np.bincount(r, weights=w, minlength=world)
+        return out.reshape(world, ncols), into
+
+    def chunks(self, width: int, fed: np.ndarray, world: int, nitems: int) -> tuple[Chunks, Chunks]:
+        """The local chunks, and the remote ones sorted by (sender, receiver, item, region)
+        without those the ranks in `fed` receive. Chunks are made in region order for each
+        item and receiver (template rows run over cells in box order, and cells partition
+        every dim, so their overlaps with one box keep that order): a stable sort by
+        (sender, receiver, item) gives the pair order. Regions are filled in last, for the
+        rows kept, in their final order."""
+        keep = [np.nonzero(~fed[p.receiver] | (p.sender == p.receiver))[0] for p in self.parts]
+        kept = list(zip(self.parts, keep, strict=True))
+        base = np.cumsum([0] + [len(p.tmpl.cell) for p in self.parts])
+        item = _cat([p.sel[r // len(p.tmpl.cell)] for p, r in kept])
+        sender = _cat([p.sender[r] for p, r in kept]).astype(np.int64)
+        receiver = _cat([p.receiver[r] for p, r in kept]).astype(np.int64)
+        # each kept row's template row among all parts' templates, and its item size
+        trow = _cat([base[i] + r % len(p.tmpl.cell) for i, (p, r) in enumerate(kept)])
+        isz = _cat([np.full(len(r), p.itemsize) for p, r in kept])
+        lo_t = np.zeros((int(base[-1]), width), dtype=np.int64)
+        hi_t = np.ones((int(base[-1]), width), dtype=np.int64)
+        for i, p in enumerate(self.parts):
+            nd = p.tmpl.lo.shape[1]
+            lo_t[base[i] : base[i + 1], :nd] = p.tmpl.lo
+            hi_t[base[i] : base[i + 1], :nd] = p.tmpl.hi
+        nelem = _cat([p.tmpl.nelem for p in self.parts])
+        remote = sender != receiver
+        rows = np.nonzero(remote)[0]
+        if world * world * max(1, nitems) < 1 << 62:
+            key = (sender[rows] * world + receiver[rows]) * max(1, nitems) + item[rows]
+            rows = rows[np.argsort(key, kind="stable")]
+        else:
+            rows = rows[np.lexsort((item[rows], receiver[rows], sender[rows]))]
+
+        def table(r: np.ndarray) -> Chunks:
+            t = trow[r]
+            return Chunks(
+                *(
+                    _frozen(a)
+                    for a in (item[r], sender[r], receiver[r], lo_t[t], hi_t[t], nelem[t] * isz[r])
+                )
+            )
+
+        return table(np.nonzero(~remote)[0]), table(rows)
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _rotate(
+    sg: Geometry, tmpl: _Template, src_ranks: np.ndarray, recv: np.ndarray, seq: np.ndarray
+) -> np.ndarray:
+    """Senders without node preference: the receiver itself where it holds the cell, else
+    replica ``seq mod count`` of the cell's holders (``members`` lists them first)."""
+    count = sg.member_count[tmpl.cell]  # [K]
+    pos = sg.members[tmpl.cell[None, :], seq % count[None, :]]  # [T, K] mesh positions
+    sender = np.take_along_axis(src_ranks, pos, axis=1)
+    # the receiver's position in each item's source mesh (-1: none), found by a search in
+    # the items' ranks sorted once (item t's keys offset by t * span), and whether it holds
+    # the cell
+    t, p = src_ranks.shape
+    span = int(max(src_ranks.max(), recv.max())) + 1
+    off = np.arange(t, dtype=np.int64)[:, None] * span
+    flat = (src_ranks + off).ravel()
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    want = (recv + off).ravel()
+    at = np.minimum(np.searchsorted(ordered, want), len(ordered) - 1)
+    rpos = np.where(ordered[at] == want, order[at] % p, -1).reshape(recv.shape)
+    holds = (rpos >= 0) & (sg.cell_of[np.maximum(rpos, 0)] == tmpl.cell[None, :])
+    return np.where(holds, recv, sender)
+
+
+def _pick_senders(items: tuple[ReshardItem, ...], nodes: tuple[int, ...] | None) -> _Picked:
     """Instantiate templates for all items and choose a sender for every chunk."""
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, it in enumerate(items):
         key = (it.src.key, it.dst.key, it.itemsize)
         groups.setdefault(key, []).append(i)
     node_arr = None if nodes is None else np.asarray(nodes, dtype=np.int64)
-    parts: list[tuple[np.ndarray, ...]] = []
+    parts: list[_Part] = []
     counter = 0
     for (src_key, dst_key, itemsize), idxs in groups.items():
         tmpl = _template(src_key, dst_key)
@@ -603,34 +707,31 @@ def _chunks(items: tuple[ReshardItem, ...], width: int, nodes: tuple[int, ...] |
             src_ranks = np.array([items[i].src.mesh.flat for i in sel], dtype=np.int64)
             dst_ranks = np.array([items[i].dst.mesh.flat for i in sel], dtype=np.int64)
             recv = dst_ranks[:, tmpl.pos]  # [T, K]
-            reps = src_ranks[:, members_c]  # [T, K, W]
-            is_local = ((reps == recv[..., None]) & mvalid).any(axis=-1)
-            cand = np.broadcast_to(mvalid, reps.shape)
-            if node_arr is not None:
+            seq = counter + np.arange(t * k, dtype=np.int64).reshape(t, k)
+            if node_arr is None:
+                sender = _rotate(sg, tmpl, src_ranks, recv, seq)
+            else:
+                reps = src_ranks[:, members_c]  # [T, K, W]
+                is_local = ((reps == recv[..., None]) & mvalid).any(axis=-1)
+                cand = np.broadcast_to(mvalid, reps.shape)
                 near = cand & (node_arr[reps] == node_arr[recv][..., None])
                 cand = np.where(near.any(axis=-1, keepdims=True), near, cand)
-            ncand = cand.sum(axis=-1)
-            seq = counter + np.arange(t * k, dtype=np.int64).reshape(t, k)
-            pick = seq % ncand
-            hit = (np.cumsum(cand, axis=-1) == (pick + 1)[..., None]) & cand
-            col = hit.argmax(axis=-1)
-            sender = np.take_along_axis(reps, col[..., None], axis=-1)[..., 0]
-            sender = np.where(is_local, recv, sender)
+                pick = seq % cand.sum(axis=-1)
+                hit = (np.cumsum(cand, axis=-1) == (pick + 1)[..., None]) & cand
+                col = hit.argmax(axis=-1)
+                sender = np.take_along_axis(reps, col[..., None], axis=-1)[..., 0]
+                sender = np.where(is_local, recv, sender)
             counter += t * k
-            item_ids = np.repeat(np.asarray(sel, dtype=np.int64), k)
-            nd = tmpl.lo.shape[1]
-            lo = np.zeros((t * k, width), dtype=np.int64)
-            hi = np.ones((t * k, width), dtype=np.int64)
-            lo[:, :nd] = np.tile(tmpl.lo, (t, 1))
-            hi[:, :nd] = np.tile(tmpl.hi, (t, 1))
-            nbytes = np.tile(tmpl.nelem, t) * itemsize
-            parts.append((item_ids, sender.reshape(-1), recv.reshape(-1), lo, hi, nbytes))
-    if not parts:
-        z = np.zeros(0, np.int64)
-        zz = np.zeros((0, width), np.int64)
-        return Chunks(*(_frozen(a) for a in (z, z, z, zz, zz, z)))
-    cols = [np.concatenate([p[c] for p in parts]) for c in range(6)]
-    return Chunks(*(_frozen(c) for c in cols))
+            parts.append(
+                _Part(
+                    tmpl,
+                    np.asarray(sel, dtype=np.int64),
+                    int(itemsize),  # type: ignore[call-overload]
+                    sender.reshape(-1).astype(np.int32),
+                    recv.reshape(-1).astype(np.int32),
+                )
+            )
+    return _Picked(parts)
 
 
 def _schedule(rem: Chunks, world_size: int, cap: int) -> tuple[Pairs, int]:
