@@ -224,3 +224,27 @@ def test_chunks_come_sorted_and_one_node_picks_as_no_nodes(its):
     one = plan_reshard(its, bucket_bytes=64, world_size=WORLD, relay=False, node_of=[0] * WORLD)
     for a, b in ((c, one.chunks), (plan.local, one.local)):
         assert all((x == y).all() for x, y in zip(a._arrays(), b._arrays(), strict=True))
+
+
+def test_relay_messages_copy_adjacent_regions_at_once():
+    # two tensors, row-sharded over two trainer ranks, replicated on two engine ranks: the
+    # head gets each tensor's halves from two senders; the relay hop carries both tensors in
+    # one message, each tensor's halves adjacent, so packing and unpacking it is one copy per
+    # tensor, not one per box
+    from xfer.execute import _directs, _Locals
+
+    src = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [16, 8])
+    dst = Layout(Mesh([2, 3], ("dp",)), [Replicate()], [16, 8])
+    its = [ReshardItem(src, dst, torch.float32, name) for name in ("a", "b")]
+    plan = plan_reshard(its, bucket_bytes=1 << 20, relay=1)
+    assert plan.relay.follower.tolist() == [3] and plan.rounds == 3
+    fulls = [full_tensor(it.src.shape, it.dtype, seed=i) for i, it in enumerate(its)]
+    dsts, progs = apply_plan(plan, fulls)
+    assert all(same_bits(dsts[3][i], fulls[i]) for i in range(2))
+    (hop,) = [r for r in progs[2].rounds if r.sends]
+    assert len(hop.sends) == 1 and len(hop.sends[0].copies) == 4 and hop.sends[0].from_dst
+    dst_locals = [torch.zeros(16, 8) for _ in its]
+    for side, msgs in (("send", hop.sends), ("recv", progs[3].rounds[-1].recvs)):
+        loc = _Locals([None, None], dst_locals)
+        direct = _directs(msgs, loc.dst_bytes, loc.dst_bytes)
+        assert direct.views == [None] and direct.copies == 2, side

@@ -65,6 +65,7 @@ class XferStats:
         0,
         0,
     )  # delta runs: messages sent same/positions/bitmap/dense
+    copies: int = 0  # pack and unpack copy launches (adjacent boxes merged into one)
 
 
 class Staging:
@@ -170,12 +171,30 @@ def _span(local: Local | None, copies: tuple[Copy, ...], nbytes: int) -> torch.T
     return torch.as_strided(local, (nbytes,), (1,), start)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Bytes ``[offset, offset + nbytes)`` of a message <-> the 1-d `span` of a local tensor's
+    storage: consecutive copies that are adjacent both in the message and in storage, moved
+    by one copy instead of one per box."""
+
+    span: torch.Tensor
+    offset: int
+    nbytes: int
+
+
 @dataclass
 class _Direct:
-    """Per message of a round: its direct view (None: staged), and the staged bytes."""
+    """Per message of a round: its direct view (None: staged), and the staged bytes; per
+    staged message, its copies with adjacent ones merged into runs (`pieces`)."""
 
     views: list[torch.Tensor | None]
     staged: int
+    pieces: list[list[_Run | Copy]]
+
+    @property
+    def copies(self) -> int:
+        """Copy launches to pack or unpack the round's staged messages."""
+        return sum(len(p) for p in self.pieces)
 
 
 def _directs(
@@ -183,15 +202,51 @@ def _directs(
 ) -> _Direct:
     """`side`: the tensors messages read or write (`dst`: what relay sends read)."""
     views = []
+    pieces: list[list[_Run | Copy]] = []
     staged = 0
     for m in msgs:
         items = {c.item for c in m.copies}
         local = (dst if m.from_dst else side)[next(iter(items))] if len(items) == 1 else None
         v = _span(local, m.copies, m.nbytes)
         views.append(v)
+        pieces.append([] if v is not None else _runs(m, dst if m.from_dst else side))
         if v is None:
             staged += m.nbytes
-    return _Direct(views, staged)
+    return _Direct(views, staged, pieces)
+
+
+def _runs(m: Message, side: list[Local | None]) -> list[_Run | Copy]:
+    """The message's copies, consecutive ones merged where they continue each other in a
+    plain tensor's storage and in the message."""
+    out: list[_Run | Copy] = []
+    run: tuple[torch.Tensor, int, int, int] | None = None  # tensor, start, end, message offset
+
+    def close() -> None:
+        if run is not None:
+            t, start, end, at = run
+            out.append(_Run(torch.as_strided(t, (end - start,), (1,), start), at, end - start))
+
+    for c in m.copies:
+        t = side[c.item]
+        region = t[c.index] if isinstance(t, torch.Tensor) else None
+        if not isinstance(t, torch.Tensor) or region is None or not region.is_contiguous():
+            close()
+            run = None
+            out.append(c)
+            continue
+        offset = int(region.storage_offset())
+        if (
+            run is not None
+            and run[0] is t
+            and offset == run[2]
+            and c.offset == run[3] + run[2] - run[1]
+        ):
+            run = (t, run[1], run[2] + c.nbytes, run[3])
+            continue
+        close()
+        run = (t, offset, offset + c.nbytes, c.offset)
+    close()
+    return out
 
 
 def _pack(
@@ -209,10 +264,14 @@ def _pack(
             out.append(v)
             continue
         side = loc.dst_bytes if m.from_dst else loc.src_bytes
-        for c in m.copies if wanted is None or wanted[j] else ():
+        for c in direct.pieces[j] if wanted is None or wanted[j] else ():
+            into = buf[at + c.offset : at + c.offset + c.nbytes]
+            if isinstance(c, _Run):
+                into.copy_(c.span)
+                continue
             src = side[c.item]
             assert src is not None
-            copy_out(src, c.index, buf[at + c.offset : at + c.offset + c.nbytes].view(c.shape))
+            copy_out(src, c.index, into.view(c.shape))
         out.append(buf[at : at + m.nbytes])
         at += m.nbytes
     return out
@@ -231,13 +290,17 @@ def _recv_buffers(rnd: Round, direct: _Direct, buf: torch.Tensor) -> list[torch.
 
 def _unpack(rnd: Round, direct: _Direct, bufs: Sequence[torch.Tensor | None], loc: _Locals) -> None:
     """Copy each staged message out of its buffer (None: nothing to unpack here)."""
-    for m, v, b in zip(rnd.recvs, direct.views, bufs, strict=True):
+    for v, b, pieces in zip(direct.views, bufs, direct.pieces, strict=True):
         if v is not None or b is None:
             continue  # landed in place
-        for c in m.copies:
+        for c in pieces:
+            part = b[c.offset : c.offset + c.nbytes]
+            if isinstance(c, _Run):
+                c.span.copy_(part)
+                continue
             dst = loc.dst_bytes[c.item]
             assert dst is not None
-            copy_in(dst, c.index, b[c.offset : c.offset + c.nbytes].view(c.shape))
+            copy_in(dst, c.index, part.view(c.shape))
 
 
 @dataclass
@@ -271,6 +334,7 @@ class Prepared:
             rounds=len(rounds),
             packed_bytes=sum(d.staged for d in self.sends),
             unpacked_bytes=sum(d.staged for d in self.recvs),
+            copies=sum(d.copies for d in (*self.sends, *self.recvs)),
             **extra,
         )
 

@@ -10,7 +10,8 @@ same offsets, so the bytes line up by construction.
 
 Relay (`xfer.plan.Relay`): a follower at depth ``k`` receives in round ``t + 2k``, from its
 forwarder, one message holding the copies of every message its head receives in round ``t``,
-back to back; the forwarder reads them from its destination (`from_dst`). The
+back to back in (item, region) order; the forwarder reads them from its destination
+(`from_dst`). The
 head's copies index the head's destination box, which is the follower's and the forwarder's
 box too (that is what makes them replicas), so the same indices serve all three.
 """
@@ -228,16 +229,21 @@ def _direct(plan: Plan, rank: int, side: str) -> dict[int, list[Message]]:
 
 def _relayed(head: dict[int, list[Message]], peer: int, depth: int, from_dst: bool) -> dict:
     """The head's receives of each round as one message to or from `peer`, `2 * depth`
-    rounds later: the copies of all the head's messages of the round, back to back in the
-    head's peer order (one message per pair and round; NCCL and gloo take one large message
-    far better than hundreds of small ones, at the price of staging it on both ends)."""
+    rounds later: the copies of all the head's messages of the round, back to back in
+    (item, region) order, so that regions adjacent in a destination are adjacent in the
+    message too (one copy packs or unpacks them). One message per pair and round: NCCL and
+    gloo take one large message far better than hundreds of small ones, at the price of
+    staging it on both ends."""
     out: dict[int, list[Message]] = {}
     for rnd, msgs in head.items():
-        copies: list[Copy] = []
-        at = 0
-        for m in sorted(msgs, key=lambda m: m.peer):
-            copies.extend(Copy(c.item, c.index, c.shape, at + c.offset, c.nbytes) for c in m.copies)
-            at += m.nbytes
+        got = sorted(
+            (c for m in msgs for c in m.copies),
+            key=lambda c: (c.item, tuple(sl.start for sl in c.index)),
+        )
+        copies, at = [], 0
+        for c in got:
+            copies.append(Copy(c.item, c.index, c.shape, at, c.nbytes))
+            at += c.nbytes
         out[rnd + 2 * depth] = [Message(peer, -1, at, tuple(copies), from_dst)]
     return out
 
