@@ -39,11 +39,13 @@ chains (member ``q`` in chain ``q mod H`` at depth ``q // H``): only the heads (
 receive from the sources, in the ``R`` rounds scheduled above; the member at depth ``k``
 receives in round ``t + 2k`` exactly what its head received in round ``t``, as one message
 from the member before it in its chain, read from that member's *destination* (landed two
-rounds earlier: the executor unpacks a round while the next is on the wire), as one message.
-Every member holds the same box, so the regions are the same on all three ranks. The plan has ``R + 2 * (ceil(K / H) - 1)`` rounds; each rank still
-sends and receives at most `bucket_bytes` per round. ``relay=None`` picks ``H`` (or none) by
-the rounds it leads to: ``ceil(L_H / bucket_bytes) + 2 * (depth)``, ``L_H`` the largest
-per-rank load once followers are fed by their chains.
+rounds earlier: the executor unpacks a round while the next is on the wire). Every member
+holds the same box, so the regions are the same on all three ranks. The plan has
+``R + 2 * (ceil(K / H) - 1)`` rounds; each rank still sends and receives at most
+`bucket_bytes` per round. ``relay=None`` picks ``H`` (any count from 1 to ``K``, ``K``
+meaning no relay) by the rounds it leads to, ``ceil(L_H / bucket_bytes) + 2 * depth``, with
+``L_H`` the largest per-rank load once followers are fed by their chains: more chains load
+the sources more, fewer make the chains longer.
 
 Scale
 -----
@@ -550,20 +552,21 @@ def _relay(
     largest = int(position.max(initial=-1)) + 1
     out_by_pos, into = picked.loads(position + 1, largest + 1, world_size)
 
+    out_upto = np.cumsum(out_by_pos, axis=1)  # [:, h]: bytes to receivers at positions < h
+    in_upto = np.zeros(largest + 1)  # [h]: the most any rank at a position < h receives
+    np.maximum.at(in_upto, position + 1, into)  # (position -1: in no class, column 0)
+    in_upto = np.maximum.accumulate(in_upto)
+
     def rounds(heads: int) -> int:
-        out = out_by_pos[:, : heads + 1].sum(axis=1)
-        fed = position >= heads
-        load = max(out.max(initial=0), into[~fed].max(initial=0))
+        load = max(out_upto[:, heads].max(initial=0), in_upto[heads])
         depth = max(0, -(-largest // heads) - 1)
         return -(-int(load) // cap) + 2 * depth
 
     best, best_rounds = 0, rounds(largest)  # as many chains as members: no relay
-    h = 1
-    while h < largest:
+    for h in range(1, largest):
         r = rounds(h)
         if r < best_rounds or (option is True and not best):
             best, best_rounds = h, r
-        h *= 2
     return _chains(classes, best) if best else _no_relay()
 
 
