@@ -248,3 +248,26 @@ def test_relay_messages_copy_adjacent_regions_at_once():
         loc = _Locals([None, None], dst_locals)
         direct = _directs(msgs, loc.dst_bytes, loc.dst_bytes)
         assert direct.views == [None] and direct.copies == 2, side
+
+
+def test_a_rounds_contiguous_runs_go_in_one_multi_tensor_copy(monkeypatch):
+    # the plan above: each rank's staged pack or unpack of a round is one multi-tensor copy
+    # of its runs, whatever the number of boxes: the trainer ranks pack a run per tensor, the
+    # head unpacks their two messages (4 runs), the relay hop is packed and unpacked as one
+    # run per tensor
+    calls = []
+    real = torch._foreach_copy_
+
+    def counting(dsts, srcs):
+        calls.append(len(dsts))
+        return real(dsts, srcs)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", counting)
+    src = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [16, 8])
+    dst = Layout(Mesh([2, 3], ("dp",)), [Replicate()], [16, 8])
+    its = [ReshardItem(src, dst, torch.float32, name) for name in ("a", "b")]
+    plan = plan_reshard(its, bucket_bytes=1 << 20, relay=1)
+    fulls = [full_tensor(it.src.shape, it.dtype, seed=i) for i, it in enumerate(its)]
+    dsts, _ = apply_plan(plan, fulls)
+    assert all(same_bits(dsts[r][i], fulls[i]) for r in (2, 3) for i in range(2))
+    assert calls == [2, 2, 4, 2, 2]

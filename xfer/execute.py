@@ -10,7 +10,10 @@ p2p
     round ``i`` is then unpacked. **Zero copy**: a message whose bytes are one contiguous span
     of the local tensor (a row-sharded region, a whole expert, adjacent regions of one tensor)
     is sent straight from, or received straight into, that tensor's storage; only messages
-    that are strided on a side are staged, and only on that side. Staging is uint8: for each
+    that are strided on a side are staged, and only on that side. A staged message's copies
+    that continue each other both in storage and in the message are merged into contiguous
+    runs, and a round's runs go in one multi-tensor copy per direction (one launch for many
+    on a GPU); strided boxes are copied one by one. Staging is uint8: for each
     direction, two buffers of the largest round's staged bytes. `XferStats` counts the bytes
     packed and unpacked (zero when every region is contiguous).
 
@@ -38,6 +41,7 @@ from xfer.comm import Comm, Transfer, Work
 from xfer.plan import ReshardItem
 from xfer.program import Copy, Message, RankProgram, Round, as_bytes
 from xfer.segments import Local, Segments, copy_in, copy_out
+from xfer.torch_private import copy_many
 
 __all__ = ["Staging", "XferStats", "run_golden", "run_p2p"]
 
@@ -65,7 +69,9 @@ class XferStats:
         0,
         0,
     )  # delta runs: messages sent same/positions/bitmap/dense
-    copies: int = 0  # pack and unpack copy launches (adjacent boxes merged into one)
+    # pack and unpack copies: strided boxes one by one, plus contiguous runs (adjacent boxes
+    # merged into one), which go in one multi-tensor copy per round and direction
+    copies: int = 0
 
 
 class Staging:
@@ -259,6 +265,8 @@ def _pack(
     """Each send's buffer: its direct view, or its bytes packed into `buf` (with `wanted`,
     only the wanted messages' bytes are copied; the others keep their place in `buf`)."""
     out, at = [], 0
+    into_runs: list[torch.Tensor] = []
+    from_runs: list[torch.Tensor] = []
     for j, (m, v) in enumerate(zip(rnd.sends, direct.views, strict=True)):
         if v is not None:
             out.append(v)
@@ -267,13 +275,15 @@ def _pack(
         for c in direct.pieces[j] if wanted is None or wanted[j] else ():
             into = buf[at + c.offset : at + c.offset + c.nbytes]
             if isinstance(c, _Run):
-                into.copy_(c.span)
+                into_runs.append(into)
+                from_runs.append(c.span)
                 continue
             src = side[c.item]
             assert src is not None
             copy_out(src, c.index, into.view(c.shape))
         out.append(buf[at : at + m.nbytes])
         at += m.nbytes
+    copy_many(into_runs, from_runs)  # the contiguous runs of the round, batched
     return out
 
 
@@ -290,17 +300,21 @@ def _recv_buffers(rnd: Round, direct: _Direct, buf: torch.Tensor) -> list[torch.
 
 def _unpack(rnd: Round, direct: _Direct, bufs: Sequence[torch.Tensor | None], loc: _Locals) -> None:
     """Copy each staged message out of its buffer (None: nothing to unpack here)."""
+    into_runs: list[torch.Tensor] = []
+    from_runs: list[torch.Tensor] = []
     for v, b, pieces in zip(direct.views, bufs, direct.pieces, strict=True):
         if v is not None or b is None:
             continue  # landed in place
         for c in pieces:
             part = b[c.offset : c.offset + c.nbytes]
             if isinstance(c, _Run):
-                c.span.copy_(part)
+                into_runs.append(c.span)
+                from_runs.append(part)
                 continue
             dst = loc.dst_bytes[c.item]
             assert dst is not None
             copy_in(dst, c.index, part.view(c.shape))
+    copy_many(into_runs, from_runs)  # the contiguous runs of the round, batched
 
 
 @dataclass

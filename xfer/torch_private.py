@@ -16,6 +16,10 @@ them one by one on gloo. The recipe, and its undo:
 * `release` removes every entry again. A group left in those tables is never freed: each gloo
   group holds three threads and five sockets until the process ends.
 
+Also ``torch._foreach_copy_``: the multi-tensor copy (one kernel launch for many contiguous
+pairs on a GPU instead of one per pair) that packs and unpacks a round's contiguous runs;
+`copy_many` falls back to a loop where it is missing.
+
 `check()` raises a clear error when the installed torch lacks any of these names; the test
 suite calls it, so a torch upgrade that changes them fails a test instead of a refit.
 """
@@ -29,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["TESTED_TORCH", "bound_tcp_store", "check", "new_group", "release"]
+__all__ = ["TESTED_TORCH", "bound_tcp_store", "check", "copy_many", "new_group", "release"]
 
 TESTED_TORCH = ("2.13",)
 
@@ -53,11 +57,25 @@ def check() -> None:
     world = getattr(c10d, "_world", None)
     if world is None or not hasattr(world, "pg_group_ranks"):
         missing.append("distributed_c10d._world.pg_group_ranks")
+    if not hasattr(torch, "_foreach_copy_"):
+        missing.append("torch._foreach_copy_")
     if missing:
         raise RuntimeError(
             f"torch {torch.__version__} lacks {missing}, which xfer.TorchComm needs to build "
             f"process groups from a store (tested with torch {', '.join(TESTED_TORCH)})"
         )
+
+
+def copy_many(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dsts[i].copy_(srcs[i])`` for every i, in as few launches as torch allows."""
+    if not dsts:
+        return
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is None:
+        for d, s in zip(dsts, srcs, strict=True):
+            d.copy_(s)
+        return
+    foreach(dsts, srcs)
 
 
 def new_group(
