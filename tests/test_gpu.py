@@ -6,7 +6,7 @@ m2n gate (NCCL version agreed, not assumed). Two or more GPUs (one per rank): NC
 golden == slicing for `TorchComm` and `NcclComm`, strict checking on, and `auto` taking m2n
 where nccl-extensions and NCCL >= 2.30.5 allow it; a whole refit from torch trainer ranks
 into a vLLM engine with CUDA graphs on, checked against HF transformers after every step
-(`backends.scenario --device cuda`); sparse deltas: encodings on the device against pinned
+(`harness.scenario --device cuda`); sparse deltas: encodings on the device against pinned
 host baselines, and delta and receive-only runs over NCCL equal to slicing. The README's GPU
 check-list runs this file.
 """
@@ -64,12 +64,19 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_pack_unpack_on_cuda():
+@pytest.mark.parametrize("relay", [False, 1])
+def test_pack_unpack_on_cuda(relay):
+    # strided boxes, contiguous runs in one multi-tensor copy, and (relay) forwarding from
+    # destinations, all on the device
     its = _items(4)
-    plan = plan_reshard(its, bucket_bytes=512)
+    dst = Layout(Mesh([[2, 3], [4, 5], [6, 7]], ("dp", "tp")), [Replicate(), Shard(1)], [24, 40])
+    src = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [24, 40])
+    its += [ReshardItem(src, dst, dt) for dt in (torch.bfloat16, torch.float32)]
+    plan = plan_reshard(its, bucket_bytes=512, relay=relay, world_size=8)
+    assert len(plan.relay) == (2 if relay else 0)  # ranks 6, 7 (2, 3 hold the other items too)
     fulls = [full_tensor(it.src.shape, it.dtype, i) for i, it in enumerate(its)]
     dsts, _ = apply_plan(plan, fulls, device="cuda")
-    for r in range(4):
+    for r in range(8):
         for i, it in enumerate(its):
             if it.dst.holds(r):
                 assert same_bits(dsts[r][i].cpu(), fulls[i][it.dst.box(r)])
@@ -319,7 +326,7 @@ def test_a_trainer_rank_killed_mid_refit_leaves_the_engine_alive_and_stale(tmp_p
         pytest.skip("needs 3 GPUs: two trainer ranks and an engine")
     out = tmp_path / "faults.json"
     subprocess.run(
-        [sys.executable, "-m", "backends.faults", "--device", "cuda", "--timeout", "20",
+        [sys.executable, "-m", "harness.faults", "--device", "cuda", "--timeout", "20",
          "--only", "trainer rank process dies", "--json", str(out)],
         timeout=850, check=False,
     )  # fmt: skip
