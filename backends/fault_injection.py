@@ -1,6 +1,6 @@
 """Fault injection for tests: off unless the process was started with REFIT_FAULT_INJECTION=1.
 
-The fault campaign (`backends.faults`) and the reliability tests start their trainer and
+The fault campaign (`harness.faults`) and the reliability tests start their trainer and
 engine processes with ``REFIT_FAULT_INJECTION=1`` and then arm a fault per rank: `hook(kind,
 at)` is a `RefitRank.on_phase` callback that, when a phase whose name contains `at` starts,
 raises (``"raise"``), ends the process (``"exit"``) or sleeps (``"sleep:S"``). In any other

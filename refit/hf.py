@@ -350,7 +350,7 @@ def hf_params(config: Mapping[str, Any]) -> list[HFParam]:
                 f"architecture {arch!r} is not supported (supported: Llama, Mistral, Qwen2, "
                 "Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral, GLM-4.5 (Glm4MoeForCausalLM), "
                 "DeepSeek-V2/V3): refit needs its parameter inventory in refit.hf and vLLM's "
-                "placement of each in backends.vllm_layout"
+                "placement of each in backends.vllm.layout"
             )
         ps = _with_scales(ps, fp8_block(c))
         out += [HFParam(x.name, x.shape, x.role, layer, x.shared) for x in ps]

@@ -1,6 +1,6 @@
 """`NativeEngine`: an engine replica driven through vLLM's own weight-transfer API.
 
-The engine runs the ``"xfer"`` weight-transfer backend (`backends.vllm_transfer`): a
+The engine runs the ``"xfer"`` weight-transfer backend (`backends.vllm.transfer`): a
 ``vllm serve`` started with ``--weight-transfer-config '{"backend": "xfer"}'``, or an
 ``LLM``/engine built with ``weight_transfer_config={"backend": "xfer"}``. The driver speaks
 vLLM's public calls only, duck-typed (nothing here imports vLLM):

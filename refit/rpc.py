@@ -1,6 +1,6 @@
 """`RpcEngine`: an engine replica driven through ``collective_rpc`` (a vLLM ``LLM``).
 
-The engine's workers run the project's worker extension (`backends.vllm_worker`), which
+The engine's workers run the project's worker extension (`backends.vllm.worker`), which
 implements the methods named in `METHODS`; everything crossing the call is JSON bytes
 (`xfer.wire`), so it works in single-process and multiprocess engines alike. Duck-typed: any object
 with ``collective_rpc(method, args=...)`` works, and nothing here imports vLLM.
@@ -95,7 +95,7 @@ class RpcEngine:
         except AttributeError as e:
             raise RefitError(
                 f"{self.name}: the engine's workers do not implement {METHODS['describe']}; "
-                "create the LLM with worker_extension_cls='backends.vllm_worker.RefitWorkerExtension'"
+                "create the LLM with worker_extension_cls='backends.vllm.worker.RefitWorkerExtension'"
             ) from e
         return decode_spec(raw, self.name)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xfer.local import RankPool
+from harness.local import RankPool
 
 
 @pytest.fixture(scope="session")

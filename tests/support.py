@@ -103,7 +103,7 @@ def apply_plan(plan, fulls, device="cpu"):
 def scenario(workdir: Path, *args: str, timeout: float = 420) -> dict:
     out = workdir / f"report-{abs(hash(args))}.json"
     # every refit runs strict: each rank is held to NCCL's completion and ordering rules
-    cmd = [sys.executable, "-m", "backends.scenario", "--workdir", str(workdir), "--json", str(out)]
+    cmd = [sys.executable, "-m", "harness.scenario", "--workdir", str(workdir), "--json", str(out)]
     cmd.append("--strict")
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
     if not out.exists():

@@ -19,7 +19,7 @@ from refit.planner import plan_refit
 from refit.spec import DestParam, EngineSpec, SourceParam, TrainerSpec
 from xfer import Layout, Mesh, Replicate, plan_reshard
 
-CONFIGS = ["dsv3", "llama3_8b", "qwen3_30b_a3b", "qwen3_235b_a22b"]
+CONFIGS = ["dsv3", "kimi_k2", "llama3_8b", "qwen3_30b_a3b", "qwen3_235b_a22b"]
 GIB = 2**30
 
 
@@ -132,17 +132,20 @@ def test_memory_model_staging_and_misc():
 def test_dsv3_at_full_scale_model_properties():
     cfg = load("dsv3")
     built = build_plans(cfg.full)
-    assert built.refit.bulk_fraction == 1.0 and built.bucket_bytes == GIB
+    # 8 replicas may relay: a forwarding engine rank stages sends too, so 4 buffers fit 2 GiB
+    assert built.refit.bulk_fraction == 1.0 and built.bucket_bytes == GIB // 2
+    assert len(built.plan.relay) > 0  # the planner found relay faster
     r = simulate(built.refit, built.plan, cfg.cluster)
-    assert r.lower_bound <= r.p2p <= 1.10 * r.lower_bound
+    assert r.lower_bound <= r.p2p <= 1.20 * r.lower_bound
     assert r.receive_bound == pytest.approx(43.94e9 / 50e9, rel=0.01)  # the design's ~0.88 s
     assert r.golden > 10 * r.p2p and r.baseline > r.golden
     mem = extra_memory(built.refit, built.plan)
     assert GIB < mem.max("p2p", "engine") <= 2 * GIB  # within the budget
-    assert GIB < mem.max("p2p", "trainer") <= 2 * GIB
+    assert 0 < mem.max("p2p", "trainer") <= GIB  # sends one chain's worth, not a replica's each
     st = built.plan.stats
     t = built.refit.trainer_world
-    assert mem.max("p2p", "engine") == 2 * st.peak_recv_round[t:].max()
+    engine = 2 * (st.peak_recv_round[t:] + st.peak_send_round[t:])
+    assert mem.max("p2p", "engine") == engine.max()
 
 
 def test_local_execution_paths_agree_and_memory_matches_the_model(ranks):

@@ -10,11 +10,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.local import RankError
 from tests.strategies import full_tensor, items, same_bits
 from tests.support import WORLD, fresh_dsts, local_view
 from xfer import Baselines, Delta, RecordingComm, Resharder, XferError
 from xfer.delta import BITMAP, DENSE, POSITIONS, SAME, decode, encode
-from xfer.local import RankError
 
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

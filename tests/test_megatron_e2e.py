@@ -1,6 +1,6 @@
 """Megatron-core trainers (real models, 2-4 gloo ranks as Ray actors) into real vLLM engines.
 
-One `backends.scenario --trainer megatron` process per model keeps one engine and refits it
+One `harness.scenario --trainer megatron` process per model keeps one engine and refits it
 from a Megatron trainer of each layout in turn. Per layout:
 
 * reference: Megatron's own initial weights, gathered from the ranks' HF views, give HF

@@ -13,8 +13,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from backends.megatron_map import Coords, MegatronParam, hf_shards, trainer_spec
-from backends.megatron_model import padded_vocab
+from backends.megatron.map import Coords, MegatronParam, hf_shards, trainer_spec
+from backends.parallel import Parallel
+from harness.megatron_model import padded_vocab
 from refit.errors import RefitError
 from refit.hf import hf_params
 from xfer import Segments
@@ -42,7 +43,6 @@ def full_weights(config) -> dict[str, torch.Tensor]:
 
 
 def coords(rank, tp, pp, dp, ep, etp) -> Coords:
-    edp = tp * dp // (ep * etp)
     local = rank % (tp * dp)
     return Coords(
         rank=rank,
@@ -53,9 +53,8 @@ def coords(rank, tp, pp, dp, ep, etp) -> Coords:
         ep=(local // etp) % ep,
         etp=local % etp,
         edp=local // (etp * ep),
-        sizes=(("pp", pp), ("tp", tp), ("dp", dp), ("cp", 1), ("ep", ep), ("etp", etp),
-               ("edp", edp), ("vpp", 1)),
-    )  # fmt: skip
+        par=Parallel(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp),
+    )
 
 
 def part(t: torch.Tensor, dim: int, n: int, i: int) -> torch.Tensor:

@@ -22,11 +22,12 @@ def test_refit_across_ray_nodes(tmp_path: Path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from backends.hf_checkpoint import load_grouped, save_grouped
-    from backends.ray_engine import RayEngine, VllmEngineActor, engine_kwargs
-    from backends.scenario import PROMPTS, hf_generate, set_step
-    from backends.tiny_models import build, step_weights
-    from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards
+    from backends.torch.trainer import TorchTrainerGroup
+    from backends.vllm.ray_engine import RayEngine, VllmEngineActor, engine_kwargs
+    from harness.hf_checkpoint import load_grouped, save_grouped
+    from harness.scenario import PROMPTS, hf_generate, set_step
+    from harness.tiny_models import build, step_weights
+    from harness.torch_shards import checkpoint_shards
     from refit.refitter import Refitter
     from tests.support import listeners as _listeners
     from xfer.net import routable_address

@@ -1,6 +1,6 @@
 """End to end on real parts: torch trainer ranks (Ray actors, gloo) -> real vLLM engines.
 
-Each case runs `backends.scenario` in its own process (vLLM keeps process-wide state) and
+Each case runs `harness.scenario` in its own process (vLLM keeps process-wide state) and
 checks its report: after every step, what the engines received and every tensor they run with
 are bit-identical between the p2p and golden paths, greedy generation equals HF transformers
 on the same new weights (logprobs within 1e-4), and the new weights changed HF's own output.
@@ -155,7 +155,7 @@ def test_transformers5_fused_experts_sharded_like_fsdp2(workdir):
 def test_fused_experts_sharded_between_the_halves_are_refused():
     import torch
 
-    from backends.torch_trainer import canonical_refs
+    from backends.torch.trainer import canonical_refs
     from refit.errors import RefitError
     from xfer import DTensorRef, Layout, Mesh, Shard
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 import yaml
 
-from backends.torch_trainer import metadata_spec
-from backends.vllm_layout import engine_spec, vllm_dests
+from backends.parallel import Parallel
+from backends.torch.trainer import metadata_spec
+from backends.vllm.layout import engine_spec, vllm_dests
 from refit.errors import RefitError
 from refit.hf import Role, hf_dtype, hf_params
 from refit.planner import plan_refit
@@ -23,20 +24,20 @@ def model(name: str) -> dict:
     return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]
 
 
-# trainer (pp, dp, tp, ep) -> engine (tp, expert parallel, replicas)
+# trainer parallel sizes -> engine (tp, expert parallel, replicas)
 CASES = {
-    "llama3_8b": (dict(pp=2, dp=2, tp=4), dict(tp=8), 2),
-    "qwen3_30b_a3b": (dict(pp=2, dp=8, tp=1, ep=True), dict(tp=4, expert_parallel=True), 2),
-    "qwen3_235b_a22b": (dict(pp=4, dp=16, tp=1, ep=True), dict(tp=8), 2),
-    "dsv3": (dict(pp=16, dp=16, tp=1, ep=True), dict(tp=32), 8),
+    "llama3_8b": (Parallel(pp=2, dp=2, tp=4), dict(tp=8), 2),
+    "qwen3_30b_a3b": (Parallel(pp=2, dp=8, ep=8), dict(tp=4, expert_parallel=True), 2),
+    "qwen3_235b_a22b": (Parallel(pp=4, dp=16, ep=16), dict(tp=8), 2),
+    "dsv3": (Parallel(pp=16, dp=16, ep=16), dict(tp=32), 8),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_full_size_models_are_all_bulk(name):
     cfg = model(name)
-    trainer_args, engine_args, replicas = CASES[name]
-    trainer = metadata_spec(cfg, **trainer_args)
+    par, engine_args, replicas = CASES[name]
+    trainer = metadata_spec(cfg, par)
     plan = plan_refit(trainer, [engine_spec(cfg, **engine_args)] * replicas)
     assert plan.bulk_fraction >= 0.995, plan.summary()
     # attention, embeddings, the head and shared experts ride bulk too, not only the FFN
@@ -49,7 +50,7 @@ def test_full_size_models_are_all_bulk(name):
         for p in hf_params(cfg)
     )
     assert plan.bulk_bytes + plan.misc_bytes == total
-    assert plan.stages == trainer_args["pp"]
+    assert plan.stages == par.pp
     assert plan.bulk == sum(1 for c in plan.report if c.kind == Kind.BULK)
     assert len(plan.items) == len(plan.report)
 
@@ -69,7 +70,7 @@ def test_fp8_weights_bulk_scales_misc():
     cfg = model("dsv3") | {
         "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}
     }
-    trainer = metadata_spec(cfg, pp=16, dp=16, tp=1, ep=True)
+    trainer = metadata_spec(cfg, Parallel(pp=16, dp=16, ep=16))
     plan = plan_refit(trainer, [engine_spec(cfg, 32)])
     by = {c.name: c for c in plan.report}
     w = by["model.layers.5.mlp.experts.gate_proj.weight"]
@@ -85,7 +86,7 @@ def test_precision_mismatch_is_refused():
     cfg = model("llama3_8b")
     fp8 = cfg | {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
     with pytest.raises(RefitError) as e:
-        plan_refit(metadata_spec(cfg, tp=2), [engine_spec(fp8, 2)])
+        plan_refit(metadata_spec(cfg, Parallel(tp=2)), [engine_spec(fp8, 2)])
     text = str(e.value)
     assert (
         "precision mismatch: trainer sends torch.bfloat16, engine holds torch.float8_e4m3fn" in text
@@ -175,7 +176,7 @@ def test_specs_and_setups_round_trip_through_json():
     assert back == setup
     assert back.plan().items == plan_refit(trainer, [engine, engine]).items
     cfg = model("dsv3") | {"num_hidden_layers": 4}
-    spec = metadata_spec(cfg, pp=2, dp=4, tp=1, ep=True)
+    spec = metadata_spec(cfg, Parallel(pp=2, dp=4, ep=4))
     assert TrainerSpec.from_json(spec.to_json()) == spec
     eng = engine_spec(cfg, 4)
     assert EngineSpec.from_json(eng.to_json()) == eng

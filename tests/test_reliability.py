@@ -138,7 +138,7 @@ def test_fault_campaign(tmp_path):
     """Every failure raises on every side quickly, and the next refit recovers."""
     report = tmp_path / "faults.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "backends.faults", "--timeout", "5", "--json", str(report)],
+        [sys.executable, "-m", "harness.faults", "--timeout", "5", "--json", str(report)],
         capture_output=True,
         text=True,
         timeout=850,

@@ -87,7 +87,7 @@ def test_the_store_listens_only_on_the_chosen_address():
 def test_vllm_private_names_are_there_and_a_rename_is_caught(monkeypatch):
     import vllm
 
-    from backends import vllm_private
+    from backends.vllm import private as vllm_private
 
     vllm_private.check()  # vLLM as installed has every private name the install uses
     assert vllm.__version__.startswith(vllm_private.TESTED_VLLM)

@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from harness.local import RankError
 from xfer import Layout, Mesh, Resharder, ReshardItem, Shard, Transfer, XferError
 from xfer.execute import run_p2p
-from xfer.local import RankError
 from xfer.strict import StrictComm, order_problems
 
 

@@ -23,7 +23,7 @@ TOKENS = 6
 
 
 def _hf(path: str, prompts):
-    from backends.scenario import hf_generate
+    from harness.scenario import hf_generate
 
     return hf_generate(path, prompts, TOKENS)
 
@@ -37,7 +37,7 @@ def _same(got, want) -> bool:
 
 
 def _generate_into(server, out: list) -> None:
-    from backends.scenario import PROMPTS
+    from harness.scenario import PROMPTS
 
     out.append(server.generate(PROMPTS[:1], 24))
 
@@ -45,10 +45,10 @@ def _generate_into(server, out: list) -> None:
 def _refit_over_http(tmp_path: Path, model: str, tp: int, trainer_kind: str) -> dict:
     import ray
 
-    from backends.hf_checkpoint import load_grouped, save_grouped
-    from backends.scenario import PROMPTS, set_step
-    from backends.serve import Server
-    from backends.tiny_models import build, step_weights
+    from harness.hf_checkpoint import load_grouped, save_grouped
+    from harness.scenario import PROMPTS, set_step
+    from harness.serve import Server
+    from harness.tiny_models import build, step_weights
     from refit.refitter import Refitter
 
     overrides = {"num_key_value_heads": 2} if trainer_kind == "megatron" else {}
@@ -59,12 +59,13 @@ def _refit_over_http(tmp_path: Path, model: str, tp: int, trainer_kind: str) -> 
     out: dict = {"steps": []}
     try:
         if trainer_kind == "torch":
-            from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards
+            from backends.torch.trainer import TorchTrainerGroup
+            from harness.torch_shards import checkpoint_shards
 
             trainer = TorchTrainerGroup.launch(2, checkpoint_shards, path, 1, 2)
         else:
-            from backends.megatron_model import Parallel
-            from backends.megatron_worker import MegatronTrainerGroup
+            from backends.parallel import Parallel
+            from harness.megatron_actors import MegatronTrainerGroup
 
             trainer = MegatronTrainerGroup.launch(2, config, Parallel(tp=2))
         with Server(path, tp=tp, log=tmp_path / "serve.log") as server:
@@ -136,12 +137,12 @@ class _TrainerRank:
             RayVLLMWeightSyncClient,
         )
 
-        from backends.torch_trainer import checkpoint_shards
-        from backends.vllm_transfer import (
+        from backends.vllm.transfer import (
             ShardSource,
             XferTrainerInitInfo,
             XferTrainerWeightTransferEngine,
         )
+        from harness.torch_shards import checkpoint_shards
 
         self.rank = rank
         self.source = ShardSource(checkpoint_shards(rank, world, path, 1, world))
@@ -154,7 +155,7 @@ class _TrainerRank:
         )
 
     def train(self, path: str, step: int) -> None:
-        from backends.scenario import set_step
+        from harness.scenario import set_step
 
         self.params = self.source.refs
         set_step(self, path, step)
@@ -167,11 +168,11 @@ def test_vllm_trainer_api_with_the_xfer_backend(tmp_path):
     """vLLM's own trainer API: every rank calls trainer_init and send_weights."""
     import ray
 
-    from backends.hf_checkpoint import load_grouped, save_grouped
-    from backends.scenario import PROMPTS
-    from backends.serve import Server
-    from backends.tiny_models import build, step_weights
-    from backends.vllm_transfer import make_trainer_init_info
+    from backends.vllm.transfer import make_trainer_init_info
+    from harness.hf_checkpoint import load_grouped, save_grouped
+    from harness.scenario import PROMPTS
+    from harness.serve import Server
+    from harness.tiny_models import build, step_weights
 
     path = str(tmp_path / "qwen3_moe")
     config = build("qwen3_moe", path)
@@ -198,11 +199,11 @@ def test_vllm_trainer_api_with_an_llm_ray_actor(tmp_path):
     import ray
     from vllm import LLM, SamplingParams
 
-    from backends.hf_checkpoint import load_grouped, save_grouped
-    from backends.ray_engine import engine_kwargs
-    from backends.scenario import PROMPTS
-    from backends.tiny_models import build, step_weights
-    from backends.vllm_transfer import make_trainer_init_info
+    from backends.vllm.ray_engine import engine_kwargs
+    from backends.vllm.transfer import make_trainer_init_info
+    from harness.hf_checkpoint import load_grouped, save_grouped
+    from harness.scenario import PROMPTS
+    from harness.tiny_models import build, step_weights
 
     path = str(tmp_path / "qwen3_moe")
     config = build("qwen3_moe", path)
@@ -238,11 +239,12 @@ def _async_refits(tmp_path: str, receive_while_serving: bool = False) -> dict:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from backends.hf_checkpoint import load_grouped, save_grouped
-    from backends.ray_engine import engine_kwargs
-    from backends.scenario import PROMPTS, set_step
-    from backends.tiny_models import build, step_weights
-    from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards
+    from backends.torch.trainer import TorchTrainerGroup
+    from backends.vllm.ray_engine import engine_kwargs
+    from harness.hf_checkpoint import load_grouped, save_grouped
+    from harness.scenario import PROMPTS, set_step
+    from harness.tiny_models import build, step_weights
+    from harness.torch_shards import checkpoint_shards
     from refit.refitter import Refitter
 
     path = f"{tmp_path}/qwen3_moe"
@@ -300,7 +302,7 @@ def _async_refits(tmp_path: str, receive_while_serving: bool = False) -> dict:
 
 @pytest.mark.parametrize("receive_while_serving", [False, True])
 def test_async_llm_with_requests_in_flight(tmp_path, receive_while_serving):
-    from backends.scenario import PROMPTS
+    from harness.scenario import PROMPTS
 
     rec = _async_refits(str(tmp_path), receive_while_serving)
     assert len(rec["steps"]) == 2

@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.local import RankError
 from tests.strategies import full_tensor, items, same_bits
 from tests.support import WORLD, fresh_dsts, local_view
 from xfer import (
@@ -24,7 +25,6 @@ from xfer import (
     XferError,
     xferdtensor,
 )
-from xfer.local import RankError
 
 
 def _locals(its, rank, seeds, mode):

@@ -1,6 +1,6 @@
 """The fault campaign: every failure a refit must survive, on real parts, one after another.
 
-    python -m backends.faults [--timeout 5] [--json out.json] [--markdown]
+    python -m harness.faults [--timeout 5] [--json out.json] [--markdown]
 
 Sets up torch trainer ranks (Ray actors, TP 2) and a vLLM engine (a Ray actor) for a tiny
 MoE model, a `Refitter` with ``verify=True`` and a short timeout, then for each case: cause
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from backends import fault_injection
-from backends.scenario import long_prompt
+from harness.scenario import long_prompt
 
 PROMPTS = [long_prompt(130, 1), [9, 8, 7]]
 
@@ -63,9 +63,11 @@ class Campaign:
     def __init__(self, args: argparse.Namespace) -> None:
         import ray
 
-        from backends.ray_engine import RayEngine, VllmEngineActor, engine_kwargs
-        from backends.tiny_models import build
-        from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards, stage_meshes
+        from backends.parallel import Parallel
+        from backends.torch.trainer import TorchTrainerGroup
+        from backends.vllm.ray_engine import RayEngine, VllmEngineActor, engine_kwargs
+        from harness.tiny_models import build
+        from harness.torch_shards import checkpoint_shards
         from refit.refitter import Refitter
 
         self.args = args
@@ -82,7 +84,7 @@ class Campaign:
             configure_logging=False,
             runtime_env={"env_vars": {fault_injection.ENV: "1"}},  # arm the test hooks
         )
-        self.stage_ranks = [m.flat for m in stage_meshes(1, 1, 2)]
+        self.stage_ranks = [Parallel(tp=2).stage_ranks(0)]
         gpu = args.device == "cuda"
         self.trainer = TorchTrainerGroup.launch(
             2, checkpoint_shards, self.path, 1, 2, False, 1, None, args.device,
@@ -101,7 +103,7 @@ class Campaign:
 
     # -- helpers ---------------------------------------------------------------------------
     def new_weights(self) -> None:
-        from backends.scenario import set_step
+        from harness.scenario import set_step
 
         self.step += 1
         self.trainer.call(set_step, self.path, self.step)
@@ -121,9 +123,9 @@ class Campaign:
         return ray.get(self.engine_actor.generate.remote(PROMPTS, 6, allow_stale))
 
     def matches_hf(self) -> bool:
-        from backends.hf_checkpoint import load_grouped, save_grouped
-        from backends.scenario import hf_generate
-        from backends.tiny_models import step_weights
+        from harness.hf_checkpoint import load_grouped, save_grouped
+        from harness.scenario import hf_generate
+        from harness.tiny_models import step_weights
 
         d = self.work / f"step{self.step}"
         save_grouped(step_weights(load_grouped(self.path), self.step), self.config, d)
@@ -457,9 +459,9 @@ class Campaign:
         old weights or the new ones, never a mix."""
         import ray
 
-        from backends.hf_checkpoint import load_grouped, save_grouped
-        from backends.scenario import hf_generate
-        from backends.tiny_models import step_weights
+        from harness.hf_checkpoint import load_grouped, save_grouped
+        from harness.scenario import hf_generate
+        from harness.tiny_models import step_weights
 
         before = self.generate()
         self.new_weights()
@@ -554,19 +556,19 @@ class Campaign:
     def _undo_mutation(self) -> None:
         import ray
 
-        from backends.scenario import set_step
+        from harness.scenario import set_step
 
         ray.get(self.trainer.actors[0].set_fault.remote(None))
         self.trainer.call(set_step, self.path, self.step)  # the weights it meant to send
 
     def _restart_trainer_rank(self) -> None:
         self.trainer.restart_rank(1)
-        from backends.scenario import set_step
+        from harness.scenario import set_step
 
         self.trainer.call(set_step, self.path, self.step)
 
     def _restart_engine(self) -> None:
-        from backends.ray_engine import RayEngine
+        from backends.vllm.ray_engine import RayEngine
 
         self.engine_actor = self._engine_cls.remote(self._kwargs)
         self.engine = RayEngine(self.engine_actor, name="engine replica 0 (restarted)")
@@ -575,8 +577,9 @@ class Campaign:
 
     def _other_model(self) -> None:
         """A trainer of the dense model, to be refit into the MoE engine."""
-        from backends.tiny_models import build
-        from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards
+        from backends.torch.trainer import TorchTrainerGroup
+        from harness.tiny_models import build
+        from harness.torch_shards import checkpoint_shards
 
         other = str(self.work / "qwen3")
         build("qwen3", other)
@@ -604,9 +607,10 @@ def proc_stats(_obj: Any = None) -> dict[str, int]:
 _DRIVER = """
 import os
 import ray
-from backends.ray_engine import RayEngine, VllmEngineActor, engine_kwargs
-from backends.tiny_models import build
-from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards
+from backends.torch.trainer import TorchTrainerGroup
+from backends.vllm.ray_engine import RayEngine, VllmEngineActor, engine_kwargs
+from harness.tiny_models import build
+from harness.torch_shards import checkpoint_shards
 from refit import Refitter
 
 path = {path!r}
@@ -781,7 +785,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m backends.faults",
+        prog="python -m harness.faults",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -5,7 +5,7 @@ checkpoint format: the vLLM parameter (`target`), the offset of the HF tensor's 
 a rank's local copy of that parameter (`offset`; the region's size is the layout's local
 shape), and the `Layout` of the HF tensor over the replica's ranks, or ``None`` (misc) with a
 reason when vLLM's split cannot be expressed exactly. No vLLM import: the benchmark plans
-full-size models with it, and the live worker (`backends.vllm_worker`) checks every rule
+full-size models with it, and the live worker (`backends.vllm.worker`) checks every rule
 against the real parameter shapes before trusting it.
 
 Rules (TP = tensor parallel size of one engine; ranks 0..TP-1):

@@ -1,8 +1,7 @@
-"""The Megatron-core trainer side: one Ray actor per trainer rank, handed to `Refitter`.
+"""The Megatron-core trainer side: the refit side of one rank, and the Ray group of ranks
+handed to `Refitter`.
 
-    group = MegatronTrainerGroup.launch(4, hf_config, Parallel(tp=2, pp=2))
-    refitter = Refitter(group, llm)
-    group.call(train_step)              # the framework's training, on every rank
+    refitter = Refitter(MegatronTrainerGroup(actors, hf_config), llm)
     refitter.refit()                    # every RL step
 
 `MegatronRefit` is the refit side of one rank, built from the rank's live model chunks (one
@@ -10,42 +9,36 @@ per virtual pipeline stage) after Megatron's parallel state is initialized. It r
 parameter's facts (name, shape, dtype, ``tensor_model_parallel``, ``partition_dim``,
 ``partition_stride``, whether it belongs to a MoE layer's routed experts, the layer's global
 ``layer_number`` and ``local_expert_indices``) and the rank's coordinates in Megatron's
-groups, and maps them to HF shards with `backends.megatron_map`. A framework that owns its own
+groups, and maps them to HF shards with `backends.megatron.map`. A framework that owns its own
 actor class embeds a `MegatronRefit` and forwards `describe`, `refit_connect` and
-`refit_step` to it (what `MegatronTrainerRank` does); the weights are read in place at every
-refit, so they may change freely between refits.
+`refit_step` to it (what the test harness's `harness.megatron_actors.MegatronTrainerRank`
+does); the weights are read in place at every refit, so they may change freely between
+refits.
 
 `MegatronTrainerGroup.describe` turns every rank's coordinates and shards into the
 `TrainerSpec`: per pipeline stage a dense ``(dp, tp)`` mesh and an expert ``(edp, ep, etp)``
 mesh (data-parallel replicas are extra senders), every bulk shard's box checked against its
 layout. Shards that are not a layout (a padded vocab) are all-gathered over the TP group of
 the stage's first rank before each refit and sent whole by that rank.
-
-`MegatronTrainerRank` is that actor for tests, demos and benchmarks: it starts the default
-process group on a loopback port (gloo without CUDA, NCCL with), builds a model from an HF
-config (`backends.megatron_model`), and adds forward, export and load of HF weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from backends.megatron_map import Coords, HFShard, MegatronParam, hf_shards, trainer_spec
-from backends.megatron_model import Parallel
-from backends.ray_trainer import RayTrainerGroup, TrainerRankBase, free_port
+from backends.megatron.map import Coords, HFShard, MegatronParam, hf_shards, trainer_spec
+from backends.parallel import Parallel
+from backends.ray_trainer import RayTrainerGroup
 from refit.errors import RefitError
-from refit.hf import hf_params
 from refit.spec import TrainerSpec, device_kind
 from xfer.segments import Local, copy_in
 
 __all__ = [
     "MegatronRefit",
     "MegatronTrainerGroup",
-    "MegatronTrainerRank",
     "read_coords",
     "read_params",
 ]
@@ -105,7 +98,20 @@ def read_coords() -> Coords:
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
-    vpp = mpu.get_virtual_pipeline_model_parallel_world_size() or 1
+    par = Parallel(
+        tp=mpu.get_tensor_model_parallel_world_size(),
+        cp=mpu.get_context_parallel_world_size(),
+        pp=mpu.get_pipeline_model_parallel_world_size(),
+        dp=mpu.get_data_parallel_world_size(),
+        ep=mpu.get_expert_model_parallel_world_size(),
+        etp=mpu.get_expert_tensor_parallel_world_size(),
+        vpp=mpu.get_virtual_pipeline_model_parallel_world_size() or 1,
+    )
+    edp = mpu.get_expert_data_parallel_world_size()
+    if edp != par.edp:
+        raise RefitError(
+            f"rank {dist.get_rank()}: expert data parallel size {edp}, {par!r} gives {par.edp}"
+        )
     return Coords(
         rank=dist.get_rank(),
         pp=mpu.get_pipeline_model_parallel_rank(),
@@ -115,16 +121,7 @@ def read_coords() -> Coords:
         ep=mpu.get_expert_model_parallel_rank(),
         etp=mpu.get_expert_tensor_parallel_rank(),
         edp=mpu.get_expert_data_parallel_rank(),
-        sizes=(
-            ("pp", mpu.get_pipeline_model_parallel_world_size()),
-            ("tp", mpu.get_tensor_model_parallel_world_size()),
-            ("dp", mpu.get_data_parallel_world_size()),
-            ("cp", mpu.get_context_parallel_world_size()),
-            ("ep", mpu.get_expert_model_parallel_world_size()),
-            ("etp", mpu.get_expert_tensor_parallel_world_size()),
-            ("edp", mpu.get_expert_data_parallel_world_size()),
-            ("vpp", vpp),
-        ),
+        par=par,
     )
 
 
@@ -220,89 +217,9 @@ class MegatronRefit:
         yield from self._params.values()
 
 
-class MegatronTrainerRank(TrainerRankBase):
-    """A Megatron trainer rank as a Ray actor: starts the default process group on
-    ``127.0.0.1:port``, builds the model for `hf_config` with `parallel`, and serves the
-    refit. `forward`, `export` and `load_hf` serve tests and demos."""
-
-    def __init__(
-        self,
-        rank: int,
-        world: int,
-        port: int,
-        hf_config: Mapping[str, Any],
-        parallel: Parallel,
-        *,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-        threads: int = 1,
-    ) -> None:
-        import torch.distributed as dist
-
-        from backends.megatron_model import build
-
-        torch.set_num_threads(threads)
-        self.rank = rank
-        self.world = world
-        self.config = dict(hf_config)
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(0)  # Ray gives each actor its own GPU
-        dist.init_process_group(
-            "nccl" if cuda else "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-        )
-        self.chunks = build(self.config, parallel, seed=seed, dtype=dtype)
-        self._side: MegatronRefit | None = None
-
-    @property
-    def side(self) -> MegatronRefit:
-        """The refit side, mapped on first use (so a model it cannot map fails `describe`,
-        naming every parameter, and the rank stays up)."""
-        if self._side is None:
-            self._side = MegatronRefit(self.chunks, self.config)
-        return self._side
-
-    def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def describe(self) -> tuple[Coords, list[HFShard], str]:
-        return self.side.describe()
-
-    def local(self, name: str) -> Local:
-        return self.side.local(name)
-
-    def weights(self) -> Iterator[torch.Tensor]:
-        return self.side.weights()
-
-    def before_step(self) -> None:
-        self.side.gather_misc()
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        from backends.megatron_model import forward_logits
-
-        return forward_logits(self.chunks, tokens, self.config["vocab_size"])
-
-    def export(self) -> list[tuple[str, tuple[tuple[int, int], ...], torch.Tensor]]:
-        return self.side.export()
-
-    def load_hf(self, path: str, step: int = 0) -> None:
-        """Load the HF checkpoint at `path` (with `step` > 0: `tiny_models.step_weights` of
-        it, the tests' training step)."""
-        from backends.hf_checkpoint import load_grouped
-        from backends.tiny_models import step_weights
-
-        full = load_grouped(path)
-        self.side.load(step_weights(full, step) if step else full)
-
-
 class MegatronTrainerGroup(RayTrainerGroup):
-    """A `TrainerSide` over Megatron trainer ranks (Ray actors with `describe`,
-    `refit_connect`, `refit_step`; `MegatronTrainerRank` or the framework's own)."""
+    """A `TrainerSide` over Megatron trainer ranks: Ray actors with `describe`,
+    `refit_connect` and `refit_step` (the framework's own, forwarding to a `MegatronRefit`)."""
 
     def __init__(
         self,
@@ -312,55 +229,6 @@ class MegatronTrainerGroup(RayTrainerGroup):
     ) -> None:
         super().__init__(actors, launch)
         self.config = dict(hf_config)
-        self._shapes = {p.name: p.shape for p in hf_params(self.config)}
-
-    @classmethod
-    def launch(
-        cls,
-        world: int,
-        hf_config: Mapping[str, Any],
-        parallel: Parallel,
-        *,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-        num_cpus: float = 0.5,
-        num_gpus: float | None = None,
-        threads: int = 1,
-    ) -> MegatronTrainerGroup:
-        """Start `world` `MegatronTrainerRank` actors (one GPU each where there is CUDA)."""
-        parallel.sizes(world)  # raises if the layout does not fit
-        launch = dict(
-            world=world,
-            port=free_port(),
-            config=dict(hf_config),
-            parallel=parallel,
-            seed=seed,
-            dtype=dtype,
-            num_cpus=num_cpus,
-            num_gpus=(1 if torch.cuda.is_available() else 0) if num_gpus is None else num_gpus,
-            threads=threads,
-        )
-        group = cls([cls._start(launch, r) for r in range(world)], hf_config, launch)
-        group.run("describe")  # wait until every rank is built (errors name the rank)
-        return group
-
-    @staticmethod
-    def _start(launch: dict[str, Any], rank: int) -> Any:
-        import ray
-
-        actor = ray.remote(num_cpus=launch["num_cpus"], num_gpus=launch["num_gpus"])(
-            MegatronTrainerRank
-        )
-        return actor.remote(
-            rank,
-            launch["world"],
-            launch["port"],
-            launch["config"],
-            launch["parallel"],
-            seed=launch["seed"],
-            dtype=launch["dtype"],
-            threads=launch["threads"],
-        )
 
     def restart_rank(self, rank: int) -> None:
         raise RefitError(
@@ -374,39 +242,3 @@ class MegatronTrainerGroup(RayTrainerGroup):
         if len(devices) > 1:
             raise RefitError(f"the trainer's ranks hold their weights on {devices}")
         return trainer_spec([(c, s) for c, s, _ in parts], self.config, device=devices[0])
-
-    def export_hf(self) -> dict[str, torch.Tensor]:
-        """Every HF parameter assembled from the ranks' shards (each element from every rank
-        that holds it, which must agree bit for bit)."""
-        full: dict[str, torch.Tensor] = {}
-        filled: dict[str, torch.Tensor] = {}
-        problems = []
-        for rank, shards in enumerate(self.run("export")):
-            for name, box, values in shards:
-                index = tuple(slice(a, b) for a, b in box)
-                if name not in full:
-                    shape = self._shapes[name]
-                    full[name] = torch.zeros(shape, dtype=values.dtype)
-                    filled[name] = torch.zeros(shape, dtype=torch.bool)
-                seen = filled[name][index]
-                old = full[name][index]
-                if seen.any() and not torch.equal(
-                    old[seen].view(torch.uint8), values[seen].view(torch.uint8)
-                ):
-                    problems.append(f"{name!r}: rank {rank} disagrees with an earlier replica")
-                full[name][index] = values
-                filled[name][index] = True
-        for name, f in filled.items():
-            if not f.all():
-                problems.append(f"{name!r}: {int((~f).sum())} elements held by no rank")
-        if problems:
-            raise RefitError(problems)
-        return full
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Megatron's own logits for `tokens` ``[batch, seq]`` (from the last stage)."""
-        outs = [o for o in self.run("forward", tokens) if o is not None]
-        return outs[0]
-
-    def load_hf(self, path: str | Path, step: int = 0) -> None:
-        self.run("load_hf", str(path), step)

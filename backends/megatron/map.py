@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from backends.parallel import DENSE_AXES, EXPERT_AXES, Parallel
 from refit.errors import RefitError
 from refit.hf import architecture, hf_params
 from refit.spec import SourceParam, TrainerSpec
@@ -78,10 +79,7 @@ __all__ = [
     "trainer_spec",
 ]
 
-# mesh axes of the two meshes of a pipeline stage
-DENSE_AXES = ("dp", "tp")
-EXPERT_AXES = ("edp", "ep", "etp")
-AXES = DENSE_AXES + EXPERT_AXES
+AXES = DENSE_AXES + EXPERT_AXES  # the axes of a stage's two meshes (`backends.parallel`)
 
 Tensors = Mapping[tuple[int, str], torch.Tensor]  # (chunk, Megatron name) -> local tensor
 View = Callable[[Tensors], Local]
@@ -89,7 +87,8 @@ View = Callable[[Tensors], Local]
 
 @dataclass(frozen=True)
 class Coords:
-    """A rank's place in Megatron's parallel groups (read from `parallel_state`)."""
+    """A rank's place in Megatron's parallel groups (read from `parallel_state`): its index
+    in each group, and the groups' sizes (`par`)."""
 
     rank: int
     pp: int
@@ -99,10 +98,10 @@ class Coords:
     ep: int
     etp: int
     edp: int
-    sizes: tuple[tuple[str, int], ...]  # (group, size) for pp, tp, dp, cp, ep, etp, edp, vpp
+    par: Parallel
 
     def size(self, axis: str) -> int:
-        return dict(self.sizes)[axis]
+        return self.par.size(axis)
 
     def index(self, axis: str) -> int:
         return int(getattr(self, axis))
@@ -555,20 +554,19 @@ def stage_meshes(coords: Sequence[Coords]) -> list[StageMeshes]:
     import numpy as np
 
     problems: list[str] = []
-    first = coords[0]
-    sizes = dict(first.sizes)
+    par = coords[0].par
     for c in coords:
-        if c.sizes != first.sizes:
-            problems.append(f"rank {c.rank} has group sizes {c.sizes}, rank 0 {first.sizes}")
-    if sizes["cp"] != 1:
-        problems.append(f"context parallel size {sizes['cp']} is not supported")
+        if c.par != par:
+            problems.append(f"rank {c.rank} has group sizes {c.par!r}, rank 0 {par!r}")
+    if par.cp != 1:
+        problems.append(f"context parallel size {par.cp} is not supported")
     if problems:
         raise RefitError(problems)
     out = []
-    for s in range(sizes["pp"]):
+    for s in range(par.pp):
         members = [c for c in coords if c.pp == s]
-        dense = np.full((sizes["dp"], sizes["tp"]), -1, dtype=np.int64)
-        experts = np.full((sizes["edp"], sizes["ep"], sizes["etp"]), -1, dtype=np.int64)
+        dense = np.full((par.dp, par.tp), -1, dtype=np.int64)
+        experts = np.full((par.edp, par.ep, par.etp), -1, dtype=np.int64)
         for c in members:
             for arr, at in ((dense, (c.dp, c.tp)), (experts, (c.edp, c.ep, c.etp))):
                 if arr[at] != -1:

@@ -44,7 +44,7 @@ def check_fresh(llm: Any, *, allow_stale: bool = False) -> None:
         )
 
 
-EXTENSION = "backends.vllm_worker.RefitWorkerExtension"
+EXTENSION = "backends.vllm.worker.RefitWorkerExtension"
 
 
 def cpu_bind(tp: int) -> str:

@@ -2,11 +2,11 @@
 
 It lives inside a vLLM worker process, built from the worker's `VllmConfig`, its model and
 its device, and is driven either by the weight-transfer backend ``"xfer"``
-(`backends.vllm_transfer`, vLLM's own API: `vllm serve`, `LLM`, `AsyncLLM`) or by the worker
-extension (`backends.vllm_worker`, ``collective_rpc``). Everything it returns is JSON bytes.
+(`backends.vllm.transfer`, vLLM's own API: `vllm serve`, `LLM`, `AsyncLLM`) or by the worker
+extension (`backends.vllm.worker`, ``collective_rpc``). Everything it returns is JSON bytes.
 
 Describe. The HF config the engine loaded gives the parameter inventory, and
-`backends.vllm_layout` says where vLLM keeps each parameter. Each rule is checked against the
+`backends.vllm.layout` says where vLLM keeps each parameter. Each rule is checked against the
 live engine: the target must exist in checkpoint format (vLLM records that format for its
 layerwise reload), the bulk regions landing in a target must fill it exactly unless a misc
 parameter (which vLLM's loader places) lands there too (vocab padding rows are zeroed), and
@@ -50,8 +50,9 @@ from typing import Any
 
 import torch
 
-from backends import fault_injection, vllm_private
-from backends.vllm_layout import VllmDest, mtp_prefixes, vllm_dests
+from backends import fault_injection
+from backends.vllm import private as vllm_private
+from backends.vllm.layout import VllmDest, mtp_prefixes, vllm_dests
 from refit.errors import RefitError
 from refit.hf import Role, ungroup
 from refit.rank import Gate, RankSetup, RefitRank
@@ -476,7 +477,7 @@ class VllmRefitEngine:
         run, whether refits keep a copy of what they received (`refit_captured`), and name
         fragments of parameters to route through vLLM's own weight loading (misc). `fault`
         (kind, phase) injects a fault into every refit; only for test processes started with
-        ``REFIT_FAULT_INJECTION=1`` (`backends.faults.fault_hook`), refused otherwise."""
+        ``REFIT_FAULT_INJECTION=1`` (`backends.fault_injection.hook`), refused otherwise."""
         unknown = set(workarounds) - WORKAROUNDS
         if unknown:
             raise RefitError(f"unknown workarounds {sorted(unknown)}; known: {sorted(WORKAROUNDS)}")

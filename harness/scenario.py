@@ -1,9 +1,9 @@
 """An end-to-end refit scenario on real parts: torch or Megatron-core trainer ranks -> vLLM.
 
-    python -m backends.scenario --model qwen3 --trainer-tp 2 --engine-tp 1 --replicas 1 \\
+    python -m harness.scenario --model qwen3 --trainer-tp 2 --engine-tp 1 --replicas 1 \\
         --steps 2 --json out.json
 
-Builds a tiny model (`backends.tiny_models`), starts the trainer ranks on a ``(dp, tp)`` mesh
+Builds a tiny model (`harness.tiny_models`), starts the trainer ranks on a ``(dp, tp)`` mesh
 and the engine replicas (in this process for one replica, as Ray actors for several), and
 runs `--steps` training steps. Each step changes the weights, then refits twice, with the
 p2p path and with the golden path, and checks:
@@ -14,15 +14,16 @@ p2p path and with the golden path, and checks:
   logprobs within `--atol`), and the new weights change HF's own output (so a refit that
   silently did nothing could not pass).
 
-With ``--trainer megatron`` the trainer is real Megatron-core (`backends.megatron_worker`),
-and one engine is refitted from every layout of ``--layouts`` in turn::
+With ``--trainer megatron`` the trainer is real Megatron-core (`harness.megatron_actors`,
+refitted by `backends.megatron.worker`), and one engine is refitted from every layout of
+``--layouts`` in turn::
 
-    python -m backends.scenario --trainer megatron --model dsv3 --engine-tp 2 \\
+    python -m harness.scenario --trainer megatron --model dsv3 --engine-tp 2 \\
         --layouts tp2,pp2vpp2,tp2ep2etp1
 
 For each layout it also checks, before refitting, that Megatron's own initial weights,
 gathered and mapped to HF, give HF transformers' logits (within ``--logits-atol``), that the
-planner's metadata-only Megatron model (`backends.megatron_layout`) describes the same
+planner's metadata-only Megatron model (`backends.megatron.layout`) describes the same
 layouts as the live ranks, and at every step that the weights gathered back from the ranks
 are exactly the ones loaded into them.
 
@@ -55,8 +56,8 @@ PROMPTS = [long_prompt(150, 0), [*long_prompt(96, 0), 7, 8, 9], [100, 3, 42, 17]
 
 def set_step(rank_obj: Any, path: str, step: int, changed: float | None = None) -> None:
     """Trainer-side 'training step': this rank's shards of `step_weights(base, step)`."""
-    from backends.hf_checkpoint import load_grouped
-    from backends.tiny_models import step_weights
+    from harness.hf_checkpoint import load_grouped
+    from harness.tiny_models import step_weights
 
     full = step_weights(load_grouped(path), step, changed=changed)
     for name, ref in rank_obj.params.items():
@@ -136,7 +137,7 @@ class _Local:
         return list(self.llm.collective_rpc(method, args=args))
 
     def generate(self, prompts: list[list[int]], n: int) -> list[tuple[list[int], list[float]]]:
-        from backends.ray_engine import VllmEngineActor
+        from backends.vllm.ray_engine import VllmEngineActor
 
         return VllmEngineActor.generate(self, prompts, n)  # type: ignore[arg-type]
 
@@ -145,7 +146,7 @@ class _Remote:
     def __init__(self, kwargs: dict[str, Any], name: str, gpus: int = 0) -> None:
         import ray
 
-        from backends.ray_engine import RayEngine, VllmEngineActor
+        from backends.vllm.ray_engine import RayEngine, VllmEngineActor
 
         self.actor = ray.remote(num_cpus=0.5, num_gpus=gpus)(VllmEngineActor).remote(kwargs)
         self.side = RayEngine(self.actor, name=name)
@@ -163,7 +164,7 @@ class _Remote:
 
 def start_engines(args: argparse.Namespace, path: str, config: dict[str, Any]) -> list[Any]:
     """The engine replicas (in this process for one, as Ray actors for several)."""
-    from backends.ray_engine import engine_kwargs
+    from backends.vllm.ray_engine import engine_kwargs
 
     gpu = args.device == "cuda"
     kwargs = engine_kwargs(path, config, args.engine_tp, gpu=gpu)
@@ -193,7 +194,7 @@ def _resources() -> dict[str, Any]:
 def _engine_env(args: argparse.Namespace) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if args.engine_tp == 1 else "1"
     if args.engine_tp > 1:
-        from backends.ray_engine import cpu_bind
+        from backends.vllm.ray_engine import cpu_bind
 
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(args.engine_tp))
 
@@ -204,10 +205,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _engine_env(args)
     import ray
 
-    from backends.hf_checkpoint import load_grouped, save_grouped
     from backends.ray_trainer import free_port
-    from backends.tiny_models import build, build_from_config, step_weights
-    from backends.torch_trainer import TorchTrainerGroup, hf_model_shards
+    from backends.torch.trainer import TorchTrainerGroup
+    from harness.hf_checkpoint import load_grouped, save_grouped
+    from harness.tiny_models import build, build_from_config, step_weights
+    from harness.torch_shards import hf_model_shards
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-scenario-"))
     if args.config_json:
@@ -304,8 +306,12 @@ def warm_prefix_cache(replicas: list[Any], reference: Any, tokens: int) -> list[
 
 
 def _torch_trainer(args: argparse.Namespace, path: str, world: int, port: int | None) -> Any:
-    """Torch trainer ranks holding `parallel_layouts` shards of the checkpoint."""
-    from backends.torch_trainer import TorchTrainerGroup, checkpoint_shards, stage_meshes
+    """Torch trainer ranks holding `trainer_layouts` shards of the checkpoint."""
+    from backends.parallel import Parallel
+    from backends.torch.trainer import TorchTrainerGroup
+    from harness.torch_shards import checkpoint_shards
+
+    par = Parallel(pp=args.trainer_pp, dp=args.trainer_dp, tp=args.trainer_tp)
 
     return TorchTrainerGroup.launch(
         world,
@@ -317,9 +323,7 @@ def _torch_trainer(args: argparse.Namespace, path: str, world: int, port: int | 
         args.trainer_pp,
         port,
         args.device,
-        stage_ranks=[
-            m.flat for m in stage_meshes(args.trainer_pp, args.trainer_dp, args.trainer_tp)
-        ],
+        stage_ranks=[par.stage_ranks(s) for s in range(par.pp)],
         num_gpus=1 if args.device == "cuda" else 0,
     )
 
@@ -394,26 +398,24 @@ def check_step(
 
 
 def parse_layout(text: str) -> tuple[Any, int]:
-    """``tp2pp2``, ``tp2ep2etp1``, ``pp2vpp2``, ``tp2vocab96`` ... -> (Parallel, world). Data
-    parallel is the smallest that fits the experts unless given (``dp2``); ``vocab<N>`` sets
-    Megatron's make-vocab-size-divisible-by (padding)."""
+    """``tp2pp2``, ``tp2ep2etp1``, ``pp2vpp2``, ``tp2vocab96`` ... -> (`Parallel`, vocab
+    divisible by). Data parallel is the smallest that fits the experts unless given (``dp2``);
+    etp is tp unless given (Megatron's default); ``vocab<N>`` sets Megatron's
+    make-vocab-size-divisible-by (padding, 128 unless given)."""
     import re
 
-    from backends.megatron_model import Parallel
+    from backends.parallel import Parallel
 
     sizes = {k: int(v) for k, v in re.findall(r"(vocab|etp|vpp|tp|pp|ep|dp)(\d+)", text)}
     if "".join(f"{k}{v}" for k, v in re.findall(r"([a-z]+)(\d+)", text)) != text:
         raise ValueError(f"cannot read layout {text!r}")
     tp, pp, ep = sizes.get("tp", 1), sizes.get("pp", 1), sizes.get("ep", 1)
-    etp = sizes.get("etp")
+    etp = sizes.get("etp", tp)
     dp = sizes.get("dp", 1)
-    while "dp" not in sizes and (tp * dp) % (ep * (tp if etp is None else etp)):
+    while "dp" not in sizes and (tp * dp) % (ep * etp):
         dp += 1
-    par = Parallel(
-        tp=tp, pp=pp, vpp=sizes.get("vpp", 1), ep=ep, etp=etp,
-        vocab_divisible_by=sizes.get("vocab", 128),
-    )  # fmt: skip
-    return par, tp * pp * dp
+    par = Parallel(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, vpp=sizes.get("vpp", 1))
+    return par, sizes.get("vocab", 128)
 
 
 def reference_logits(group: Any, model: Any, vocab: int, seed: int = 0) -> tuple[float, float]:
@@ -434,10 +436,10 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import torch
 
-    from backends.hf_checkpoint import load_grouped, save_grouped
-    from backends.megatron_layout import megatron_spec
-    from backends.megatron_worker import MegatronTrainerGroup
-    from backends.tiny_models import build, step_weights
+    from backends.megatron.layout import megatron_spec
+    from harness.hf_checkpoint import load_grouped, save_grouped
+    from harness.megatron_actors import MegatronTrainerGroup
+    from harness.tiny_models import build, step_weights
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-scenario-"))
     overrides: dict[str, Any] = {"num_hidden_layers": args.layers}
@@ -452,11 +454,12 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"args": vars(args), "layouts": []}
     report["initial_tokens_equal"] = warm_prefix_cache(replicas, previous, args.tokens)
     for li, text in enumerate(args.layouts):
-        par, world = parse_layout(text)
-        lay: dict[str, Any] = {"layout": text, "parallel": str(par), "world": world}
+        par, vocab = parse_layout(text)
+        world = par.world
+        lay: dict[str, Any] = {"layout": text, "parallel": repr(par), "world": world}
         report["layouts"].append(lay)
         t0 = time.perf_counter()
-        group = MegatronTrainerGroup.launch(world, config, par)
+        group = MegatronTrainerGroup.launch(world, config, par, vocab_divisible_by=vocab)
         lay["launch_seconds"] = time.perf_counter() - t0
         try:
             # Megatron's own initial weights, gathered and mapped to HF, against HF itself
@@ -466,8 +469,8 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
                 group, hf_model(str(own)), config["vocab_size"]
             )
             spec = group.describe()
-            if par.vocab_divisible_by == 128:  # the benchmark's metadata model, unpadded
-                meta = megatron_spec(config, par.sizes(world), dtype=torch.float32, te=False)
+            if vocab == 128:  # the benchmark's metadata model, unpadded
+                meta = megatron_spec(config, par, dtype=torch.float32, te=False)
                 lay["metadata_spec_equal"] = (
                     sorted(spec.params, key=lambda p: p.name)
                     == sorted(meta.params, key=lambda p: p.name)
@@ -527,7 +530,7 @@ def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m backends.scenario",
+        prog="python -m harness.scenario",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

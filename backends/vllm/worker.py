@@ -1,17 +1,17 @@
-"""The vLLM worker extension: the `collective_rpc` face of `backends.vllm_engine`.
+"""The vLLM worker extension: the `collective_rpc` face of `backends.vllm.engine`.
 
-Create engines with ``worker_extension_cls="backends.vllm_worker.RefitWorkerExtension"`` (or
+Create engines with ``worker_extension_cls="backends.vllm.worker.RefitWorkerExtension"`` (or
 mix `RefitWorkerExtension` into your own extension class, since vLLM takes one); the
 `Refitter` then drives them through ``collective_rpc`` (`refit.rpc.METHODS`). With vLLM's own
 weight-transfer API no extension is needed: ``weight_transfer_config={"backend": "xfer"}``
-(`backends.vllm_transfer`). Everything that crosses the call is JSON bytes.
+(`backends.vllm.transfer`). Everything that crosses the call is JSON bytes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from backends.vllm_engine import WORKAROUNDS, VllmRefitEngine
+from backends.vllm.engine import WORKAROUNDS, VllmRefitEngine
 
 __all__ = ["WORKAROUNDS", "RefitWorkerExtension"]
 

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from backends.ray_engine import cpu_bind
+from backends.vllm.ray_engine import cpu_bind
 
 __all__ = ["Server"]
 

@@ -16,7 +16,7 @@ drives it through vLLM's public calls:
 ``start_weight_update()`` / ``update_weights({"version": n})`` / ``finish_weight_update()``
     one refit: `update_weights` receives the bulk shards straight into the model's storage,
     loads misc tensors through vLLM's loaders and runs the post-load processing
-    (`backends.vllm_engine`), then writes its `RankStats` and `EngineStatus` into the store.
+    (`backends.vllm.engine`), then writes its `RankStats` and `EngineStatus` into the store.
 
 All data the worker writes to the store is sealed JSON; everything it reads from the store
 is checked (`refit.watch`, `xfer.wire`). Each worker's place: replica ``replica +
@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from backends.vllm_engine import VllmRefitEngine
+from backends.vllm.engine import VllmRefitEngine
 from refit.errors import RefitError
 from xfer import tcp_store
 from xfer.wire import loads, seal
@@ -235,12 +235,12 @@ def make_trainer_init_info(
 
 class ShardSource(_Source):  # type: ignore[misc,valid-type]
     """A trainer rank's HF-named shards: DTensors or `xfer.DTensorRef`s (transformers-5 fused
-    expert tensors are split into views, `backends.torch_trainer.canonical_refs`), each on
+    expert tensors are split into views, `backends.torch.trainer.canonical_refs`), each on
     the pipeline stage whose ranks hold it (`stage_ranks`; default one stage of all ranks).
     Refit sends shards, never full tensors: iterating it is refused."""
 
     def __init__(self, params: Any, *, stage_ranks: Any = None) -> None:
-        from backends.torch_trainer import canonical_refs
+        from backends.torch.trainer import canonical_refs
 
         self.refs = canonical_refs(params)
         self.stage_ranks = stage_ranks
@@ -265,7 +265,7 @@ class StoreTrainers:
         self.e = engine
 
     def describe(self) -> Any:
-        from backends.torch_trainer import merge_descriptions
+        from backends.torch.trainer import merge_descriptions
         from refit.spec import SourceParam
 
         parts = []
@@ -306,7 +306,7 @@ class XferTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
             is_master=self.is_sender,
             timeout_s=info.timeout_s,
         )
-        from backends.torch_trainer import rank_description
+        from backends.torch.trainer import rank_description
 
         stage_ranks, params, device = rank_description(source.refs, stages, info.rank)
         self.write(
@@ -418,11 +418,11 @@ def register() -> None:
         return
     with contextlib.suppress(ValueError):  # registered already in this process
         WeightTransferEngineFactory.register_engine(
-            BACKEND, "backends.vllm_transfer", "XferWeightTransferEngine"
+            BACKEND, "backends.vllm.transfer", "XferWeightTransferEngine"
         )
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     with contextlib.suppress(ValueError):
         WeightTransferTrainerFactory.register_engine(
-            BACKEND, "backends.vllm_transfer", "XferTrainerWeightTransferEngine"
+            BACKEND, "backends.vllm.transfer", "XferTrainerWeightTransferEngine"
         )

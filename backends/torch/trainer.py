@@ -8,6 +8,10 @@ them as Ray actors (one per rank) and is the `TrainerSide` a `Refitter` takes.
 A parameter's pipeline stage is the stage whose ranks hold it (`stage_ranks`; one stage of
 all ranks by default). The ranks' own training (optimizer steps ...) runs through
 `TorchTrainerGroup.call`, which calls a function on every rank with the rank object.
+
+`parallel_layouts` gives every HF parameter's layout over given meshes, split the way Megatron
+and torchtitan split them (`backends.parallel`); `trainer_layouts` and `metadata_spec` give
+them, and the whole `TrainerSpec`, for a trainer's `backends.parallel.Parallel` sizes.
 """
 
 from __future__ import annotations
@@ -17,24 +21,14 @@ from typing import Any
 
 import torch
 
+from backends.parallel import EXPERTS, TP_DIM, Parallel, stage_of
 from backends.ray_trainer import RayPending, RayTrainerGroup, TrainerRankBase
 from refit.errors import RefitError
-from refit.hf import Role, fused_parts, hf_params
+from refit.hf import fused_parts, hf_dtype, hf_params
 from refit.spec import SourceParam, TrainerSpec, device_kind
 from xfer import DTensorRef, Layout, Mesh, Replicate, Shard
 from xfer.layout import Placement
 from xfer.segments import Local
-
-_ROW_SPLIT = {Role.EMBED, Role.LM_HEAD, Role.Q, Role.K, Role.V, Role.GATE, Role.UP}
-_ROW_SPLIT |= {Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.MLA_Q_B, Role.MLA_Q, Role.MLA_KV_B}
-
-
-def pipeline_stage(layer: int | None, name: str, num_layers: int, pp: int) -> int:
-    """Stage of a parameter when `num_layers` layers are split evenly over `pp` stages: the
-    embedding on the first stage, the final norm and the head on the last."""
-    if layer is not None:
-        return layer * pp // num_layers
-    return 0 if "embed_tokens" in name else pp - 1
 
 
 def parallel_layouts(
@@ -45,26 +39,40 @@ def parallel_layouts(
     ep: str | None = None,
 ) -> dict[str, Layout]:
     """Tensor-parallel (and expert-parallel) layouts of every HF parameter, the way Megatron
-    and torchtitan split them: column-parallel weights and the vocab on dim 0, row-parallel
-    weights on dim 1, experts on dim 0 over the `ep` axis and on their intermediate dim over
-    `tp`, everything else replicated (other axes replicate). With several meshes (one per
-    pipeline stage) each parameter lives on its stage's mesh (`pipeline_stage`)."""
+    and torchtitan split them (`backends.parallel.TP_DIM`): column-parallel weights and the
+    vocab on dim 0, row-parallel weights on dim 1, experts on dim 0 over the `ep` axis and on
+    their intermediate dim over `tp`, everything else replicated (other axes replicate). With
+    several meshes (one per pipeline stage) each parameter lives on its stage's mesh
+    (`backends.parallel.stage_of`)."""
     stages = [meshes] if isinstance(meshes, Mesh) else list(meshes)
     out = {}
     for p in hf_params(config):
-        mesh = stages[pipeline_stage(p.layer, p.name, config["num_hidden_layers"], len(stages))]
+        mesh = stages[stage_of(p, config["num_hidden_layers"], len(stages))]
         place: list[Placement] = [Replicate()] * mesh.ndim
         t = mesh.axis_index(tp)
-        if p.role in _ROW_SPLIT:
-            place[t] = Shard(0)
-        elif p.role in (Role.OUT, Role.DOWN) or p.role in (Role.EXPERT_GATE, Role.EXPERT_UP):
-            place[t] = Shard(1)
-        elif p.role == Role.EXPERT_DOWN:
-            place[t] = Shard(2)
-        if ep is not None and p.role in (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN):
+        if p.role in TP_DIM:
+            place[t] = Shard(TP_DIM[p.role])
+        if ep is not None and p.role in EXPERTS:
             place[mesh.axis_index(ep)] = Shard(0)
         out[p.name] = Layout(mesh, place, p.shape)
     return out
+
+
+def trainer_layouts(config: Mapping[str, Any], par: Parallel) -> dict[str, Layout]:
+    """`parallel_layouts` of a torch trainer with parallel sizes `par`: its ranks are
+    `par`'s pipeline stages of ``(dp, tp)`` meshes (`Parallel.dense_mesh`), its experts are
+    split on their intermediate dim over tp (etp == tp) and, with ``ep == dp > 1``, on dim 0
+    over dp (DeepSeek's PP x EP is ``Parallel(pp=pp, dp=ep, ep=ep)``)."""
+    problems = []
+    if par.ep not in (1, par.dp):
+        problems.append(f"ep({par.ep}) must be 1 or dp({par.dp}): experts are split over dp")
+    if par.etp != par.tp:
+        problems.append(f"etp({par.etp}) must be tp({par.tp}): experts are split over tp")
+    problems += [f"{k}({par.size(k)}) must be 1" for k in ("cp", "vpp") if par.size(k) != 1]
+    if problems:
+        raise RefitError([f"torch trainer {par!r}: {x}" for x in problems])
+    meshes = [par.dense_mesh(s) for s in range(par.pp)]
+    return parallel_layouts(config, meshes, ep="dp" if par.ep > 1 else None)
 
 
 __all__ = [
@@ -73,14 +81,11 @@ __all__ = [
     "TorchTrainerGroup",
     "TorchTrainerRank",
     "canonical_refs",
-    "checkpoint_shards",
-    "hf_model_shards",
     "merge_descriptions",
-    "rank_description",
     "metadata_spec",
     "parallel_layouts",
-    "pipeline_stage",
-    "stage_meshes",
+    "rank_description",
+    "trainer_layouts",
 ]
 
 
@@ -132,110 +137,20 @@ def canonical_refs(params: Mapping[str, Any]) -> dict[str, DTensorRef]:
 
 
 def metadata_spec(
-    config: Mapping[str, Any],
-    *,
-    pp: int = 1,
-    dp: int = 1,
-    tp: int = 1,
-    ep: bool = False,
-    dtype: torch.dtype = torch.bfloat16,
+    config: Mapping[str, Any], par: Parallel, *, dtype: torch.dtype = torch.bfloat16
 ) -> TrainerSpec:
-    """The `TrainerSpec` a torch trainer on `pp` stages of ``(dp, tp)`` meshes would describe
-    (with `ep`, experts split over dp: DeepSeek's PP x EP is ``pp, dp=ep, tp=1``), from
-    metadata only."""
-    from refit.hf import hf_dtype
-
-    meshes = stage_meshes(pp, dp, tp)
-    layouts = parallel_layouts(config, meshes, ep="dp" if ep else None)
+    """The `TrainerSpec` a torch trainer with parallel sizes `par` would describe
+    (`trainer_layouts`), from metadata only."""
+    layouts = trainer_layouts(config, par)
+    stages = [par.dense_mesh(s) for s in range(par.pp)]
     params = []
     for p in hf_params(config):
         lay = layouts[p.name]
-        stage = next(s for s, m in enumerate(meshes) if m == lay.mesh)
+        stage = stages.index(lay.mesh)
         params.append(SourceParam(p.name, p.shape, hf_dtype(p, config, dtype), stage, lay))
     return TrainerSpec(
-        world=pp * dp * tp, stage_ranks=tuple(m.flat for m in meshes), params=tuple(params)
+        world=par.world, stage_ranks=tuple(m.flat for m in stages), params=tuple(params)
     )
-
-
-def stage_meshes(pp: int, dp: int, tp: int) -> list[Mesh]:
-    """Ranks ``0..pp*dp*tp-1`` as `pp` stages of ``(dp, tp)`` meshes, stage-major."""
-    ranks = torch.arange(pp * dp * tp).reshape(pp, dp, tp)
-    return [Mesh(ranks[s].tolist(), ("dp", "tp")) for s in range(pp)]
-
-
-def checkpoint_shards(
-    rank: int,
-    world: int,
-    path: str,
-    dp: int,
-    tp: int,
-    ep: bool = False,
-    pp: int = 1,
-    dtensor_port: int | None = None,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """A `TorchTrainerRank` build function: this rank's shards of the checkpoint at `path`,
-    on `pp` stages of ``(dp, tp)`` meshes (`parallel_layouts`; with `ep`, experts are split
-    over the dp axis), on `device` (``"cuda"``: the rank's current CUDA device). With
-    `dtensor_port`, the ranks form a gloo default group on that loopback port and the shards
-    are torch `DTensor`s (what FSDP2/torchtitan ranks hold)."""
-    import json
-    from pathlib import Path
-
-    from backends.hf_checkpoint import load_grouped
-
-    if pp * dp * tp != world:
-        raise RefitError(f"pp({pp}) * dp({dp}) * tp({tp}) != world({world})")
-    config = json.loads((Path(path) / "config.json").read_text())
-    layouts = parallel_layouts(config, stage_meshes(pp, dp, tp), ep="dp" if ep else None)
-    full = load_grouped(path)
-    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
-    shards = {
-        name: DTensorRef(full[name][lay.box(rank)].to(dev, copy=True), lay)
-        for name, lay in layouts.items()
-        if lay.holds(rank)
-    }
-    if dtensor_port is None:
-        return shards
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{dtensor_port}", rank=rank, world_size=world
-    )
-    meshes: dict[Mesh, DeviceMesh] = {}
-    out: dict[str, Any] = {}
-    for name, ref in shards.items():
-        m = ref.layout.mesh
-        if m not in meshes:
-            meshes[m] = DeviceMesh("cpu", torch.tensor(m.ranks), mesh_dim_names=m.axes)
-        assert ref.local is not None
-        out[name] = DTensor.from_local(
-            ref.local,
-            meshes[m],
-            ref.layout.placements,
-            run_check=False,
-            shape=ref.layout.shape,
-            stride=torch.empty(ref.layout.shape, device="meta").stride(),
-        )
-    return out
-
-
-def hf_model_shards(rank: int, world: int, path: str, device: str = "cpu") -> dict[str, Any]:
-    """A `TorchTrainerRank` build function: the parameters of the transformers model at `path`,
-    under transformers' own names (experts fused in transformers 5), each sharded on dim 0
-    over all `world` ranks as FSDP2 shards them: what an FSDP2 trainer rank holds."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    mesh = Mesh(list(range(world)), ("dp",))
-    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
-    out: dict[str, Any] = {}
-    for name, p in model.named_parameters():
-        lay = Layout(mesh, [Shard(0)], tuple(p.shape))
-        out[name] = DTensorRef(p.detach()[lay.box(rank)].to(dev, copy=True), lay)
-    return out
 
 
 def rank_description(

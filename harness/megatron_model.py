@@ -1,9 +1,10 @@
 """Build a megatron-core GPT model equal to an HF architecture, and run its forward by hand.
 
 For tests, demos and the benchmark's trainer side: an RL framework builds its own Megatron
-models; the refit only reads them (`backends.megatron_worker`). `build(config, parallel)`
+models; the refit only reads them (`backends.megatron.worker`). `build(config, parallel)`
 initializes Megatron's parallel state on an already initialized default process group and
-returns this rank's model chunks (one per virtual pipeline stage), from the HF config alone:
+returns this rank's model chunks (one per virtual pipeline stage) for `parallel` (a
+`backends.parallel.Parallel`), from the HF config alone:
 
 * Llama / Qwen3 dense: RMSNorm, SwiGLU (``linear_fc1`` = [gate; up]), no biases, GQA with
   ``num_query_groups`` KV heads; Qwen3's per-head q/k norms (``qk_layernorm``).
@@ -23,54 +24,15 @@ runs first.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from backends.megatron_layout import MegatronParallel
+from backends.parallel import Parallel
 from refit.errors import RefitError
 from refit.hf import architecture
 
-__all__ = ["Parallel", "build", "forward_logits", "padded_vocab", "transformer_config"]
-
-
-@dataclass(frozen=True)
-class Parallel:
-    """Megatron parallel sizes; data parallel is what is left of the world."""
-
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    ep: int = 1
-    etp: int | None = None  # None: Megatron's default (= tp)
-    vocab_divisible_by: int = 128  # Megatron pads the vocab to a multiple of this * tp
-
-    def sizes(self, world: int) -> MegatronParallel:
-        """Every size of this layout on `world` ranks (data parallel: what is left), as the
-        planner's metadata model of Megatron; one `RefitError` naming the layout if it does
-        not fit."""
-        problems = []
-        if world % (self.tp * self.pp):
-            problems.append(f"world {world} is not a multiple of tp {self.tp} * pp {self.pp}")
-        else:
-            try:
-                return MegatronParallel(
-                    tp=self.tp, pp=self.pp, dp=world // (self.tp * self.pp), ep=self.ep,
-                    etp=self.tp if self.etp is None else self.etp, vpp=self.vpp,
-                )  # fmt: skip
-            except RefitError as e:
-                problems += e.violations
-        raise RefitError([f"parallel layout {self}: {p}" for p in problems])
-
-    def __str__(self) -> str:
-        parts = [f"TP{self.tp}", f"PP{self.pp}"]
-        if self.vpp > 1:
-            parts.append(f"VPP{self.vpp}")
-        if self.ep > 1 or self.etp is not None:
-            parts.append(f"EP{self.ep}")
-            parts.append(f"ETP{self.tp if self.etp is None else self.etp}")
-        return "x".join(parts)
+__all__ = ["build", "forward_logits", "padded_vocab", "transformer_config"]
 
 
 def padded_vocab(vocab: int, tp: int, divisible_by: int = 128) -> int:
@@ -241,11 +203,13 @@ def build(
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    vocab_divisible_by: int = 128,
 ) -> list[torch.nn.Module]:
     """Initialize Megatron's parallel state and build this rank's model chunks (eval mode).
+    Megatron pads the vocab to a multiple of `vocab_divisible_by` * tp (`padded_vocab`).
 
     Call on every rank after ``torch.distributed.init_process_group``."""
-    from backends import megatron_patches
+    from harness import megatron_patches
 
     megatron_patches.apply()
     import torch.distributed as dist
@@ -255,7 +219,15 @@ def build(
 
     if not dist.is_initialized():
         raise RefitError("megatron_model.build needs torch.distributed initialized first")
-    par.sizes(dist.get_world_size())  # raises if the layout does not fit
+    problems = []
+    if par.world != dist.get_world_size():
+        problems.append(
+            f"{par!r} needs {par.world} ranks, the default group has {dist.get_world_size()}"
+        )
+    if par.cp != 1:
+        problems.append(f"cp({par.cp}): this builder has no context parallelism")
+    if problems:
+        raise RefitError(problems)
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(
@@ -286,7 +258,7 @@ def build(
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,
-            vocab_size=padded_vocab(hf["vocab_size"], par.tp, par.vocab_divisible_by),
+            vocab_size=padded_vocab(hf["vocab_size"], par.tp, vocab_divisible_by),
             max_sequence_length=hf.get("max_position_embeddings", 4096),
             pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),

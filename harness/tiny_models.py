@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from backends.hf_checkpoint import load_grouped, save_grouped
+from harness.hf_checkpoint import load_grouped, save_grouped
 
 __all__ = ["KINDS", "build", "build_from_config", "step_weights"]
 
