@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.megatron_layout import MegatronParallel
+from backends.parallel import Parallel
 from benches.simulate import Cluster, SimResult, simulate
 from refit.planner import RefitPlan
 from refit.spec import DestParam, EngineSpec, SourceParam, TrainerSpec
@@ -120,7 +120,7 @@ class Synthetic:
 
 
 def synthetic_specs(
-    trainer: MegatronParallel, engine_tp: int, kind: Synthetic
+    trainer: Parallel, engine_tp: int, kind: Synthetic
 ) -> tuple[TrainerSpec, EngineSpec]:
     """Descriptions with the workload's stages and ranks but synthetic tensors: per stage,
     `kind.tensors` row shards over the stage's tp (replicated over its dp) into column shards

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from backends.megatron_layout import MegatronParallel
+from backends.parallel import Parallel
 from benches.simulate import Cluster
 from xfer import DEFAULT_BUCKET_BYTES
 
@@ -56,7 +56,7 @@ class Side:
     """One layout of the two sides: Megatron trainer, vLLM engine replicas, refit options."""
 
     model: dict[str, Any]
-    trainer: MegatronParallel
+    trainer: Parallel
     engine_tp: int
     replicas: int
     expert_parallel: bool
@@ -67,11 +67,12 @@ class Side:
     def world(self) -> int:
         return self.trainer.world + self.engine_tp * self.replicas
 
-    def bucket_bytes(self, misc_bytes: int) -> int:
-        """The bucket for a refit whose engine ranks hold `misc_bytes` of misc tensors."""
+    def bucket_bytes(self, misc_bytes: int, relay: bool = False) -> int:
+        """The bucket for a refit whose engine ranks hold `misc_bytes` of misc tensors (as
+        `refit.refitter.budget_bucket`: with `relay` engine ranks may stage sends too)."""
         if self.max_extra_bytes is None:
             return self.bucket_cap or DEFAULT_BUCKET_BYTES
-        bucket = (self.max_extra_bytes - misc_bytes) // 2
+        bucket = (self.max_extra_bytes - misc_bytes) // (4 if relay else 2)
         if self.bucket_cap is not None:
             bucket = min(bucket, self.bucket_cap)
         if bucket < MIN_BUCKET:
@@ -160,7 +161,7 @@ def _check_side(chk: _Checker, where: str, trainer: Any, engine: Any, refit: Any
 def _side(chk: _Checker, keys: _SideKeys, model: dict[str, Any]) -> Side:
     t, e, r = keys.trainer, keys.engine, keys.refit
     try:
-        par = MegatronParallel(**t)
+        par = Parallel(**t)
     except ValueError as err:  # RefitError: every violated factor
         raise ConfigError(f"{chk.file}: {keys.where}trainer: {err}") from None
     return Side(

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 
 from benches.simulate import remote_cells
+from harness.local import RankPool
 from refit.planner import RefitPlan
 from refit.rank import Gate, RankOptions, RankSetup, RefitRank
 from refit.spec import EngineSpec, TrainerSpec
 from xfer import Staging, TorchComm, Transfer, tcp_store
 from xfer.comm import Comm
-from xfer.local import RankPool
 from xfer.program import as_bytes
 
 __all__ = ["PATHS", "BufferEngine", "changed", "execute", "execute_delta", "full_tensor"]

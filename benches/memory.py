@@ -5,7 +5,8 @@ refit, as `benches.localrun` allocates them (its measurements are compared with 
 
 * p2p: send staging is double-buffered, and so is receive staging: at most 2 x the rank's
   largest send round + 2 x its largest receive round (`PlanStats.peak_send_round`,
-  `peak_recv_round`; a trainer rank only sends, an engine rank only receives); an engine rank
+  `peak_recv_round`; a trainer rank only sends, an engine rank receives and, when it forwards
+  to another replica (relay, `xfer.plan`), sends what it received); an engine rank
   also holds every misc tensor whole while the engine loads them. That is the bound
   (`extra_memory`). The runtime stages less: a message whose bytes are one contiguous span of
   the local tensor goes straight from (or into) its storage, and only the other messages are
@@ -98,8 +99,8 @@ def zero_copy_extra(refit: RefitPlan, plan: Plan, ranks: list[int]) -> dict[int,
         prog = build_program(plan, rank)
         src = _byte_views(plan, rank, "src")
         dst = _byte_views(plan, rank, "dst")
-        send = max((_staged(r.sends, src) for r in prog.rounds), default=0)
-        recv = max((_staged(r.recvs, dst) for r in prog.rounds), default=0)
+        send = max((_staged(r.sends, src, dst) for r in prog.rounds), default=0)
+        recv = max((_staged(r.recvs, dst, dst) for r in prog.rounds), default=0)
         out[rank] = 2 * (send + recv) + (misc if rank >= refit.trainer_world else 0)
     return out
 
@@ -115,9 +116,12 @@ def _byte_views(plan: Plan, rank: int, side: str) -> dict[int, torch.Tensor]:
     return views
 
 
-def _staged(msgs: tuple[Message, ...], views: dict[int, torch.Tensor]) -> int:
-    """Bytes of `msgs` that are not one contiguous span of their local tensor."""
-    return sum(m.nbytes for m in msgs if not _one_span(m, views))
+def _staged(
+    msgs: tuple[Message, ...], views: dict[int, torch.Tensor], dst: dict[int, torch.Tensor]
+) -> int:
+    """Bytes of `msgs` that are not one contiguous span of their local tensor (relay sends
+    read the destination, `dst`)."""
+    return sum(m.nbytes for m in msgs if not _one_span(m, dst if m.from_dst else views))
 
 
 def _one_span(m: Message, views: dict[int, torch.Tensor]) -> bool:

@@ -9,7 +9,9 @@
    comes from the config (`bucket_mib`), or from the engine GPUs' budget (`max_extra_gib`).
 3. Simulate the refit on the configured cluster (`benches.simulate`, link-level): seconds for
    p2p, golden and the gather + broadcast baseline, beside the lower bound and the engines'
-   receive bound, each with its memory; p2p also for other buckets (time against memory).
+   receive bound, each with its memory; p2p also for other buckets (time against memory),
+   and for 1x, 2x and 4x the engine replicas without and with relay (replicas forwarding
+   to each other, `xfer.plan`).
 4. Calibrate this machine's links (`benches.calibrate`) and execute a scaled-down copy of
    the same architecture and layouts on local gloo ranks (`benches.localrun`; NCCL with a GPU
    per rank): p2p vs golden vs gather + broadcast through the real runtime, measured in one
@@ -22,7 +24,7 @@
    100% (where every message falls back to dense), checked exact; and the fraction of BF16
    elements AdamW steps at RL learning rates change (`benches.update`).
 6. With ``--engines``, the scaled-down copy also runs through real torch trainer ranks and
-   real vLLM engines via Ray (`backends.scenario`), checked against HF transformers.
+   real vLLM engines via Ray (`harness.scenario`), checked against HF transformers.
 
 Everything goes to ``<out>/<config>.json`` (standard JSON, with the versions, command and
 machine that produced it) and a plot ``<out>/<config>.png``.
@@ -38,23 +40,23 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from backends.megatron_layout import megatron_spec
-from backends.vllm_layout import engine_spec
+from backends.megatron.layout import megatron_spec
+from backends.vllm.layout import engine_spec
 from benches import calibrate, localrun, report
 from benches.config import BenchConfig, Side, load
 from benches.memory import extra_memory, misc_bytes, zero_copy_extra
 from benches.simulate import simulate, simulate_delta
 from benches.update import LEARNING_RATES, adam_changed_fraction
+from harness.local import RankPool
 from refit.planner import RefitPlan, plan_refit
 from refit.spec import EngineSpec, TrainerSpec
 from xfer import Plan, plan_reshard
-from xfer.local import RankPool
 
 PROG = "python -m benches.refit"
 SWEEP_MIB = (64, 256, 1024, 4096)  # buckets for the p2p time-against-memory sweep
@@ -80,7 +82,8 @@ def specs(side: Side) -> tuple[TrainerSpec, EngineSpec]:
 def _plan(side: Side) -> tuple[RefitPlan, Plan, int]:
     trainer, engine = specs(side)
     refit = plan_refit(trainer, [engine] * side.replicas)
-    bucket = side.bucket_bytes(misc_bytes(refit))
+    # as the Refitter does: relay chosen by the planner where replicas could forward
+    bucket = side.bucket_bytes(misc_bytes(refit), relay=side.replicas > 1)
     return refit, plan_reshard(refit.items, world_size=refit.world, bucket_bytes=bucket), bucket
 
 
@@ -183,6 +186,48 @@ def bucket_sweep(built: Built, cfg: BenchConfig) -> list[dict[str, Any]]:
                 "trainer_extra_bytes_max": mem.max("p2p", "trainer"),
             }
         )
+    return rows
+
+
+def replica_sweep(cfg: BenchConfig, progress: Any = None) -> list[dict[str, Any]]:
+    """p2p seconds and extra memory for 1x, 2x and 4x the configured engine replicas, without
+    and with relay (`xfer.plan`; "auto": the planner's choice), each at the side's budget."""
+    rows = []
+    for factor in (1, 2, 4):
+        side = replace(cfg.full, replicas=cfg.full.replicas * factor)
+        trainer, engine = specs(side)
+        refit = plan_refit(trainer, [engine] * side.replicas)
+        for relay in (False, None):
+            bucket = side.bucket_bytes(misc_bytes(refit), relay=relay is None)
+            if progress is not None:
+                progress.set_description(
+                    f"replicas x{side.replicas}, relay {'auto' if relay is None else 'off'}"
+                )
+            t0 = time.process_time()
+            plan = plan_reshard(
+                refit.items, world_size=refit.world, bucket_bytes=bucket, relay=relay
+            )
+            seconds_cpu = time.process_time() - t0
+            sim = simulate(refit, plan, cfg.cluster)
+            mem = extra_memory(refit, plan)
+            t = refit.trainer_world
+            rows.append(
+                {
+                    "replicas": side.replicas,
+                    "relay": "auto" if relay is None else "off",
+                    "bucket_bytes": bucket,
+                    "relay_depth": plan.relay.max_depth,
+                    "followers": len(plan.relay),
+                    "p2p": sim.p2p,
+                    "receive_bound": sim.receive_bound,
+                    "rounds": plan.rounds,
+                    "messages": plan.stats.messages,
+                    "trainer_out_max": int(plan.stats.bytes_out[:t].max()),
+                    "engine_extra_bytes_max": mem.max("p2p", "engine"),
+                    "trainer_extra_bytes_max": mem.max("p2p", "trainer"),
+                    "plan_seconds_cpu": seconds_cpu,
+                }
+            )
     return rows
 
 
@@ -298,7 +343,7 @@ def run_engines(cfg: BenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="refit-engines-") as d:
         out = Path(d) / "report.json"
         cmd = [
-            sys.executable, "-m", "backends.scenario", "--config-json", json.dumps(side.model),
+            sys.executable, "-m", "harness.scenario", "--config-json", json.dumps(side.model),
             "--trainer-pp", str(side.trainer.pp), "--trainer-dp", str(side.trainer.dp),
             "--trainer-tp", str(side.trainer.tp), "--engine-tp", str(side.engine_tp),
             "--replicas", str(side.replicas), "--steps", "2", "--workdir", d, "--json", str(out),
@@ -333,11 +378,17 @@ def simulate_full(cfg: BenchConfig, progress: Any, delta: float = 0.0) -> dict[s
     progress.update(1)
     progress.set_description("simulating")
     sim = simulate(built.refit, built.plan, cfg.cluster).to_dict()
-    if delta:
-        sim["delta"] = simulate_delta(built.refit, built.plan, cfg.cluster, delta)
+    if delta:  # delta refits move on the plan without relay (two receive buffers per bucket)
+        direct = plan_reshard(
+            built.refit.items,
+            world_size=built.refit.world,
+            bucket_bytes=cfg.full.bucket_bytes(misc_bytes(built.refit)),
+            relay=False,
+        )
+        sim["delta"] = simulate_delta(built.refit, direct, cfg.cluster, delta)
         for where in ("host", "trainer-device"):
             sim["delta"][where] = simulate_delta(
-                built.refit, built.plan, cfg.cluster, delta, baselines=where
+                built.refit, direct, cfg.cluster, delta, baselines=where
             )
     progress.update(1)
     progress.set_description("sweeping the bucket")
@@ -345,6 +396,8 @@ def simulate_full(cfg: BenchConfig, progress: Any, delta: float = 0.0) -> dict[s
     progress.update(1)
     progress.set_description("memory with zero copy (sampled ranks)")
     memory = memory_figures(built, cfg.full)
+    progress.update(1)
+    replicas = replica_sweep(cfg, progress)
     progress.update(1)
     return {
         "config": cfg.name,
@@ -360,6 +413,7 @@ def simulate_full(cfg: BenchConfig, progress: Any, delta: float = 0.0) -> dict[s
         "sim": sim,
         "update_model": [adam_changed_fraction(lr) for lr in LEARNING_RATES] if delta else [],
         "bucket_sweep": sweep,
+        "replica_sweep": replicas,
         "plan_seconds_cpu": built.seconds_cpu,
         "plan_peak_bytes": built.peak_bytes,
     }
@@ -420,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = 4 + (0 if args.skip_local else 4)
+    steps = 5 + (0 if args.skip_local else 4)
     with tqdm(total=steps, leave=False) as bar:
         full = simulate_full(cfg, bar, args.delta)
         local = (

@@ -117,6 +117,19 @@ def print_report(cfg: BenchConfig, full: dict[str, Any], local: dict[str, Any] |
         for r in full["bucket_sweep"]
     )
     print(f"   p2p by bucket: {sweep}")
+    for r in full.get("replica_sweep", []):
+        relay = (
+            f"relay {r['relay']}"
+            if not r["followers"]
+            else f"relay {r['relay']} ({r['followers']} ranks fed by relay, depth {r['relay_depth']})"
+        )
+        print(
+            f"   DP{r['replicas']}, {relay}: p2p {r['p2p']:.3f} s = "
+            f"{r['p2p'] / r['receive_bound']:.2f}x the receive bound {r['receive_bound']:.3f} s; "
+            f"trainer out max {fmt_bytes(r['trainer_out_max'])}; extra per GPU: engine "
+            f"{fmt_bytes(r['engine_extra_bytes_max'])}, trainer {fmt_bytes(r['trainer_extra_bytes_max'])} "
+            f"(plan bound); plan {r['plan_seconds_cpu']:.2f} s CPU"
+        )
     for p in cfg.published:
         lo, hi = p["seconds"]
         print(f"   published: {p['what']}: {lo}-{hi} s")

@@ -13,8 +13,9 @@ Assumptions (the model's whole content; each is a knob in `Cluster`):
   measured for local gloo). Concurrent flows share a link fairly, so a set of
   concurrent transfers takes as long as its busiest resource needs: max over resources of
   bytes / capacity.
-* p2p: a refit is one xfer plan over every refit rank (all pipeline stages at once). Its
-  rounds run one after another; a round costs its busiest resource's time (NIC and NVLink,
+* p2p: a refit is one xfer plan over every refit rank (all pipeline stages at once), relay
+  included (engine replicas forwarding to each other, `xfer.plan`). Its rounds run one after
+  another; a round costs its busiest resource's time (NIC and NVLink,
   each direction, and the node fabric cap), plus `round_latency_us`, plus `msg_latency_us`
   per message on its busiest rank (messages sent and received), plus the pack and unpack
   copies of its busiest rank at `copy_GBps`, overlapped with the transfer when
@@ -123,23 +124,38 @@ class _Loads:
             j = np.arange(len(p_idx)) - np.repeat(np.cumsum(m) - m, m)
             b = pr.nbytes[p_idx]
             size = (((j + 1) * b) // m[p_idx] - (j * b) // m[p_idx]).astype(np.float64)
-            rnd = (pr.phase[p_idx] + (j * rounds) // m[p_idx]) % rounds
-            s, r = pr.sender[p_idx], pr.receiver[p_idx]
-            intra = nodes[s] == nodes[r]
-            inter = ~intra
-            _add(self.nic_out, rnd[inter], s[inter], size[inter])
-            _add(self.nic_in, rnd[inter], r[inter], size[inter])
-            _add(self.nvl_out, rnd[intra], s[intra], size[intra])
-            _add(self.nvl_in, rnd[intra], r[intra], size[intra])
-            _add(self.fabric, rnd[intra], nodes[s[intra]], size[intra])
-            _add(self.msgs, rnd, s, None)
-            _add(self.msgs, rnd, r, None)
-            _add(self.copies, rnd, s, size)  # packing
-            _add(self.copies, rnd, r, size)  # unpacking
+            direct = max(1, plan.direct_rounds)
+            rnd = (pr.phase[p_idx] + (j * direct) // m[p_idx]) % direct
+            self._traffic(nodes, pr.sender[p_idx], pr.receiver[p_idx], rnd, size, None)
+        rs, rr, rrnd, rsize, rcount = plan.relay_messages()
+        if len(rs):  # relay: engine ranks forward what their chain's head received
+            self._traffic(nodes, rs, rr, rrnd, rsize.astype(np.float64), rcount.astype(float))
         lc = plan.local  # local copies happen during the first round
         if len(lc):
             first = np.zeros(len(lc), np.int64)
             _add(self.copies, first, lc.receiver, lc.nbytes.astype(float))
+
+    def _traffic(
+        self,
+        nodes: np.ndarray,
+        s: np.ndarray,
+        r: np.ndarray,
+        rnd: np.ndarray,
+        size: np.ndarray,
+        count: np.ndarray | None,
+    ) -> None:
+        """Add messages (`count` each, default one) from `s` to `r` in rounds `rnd`."""
+        intra = nodes[s] == nodes[r]
+        inter = ~intra
+        _add(self.nic_out, rnd[inter], s[inter], size[inter])
+        _add(self.nic_in, rnd[inter], r[inter], size[inter])
+        _add(self.nvl_out, rnd[intra], s[intra], size[intra])
+        _add(self.nvl_in, rnd[intra], r[intra], size[intra])
+        _add(self.fabric, rnd[intra], nodes[s[intra]], size[intra])
+        _add(self.msgs, rnd, s, count)
+        _add(self.msgs, rnd, r, count)
+        _add(self.copies, rnd, s, size)  # packing
+        _add(self.copies, rnd, r, size)  # unpacking
 
     def times(self, c: Cluster) -> dict[str, np.ndarray]:
         """Per round: link seconds, exposed copy seconds, latency seconds."""

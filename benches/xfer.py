@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from harness.local import RankPool
 from xfer import (
     DEFAULT_BUCKET_BYTES,
     Layout,
@@ -39,7 +40,6 @@ from xfer import (
     Transfer,
 )
 from xfer.comm import Comm
-from xfer.local import RankPool
 
 PATHS = ("p2p", "golden", "gather+bcast")
 
