@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from benches.simulate import remote_cells
+from benches.baseline import gather
 from harness.local import RankPool
 from refit.planner import RefitPlan
 from refit.rank import Gate, RankOptions, RankSetup, RefitRank
 from refit.spec import EngineSpec, TrainerSpec
-from xfer import Staging, TorchComm, Transfer, tcp_store
+from xfer import Staging, TorchComm, tcp_store
 from xfer.comm import Comm
 from xfer.program import as_bytes
 
@@ -150,33 +150,12 @@ def gather_broadcast(
         nbytes = _nbytes(it)
         if nbytes == 0:
             continue
-        geo = it.src.geometry
-        remote, owners = remote_cells(it, root)
-        remote &= geo.cell_numel() > 0
         raw = full = None  # the whole tensor, and its bytes (gloo moves no float8)
         if rank == root or engine is not None:
             raw = staging.get("full", 0, nbytes, device)
             full = raw.view(it.dtype).view(it.src.shape)
-        if rank == root:
-            assert full is not None
-            if it.src.holds(root):
-                full[it.src.box(root)].copy_(shards[it.name])
-            want = np.flatnonzero(remote)
-            sizes = [int(geo.cell_numel()[u]) * it.itemsize for u in want]
-            cells = staging.get("cells", 0, sum(sizes), device)
-            parts, offset = [], 0
-            for u, n in zip(want, sizes, strict=True):
-                box = tuple(
-                    slice(int(a), int(b))
-                    for a, b in zip(geo.cell_starts[u], geo.cell_stops[u], strict=True)
-                )
-                parts.append((int(owners[u]), box, cells[offset : offset + n]))
-                offset += n
-            comm.send_recv([], [Transfer(o, v) for o, _, v in parts]).wait()
-            for _, box, part in parts:
-                full[box].copy_(part.view(it.dtype).view(full[box].shape))
-        elif rank < plan.trainer_world and (owners[remote] == rank).any():
-            comm.send_recv([Transfer(root, as_bytes(shards[it.name].contiguous()))], []).wait()
+        shard = shards.get(it.name) if rank < plan.trainer_world else None
+        gather(it, root, rank, comm, full, shard, lambda n: staging.get("cells", 0, n, device))
         bcast = bcasts.get(s)
         if bcast is not None:
             assert raw is not None and full is not None

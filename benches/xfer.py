@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from benches.baseline import gather
 from harness.local import RankPool
 from xfer import (
     DEFAULT_BUCKET_BYTES,
@@ -37,7 +38,6 @@ from xfer import (
     ReshardItem,
     Shard,
     TorchComm,
-    Transfer,
 )
 from xfer.comm import Comm
 
@@ -76,30 +76,8 @@ def gather_broadcast(
     rank = comm.rank
     for it, src, dst in zip(items, srcs, dsts, strict=True):
         root = it.src.mesh.flat[0]
-        g = it.src.geometry
-        owners = [it.src.mesh.flat[int(g.members[u, 0])] for u in range(g.ncells)]
         full = torch.empty(it.src.shape, dtype=it.dtype) if rank in bcast_ranks else None
-        recvs = []
-        for u, owner in enumerate(owners):
-            box = tuple(
-                slice(int(a), int(b))
-                for a, b in zip(g.cell_starts[u], g.cell_stops[u], strict=True)
-            )
-            if rank == root and owner == root:
-                assert full is not None and src is not None
-                full[box].copy_(src)
-            elif rank == root:
-                assert full is not None
-                recvs.append((owner, full, box))
-        if rank == root:
-            bufs = [torch.empty(f[b].shape, dtype=it.dtype) for _, f, b in recvs]
-            comm.send_recv(
-                [], [Transfer(o, buf) for (o, _, _), buf in zip(recvs, bufs, strict=True)]
-            ).wait()
-            for (_, f, b), buf in zip(recvs, bufs, strict=True):
-                f[b].copy_(buf)
-        elif rank in owners and src is not None:
-            comm.send_recv([Transfer(root, src.contiguous())], []).wait()
+        gather(it, root, rank, comm, full, src, lambda n: torch.empty(n, dtype=torch.uint8))
         if bcast is not None and full is not None:
             bcast.broadcast(full, bcast_ranks.index(root)).wait()
             if dst is not None:
