@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import tempfile
 import time
@@ -192,11 +191,9 @@ def _resources() -> dict[str, Any]:
 
 
 def _engine_env(args: argparse.Namespace) -> None:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if args.engine_tp == 1 else "1"
-    if args.engine_tp > 1:
-        from backends.vllm.ray_engine import cpu_bind
+    from backends.vllm.ray_engine import engine_env
 
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(args.engine_tp))
+    engine_env(args.engine_tp)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -207,16 +207,13 @@ class RayClient:
     def reset_caches(self) -> None:
         import ray
 
-        for h in self.handles:
-            if ray.get(h.reset_prefix_cache.remote(reset_running_requests=True)) is False:
-                raise RefitError(
-                    "an engine actor refused to reset its prefix cache after the refit; its "
-                    "KV cache may hold blocks computed with the old weights"
-                )
-            for method in ("reset_mm_cache", "reset_encoder_cache"):
-                fn = getattr(h, method, None)
-                if fn is not None:
-                    ray.get(fn.remote())
+        from refit.rpc import invalidate_caches
+
+        def call(method: Any, **kwargs: Any) -> Any:
+            return ray.get(method.remote(**kwargs))
+
+        for i, h in enumerate(self.handles):
+            invalidate_caches(h, name=f"engine actor {i}", call=call)
 
 
 def _backend_of(llm: Any) -> str | None:

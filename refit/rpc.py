@@ -14,6 +14,7 @@ calls it on every completed refit, before the refit counts as done.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from refit.errors import RefitError
@@ -61,12 +62,17 @@ def decode_status(raw: bytes) -> EngineStatus:
         raise WireError(f"engine status: {e}") from None
 
 
-def invalidate_caches(llm: Any, *, name: str = "engine") -> None:
-    """Drop every cache `llm` (a vLLM ``LLM`` or ``LLMEngine``) derived from its weights."""
+def invalidate_caches(
+    llm: Any, *, name: str = "engine", call: Callable[..., Any] | None = None
+) -> None:
+    """Drop every cache `llm` (a vLLM ``LLM`` or ``LLMEngine``, or a Ray actor handle of
+    one) derived from its weights. `call(method, **kwargs)` invokes one of its methods
+    (default: directly; for an actor handle: ``ray.get(method.remote(**kwargs))``)."""
+    call = call or (lambda fn, **kw: fn(**kw))
     reset = getattr(llm, "reset_prefix_cache", None)
     if reset is None:
         raise RefitError(f"{name}: {type(llm).__name__} has no reset_prefix_cache")
-    if reset(reset_running_requests=True) is False:
+    if call(reset, reset_running_requests=True) is False:
         raise RefitError(
             f"{name}: vLLM refused to reset its prefix cache after the refit; its KV cache may "
             "hold blocks computed with the old weights"
@@ -75,7 +81,7 @@ def invalidate_caches(llm: Any, *, name: str = "engine") -> None:
         for method in ("reset_mm_cache", "reset_encoder_cache"):
             fn = getattr(owner, method, None)
             if fn is not None:
-                fn()
+                call(fn)
 
 
 class RpcEngine:

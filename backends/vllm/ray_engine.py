@@ -53,6 +53,14 @@ def cpu_bind(tp: int) -> str:
     return "|".join(str(i % cores) for i in range(tp))
 
 
+def engine_env(tp: int) -> None:
+    """The process environment for an in-process `vllm.LLM` of `tp` workers: the engine in
+    this process at TP 1, vLLM's worker processes (one core each on CPU) above."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if tp == 1 else "1"
+    if tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(tp))
+
+
 def engine_kwargs(
     model: str, config: dict[str, Any], tp: int = 1, *, gpu: bool = False, **extra: Any
 ) -> dict[str, Any]:
@@ -83,10 +91,7 @@ class VllmEngineActor:
     """One engine replica; create with ``ray.remote(VllmEngineActor).remote(kwargs)``."""
 
     def __init__(self, kwargs: dict[str, Any]) -> None:
-        tp = int(kwargs.get("tensor_parallel_size", 1))
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if tp == 1 else "1"
-        if tp > 1:
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(tp))
+        engine_env(int(kwargs.get("tensor_parallel_size", 1)))
         from vllm import LLM
 
         self.llm = LLM(**kwargs)
