@@ -117,34 +117,9 @@ class _Loads:
         self.nic_out, self.nic_in, self.nvl_out, self.nvl_in = z(), z(), z(), z()
         self.msgs, self.copies = z(), z()
         self.fabric = np.zeros((rounds, int(nodes.max()) + 1))
-        pr = plan.pairs
-        if len(pr):
-            m = pr.messages
-            p_idx = np.repeat(np.arange(len(pr)), m)
-            j = np.arange(len(p_idx)) - np.repeat(np.cumsum(m) - m, m)
-            b = pr.nbytes[p_idx]
-            size = (((j + 1) * b) // m[p_idx] - (j * b) // m[p_idx]).astype(np.float64)
-            direct = max(1, plan.direct_rounds)
-            rnd = (pr.phase[p_idx] + (j * direct) // m[p_idx]) % direct
-            self._traffic(nodes, pr.sender[p_idx], pr.receiver[p_idx], rnd, size, None)
-        rs, rr, rrnd, rsize, rcount = plan.relay_messages()
-        if len(rs):  # relay: engine ranks forward what their chain's head received
-            self._traffic(nodes, rs, rr, rrnd, rsize.astype(np.float64), rcount.astype(float))
-        lc = plan.local  # local copies happen during the first round
-        if len(lc):
-            first = np.zeros(len(lc), np.int64)
-            _add(self.copies, first, lc.receiver, lc.nbytes.astype(float))
-
-    def _traffic(
-        self,
-        nodes: np.ndarray,
-        s: np.ndarray,
-        r: np.ndarray,
-        rnd: np.ndarray,
-        size: np.ndarray,
-        count: np.ndarray | None,
-    ) -> None:
-        """Add messages (`count` each, default one) from `s` to `r` in rounds `rnd`."""
+        # every message, relay included (engine ranks forwarding what their chain's head got)
+        s, r, rnd, size = plan.messages()
+        size = size.astype(np.float64)
         intra = nodes[s] == nodes[r]
         inter = ~intra
         _add(self.nic_out, rnd[inter], s[inter], size[inter])
@@ -152,10 +127,14 @@ class _Loads:
         _add(self.nvl_out, rnd[intra], s[intra], size[intra])
         _add(self.nvl_in, rnd[intra], r[intra], size[intra])
         _add(self.fabric, rnd[intra], nodes[s[intra]], size[intra])
-        _add(self.msgs, rnd, s, count)
-        _add(self.msgs, rnd, r, count)
+        _add(self.msgs, rnd, s, None)
+        _add(self.msgs, rnd, r, None)
         _add(self.copies, rnd, s, size)  # packing
         _add(self.copies, rnd, r, size)  # unpacking
+        lc = plan.local  # local copies happen during the first round
+        if len(lc):
+            first = np.zeros(len(lc), np.int64)
+            _add(self.copies, first, lc.receiver, lc.nbytes.astype(float))
 
     def times(self, c: Cluster) -> dict[str, np.ndarray]:
         """Per round: link seconds, exposed copy seconds, latency seconds."""

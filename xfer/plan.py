@@ -260,31 +260,48 @@ class Plan:
             )
         return self._cache["fingerprint"]  # type: ignore[return-value]
 
-    def direct_loads(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per rank and direct round (``[world, direct_rounds]`` each), in the sources' pairs:
-        bytes sent, bytes received, messages received."""
-        if "direct_loads" not in self._cache:
-            self._cache["direct_loads"] = _direct_loads(
-                self.pairs, self.direct_rounds, self.world_size
-            )
-        return self._cache["direct_loads"]  # type: ignore[return-value]
+    def direct_messages(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every message of the sources' pairs: (sender, receiver, round, nbytes) arrays."""
+        pr, r = self.pairs, max(1, self.direct_rounds)
+        m = pr.messages
+        p_idx = np.repeat(np.arange(len(pr)), m)
+        j = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+        b = pr.nbytes[p_idx]
+        size = ((j + 1) * b) // m[p_idx] - (j * b) // m[p_idx]
+        rnd = (pr.phase[p_idx] + (j * r) // m[p_idx]) % r
+        return pr.sender[p_idx], pr.receiver[p_idx], rnd, size
 
-    def relay_messages(self) -> tuple[np.ndarray, ...]:
+    def relay_messages(
+        self, direct: tuple[np.ndarray, ...] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every relay message (one per forwarder, follower and round): (sender, receiver,
-        round, nbytes, messages) arrays, `messages` all ones."""
+        round, nbytes) arrays; `direct`: `direct_messages()` when the caller has them."""
         if "relay_messages" not in self._cache:
             rl = self.relay
-            _, into, _ = self.direct_loads()
-            per = into[rl.head] if len(rl) else np.zeros((0, 0), np.int64)
+            per = np.zeros((len(rl), max(1, self.direct_rounds)), dtype=np.int64)
+            if len(rl):  # what each follower's head receives per round
+                _, receiver, rnd, size = direct or self.direct_messages()
+                row_of = np.full(self.world_size, -1, dtype=np.int64)
+                heads, first = np.unique(rl.head, return_inverse=True)
+                row_of[heads] = np.arange(len(heads))
+                into = np.zeros((len(heads), per.shape[1]), dtype=np.int64)
+                mine = row_of[receiver] >= 0
+                np.add.at(into, (row_of[receiver[mine]], rnd[mine]), size[mine])
+                per = into[first.reshape(-1)]
             row, t = np.nonzero(per)
             self._cache["relay_messages"] = (
                 _frozen(rl.forwarder[row]),
                 _frozen(rl.follower[row]),
                 _frozen(t + 2 * rl.depth[row]),
                 _frozen(per[row, t]),
-                _frozen(np.ones(len(row), dtype=np.int64)),
             )
         return self._cache["relay_messages"]  # type: ignore[return-value]
+
+    def messages(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every message of the plan, relay included: (sender, receiver, round, nbytes)."""
+        direct = self.direct_messages()
+        relay = self.relay_messages(direct)
+        return tuple(np.concatenate([a, b]) for a, b in zip(direct, relay, strict=True))
 
     def pairs_of_sender(self, rank: int) -> range:
         lo, hi = np.searchsorted(self.pairs.sender, [rank, rank + 1])
@@ -808,58 +825,27 @@ def _fits(
 
 
 # -- statistics -----------------------------------------------------------------------------
-def _direct_loads(pr: Pairs, rounds: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r = max(1, rounds)
-    out_r = np.zeros((w, r), dtype=np.int64)
-    in_r = np.zeros((w, r), dtype=np.int64)
-    count = np.zeros((w, r), dtype=np.int64)
-    if len(pr):
-        m = pr.messages
-        p_idx = np.repeat(np.arange(len(pr)), m)
-        j = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
-        b = pr.nbytes[p_idx]
-        size = ((j + 1) * b) // m[p_idx] - (j * b) // m[p_idx]
-        rnd = (pr.phase[p_idx] + (j * r) // m[p_idx]) % r
-        np.add.at(out_r, (pr.sender[p_idx], rnd), size)
-        np.add.at(in_r, (pr.receiver[p_idx], rnd), size)
-        np.add.at(count, (pr.receiver[p_idx], rnd), (size > 0).astype(np.int64))
-    for a in (out_r, in_r, count):
-        a.setflags(write=False)
-    return out_r, in_r, count
-
-
 def _stats(plan: Plan) -> PlanStats:
-    w, pr = plan.world_size, plan.pairs
-    s, r, rnd, size, count = plan.relay_messages()
-    d_out, d_in, _ = plan.direct_loads()
-    out_r = np.zeros((w, max(1, plan.rounds)), dtype=np.int64)
-    in_r = np.zeros_like(out_r)
-    out_r[:, : d_out.shape[1]] += d_out
-    in_r[:, : d_in.shape[1]] += d_in
+    w, rounds = plan.world_size, max(1, plan.rounds)
+    s, r, rnd, size = plan.messages()
+    out_r = np.zeros((w, rounds), dtype=np.int64)
+    in_r = np.zeros((w, rounds), dtype=np.int64)
     np.add.at(out_r, (s, rnd), size)
     np.add.at(in_r, (r, rnd), size)
-    relay_out = np.bincount(s, weights=size, minlength=w).astype(np.int64)
-    relay_in = np.bincount(r, weights=size, minlength=w).astype(np.int64)
-    bytes_out = np.bincount(pr.sender, weights=pr.nbytes, minlength=w).astype(np.int64)
-    bytes_in = np.bincount(pr.receiver, weights=pr.nbytes, minlength=w).astype(np.int64)
     local_bytes = np.bincount(plan.local.receiver, weights=plan.local.nbytes, minlength=w)
-    msg_out = np.bincount(pr.sender, weights=pr.messages, minlength=w).astype(np.int64)
-    msg_in = np.bincount(pr.receiver, weights=pr.messages, minlength=w).astype(np.int64)
-    msg_out += np.bincount(s, weights=count, minlength=w).astype(np.int64)
-    msg_in += np.bincount(r, weights=count, minlength=w).astype(np.int64)
     return PlanStats(
-        bytes_out=bytes_out + relay_out,
-        bytes_in=bytes_in + relay_in,
+        bytes_out=np.bincount(s, weights=size, minlength=w).astype(np.int64),
+        bytes_in=np.bincount(r, weights=size, minlength=w).astype(np.int64),
         local_bytes=local_bytes.astype(np.int64),
-        messages_out=msg_out,
-        messages_in=msg_in,
+        messages_out=np.bincount(s, minlength=w).astype(np.int64),
+        messages_in=np.bincount(r, minlength=w).astype(np.int64),
         peak_send_round=out_r.max(axis=1),
         peak_recv_round=in_r.max(axis=1),
         rounds=plan.rounds,
-        messages=int(pr.messages.sum()) + int(count.sum()),
-        remote_bytes=int(pr.nbytes.sum()) + int(size.sum()),
+        messages=len(s),
+        remote_bytes=int(size.sum()),
         total_local_bytes=int(plan.local.nbytes.sum()),
-        relay_bytes=int(size.sum()),
+        relay_bytes=int(plan.relay_messages()[3].sum()),
     )
 
 
