@@ -93,6 +93,7 @@ from refit.watch import Failure, FailureBoard, RefitFailed
 from xfer import DEFAULT_BUCKET_BYTES, tcp_store
 from xfer.api import PATHS, Path
 from xfer.net import is_local, routable_address
+from xfer.plan import check_relay
 
 __all__ = ["BACKENDS", "RefitStats", "Refitter", "choose_backend"]
 
@@ -264,8 +265,7 @@ class Refitter:
             problems.append(f"full_every must be an int >= 0 (0: never), got {full_every!r}")
         if baselines not in BASELINES:
             problems.append(f"baselines must be one of {BASELINES}, got {baselines!r}")
-        if not (relay is None or isinstance(relay, bool) or (isinstance(relay, int) and relay > 0)):
-            problems.append(f"relay must be None (auto), a bool or an int >= 1, got {relay!r}")
+        problems += check_relay(relay)
         if receive_while_serving and not delta:
             problems.append(
                 "receive_while_serving=True needs delta=True: the bytes arrive into the delta "

@@ -367,6 +367,13 @@ def check_items(
     return out
 
 
+def check_relay(relay: object) -> list[str]:
+    """The problem with a `relay` option (see `plan_reshard`), if any."""
+    if relay is None or isinstance(relay, bool) or (type(relay) is int and relay >= 1):
+        return []
+    return [f"relay must be None (auto), a bool or an int >= 1, got {relay!r}"]
+
+
 # -- planning -------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class _Template:
@@ -448,8 +455,7 @@ def plan_reshard(
     problems = check_items(items, world_size, nodes)
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         problems.append(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
-    if not (relay is None or isinstance(relay, bool) or (type(relay) is int and relay >= 1)):
-        problems.append(f"relay must be None, a bool or a positive int, got {relay!r}")
+    problems += check_relay(relay)
     raise_if(problems)
 
     width = max([1] + [it.dst.ndim for it in items])
