@@ -203,6 +203,9 @@ def test_relay_chains_replicas_and_auto_picks_fewest_rounds():
     assert auto.relay.depth.tolist() == [1, 1, 2, 2, 3, 3]
     # one round of everything: a relay could only add rounds
     assert len(plan_reshard(its, bucket_bytes=1 << 20).relay) == 0
+    for bad in (0, -1, 1.5, "on"):
+        with pytest.raises(XferError, match="relay must be None"):
+            plan_reshard(its, relay=bad)
     # ranks that also hold a source box are never relayed; nor are different boxes
     mixed = Layout(Mesh([[0, 1], [2, 3]], ("dp", "tp")), [Replicate(), Shard(1)], [64, 32])
     assert len(plan_reshard([ReshardItem(src, mixed, torch.float32)], bucket_bytes=64).relay) == 0
