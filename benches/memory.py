@@ -32,7 +32,9 @@ import torch
 from benches.simulate import remote_cells
 from refit.planner import RefitPlan
 from xfer import Plan, ReshardItem, build_program
-from xfer.program import Message, as_bytes
+from xfer.execute import staging_need
+from xfer.program import as_bytes
+from xfer.segments import Local
 
 __all__ = ["ExtraMemory", "extra_memory", "misc_bytes", "zero_copy_extra"]
 
@@ -96,47 +98,20 @@ def zero_copy_extra(refit: RefitPlan, plan: Plan, ranks: list[int]) -> dict[int,
     misc = misc_bytes(refit)
     out = {}
     for rank in ranks:
-        prog = build_program(plan, rank)
         src = _byte_views(plan, rank, "src")
         dst = _byte_views(plan, rank, "dst")
-        send = max((_staged(r.sends, src, dst) for r in prog.rounds), default=0)
-        recv = max((_staged(r.recvs, dst, dst) for r in prog.rounds), default=0)
+        send, recv = staging_need(build_program(plan, rank), src, dst)
         out[rank] = 2 * (send + recv) + (misc if rank >= refit.trainer_world else 0)
     return out
 
 
-def _byte_views(plan: Plan, rank: int, side: str) -> dict[int, torch.Tensor]:
+def _byte_views(plan: Plan, rank: int, side: str) -> list[Local | None]:
     """Contiguous stand-ins (no storage) for this rank's local tensors, as byte views."""
-    views = {}
-    for i, it in enumerate(plan.items):
+    views: list[Local | None] = []
+    for it in plan.items:
         layout = it.src if side == "src" else it.dst
-        if layout.holds(rank):
-            shape = layout.local_shape(rank)
-            views[i] = as_bytes(torch.empty(shape, dtype=it.dtype, device="meta"))
+        shape = layout.local_shape(rank) if layout.holds(rank) else None
+        views.append(
+            None if shape is None else as_bytes(torch.empty(shape, dtype=it.dtype, device="meta"))
+        )
     return views
-
-
-def _staged(
-    msgs: tuple[Message, ...], views: dict[int, torch.Tensor], dst: dict[int, torch.Tensor]
-) -> int:
-    """Bytes of `msgs` that are not one contiguous span of their local tensor (relay sends
-    read the destination, `dst`)."""
-    return sum(m.nbytes for m in msgs if not _one_span(m, dst if m.from_dst else views))
-
-
-def _one_span(m: Message, views: dict[int, torch.Tensor]) -> bool:
-    items = {c.item for c in m.copies}
-    if len(items) != 1:
-        return False
-    local = views[items.pop()]
-    start = end = -1
-    for c in m.copies:
-        region = local[c.index]
-        if not region.is_contiguous():
-            return False
-        offset = int(region.storage_offset())
-        if start >= 0 and offset != end:
-            return False
-        start = offset if start < 0 else start
-        end = offset + c.nbytes
-    return end - start == m.nbytes

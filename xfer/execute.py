@@ -43,7 +43,7 @@ from xfer.program import Copy, Message, RankProgram, Round, as_bytes
 from xfer.segments import Local, Segments, copy_in, copy_out
 from xfer.torch_private import copy_many
 
-__all__ = ["Staging", "XferStats", "run_golden", "run_p2p"]
+__all__ = ["Staging", "XferStats", "run_golden", "run_p2p", "staging_need"]
 
 
 @dataclass(frozen=True)
@@ -353,6 +353,24 @@ class Prepared:
         )
 
 
+def _round_directs(
+    program: RankProgram, src: list[Local | None], dst: list[Local | None]
+) -> tuple[list[_Direct], list[_Direct]]:
+    """Per round, what its sends and its receives stage (`src`, `dst`: byte views)."""
+    sends = [_directs(r.sends, src, dst) for r in program.rounds]
+    recvs = [_directs(r.recvs, dst, dst) for r in program.rounds]
+    return sends, recvs
+
+
+def staging_need(
+    program: RankProgram, src: list[Local | None], dst: list[Local | None]
+) -> tuple[int, int]:
+    """The largest round's staged send and receive bytes of `program` over these byte views
+    of the local tensors (what a p2p run allocates twice each; `meta` tensors will do)."""
+    sends, recvs = _round_directs(program, src, dst)
+    return max((d.staged for d in sends), default=0), max((d.staged for d in recvs), default=0)
+
+
 def prepare(
     program: RankProgram,
     srcs: Sequence[Local | None],
@@ -365,8 +383,7 @@ def prepare(
     """Set up a p2p run of `program` (`keep`: see `_Locals`)."""
     loc = _Locals(srcs, dsts, keep=keep)
     device = _device_of(srcs, dsts, comm)
-    sends = [_directs(r.sends, loc.src_bytes, loc.dst_bytes) for r in program.rounds]
-    recvs = [_directs(r.recvs, loc.dst_bytes, loc.dst_bytes) for r in program.rounds]
+    sends, recvs = _round_directs(program, loc.src_bytes, loc.dst_bytes)
     send_staging = max((d.staged for d in sends), default=0)
     recv_staging = max((d.staged for d in recvs), default=0)
     sbufs = [staging.get("send", i, send_staging, device) for i in (0, 1)]
