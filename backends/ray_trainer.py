@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -187,14 +187,21 @@ def _last_exception(text: str) -> str:
     return "\n".join(lines[starts[-1] :]) if starts else lines[-1] if lines else text
 
 
+class Launch(Protocol):
+    """How a group's ranks were started (a frozen record of the launch arguments): starts
+    rank `rank` again the same way, for `restart_rank`."""
+
+    def start(self, rank: int) -> Any: ...
+
+
 class RayTrainerGroup:
     """Ray actors running a `TrainerRankBase` subclass, one per trainer rank. Subclasses
-    implement `describe` and `_start` (how to start rank `r` from the launch arguments)."""
+    implement `describe`; a group made by its class's `launch` keeps the `Launch` record."""
 
     def __init__(
         self,
         actors: Sequence[Any],
-        launch: dict[str, Any] | None = None,
+        launch: Launch | None = None,
         *,
         method_prefix: str = "",
     ) -> None:
@@ -208,10 +215,6 @@ class RayTrainerGroup:
     def _remote(self, actor: Any, method: str) -> Any:
         return getattr(actor, self.prefix + method).remote
 
-    @staticmethod
-    def _start(launch: dict[str, Any], rank: int) -> Any:
-        raise NotImplementedError
-
     def restart_rank(self, rank: int) -> None:
         """Replace trainer rank `rank` (dead or alive) by a fresh actor started the same way;
         the next refit reconnects it."""
@@ -220,7 +223,7 @@ class RayTrainerGroup:
         if self._launch is None:
             raise RefitError("restart_rank needs a group made by its class's launch()")
         ray.kill(self.actors[rank], no_restart=True)
-        self.actors[rank] = self._start(self._launch, rank)
+        self.actors[rank] = self._launch.start(rank)
 
     def connect(self, setup: bytes) -> RayPending:
         return RayPending(

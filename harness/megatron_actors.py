@@ -15,6 +15,7 @@ such ranks) and the calls the tests make on every rank.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from refit.errors import RefitError
 from refit.hf import hf_params
 from xfer.segments import Local
 
-__all__ = ["MegatronTrainerGroup", "MegatronTrainerRank"]
+__all__ = ["MegatronLaunch", "MegatronTrainerGroup", "MegatronTrainerRank"]
 
 
 class MegatronTrainerRank(TrainerRankBase):
@@ -116,6 +117,39 @@ class MegatronTrainerRank(TrainerRankBase):
         self.side.load(step_weights(full, step) if step else full)
 
 
+@dataclass(frozen=True)
+class MegatronLaunch:
+    """The arguments `MegatronTrainerGroup.launch` started its ranks with."""
+
+    world: int
+    port: int  # of the default process group, on 127.0.0.1
+    config: tuple[tuple[str, Any], ...]  # the HF config's items, sorted by key
+    parallel: Parallel
+    seed: int
+    dtype: torch.dtype
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    vocab_divisible_by: int
+
+    def start(self, rank: int) -> Any:
+        """A Ray actor running `MegatronTrainerRank` `rank`."""
+        import ray
+
+        actor = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus)(MegatronTrainerRank)
+        return actor.remote(
+            rank,
+            self.world,
+            self.port,
+            dict(self.config),
+            self.parallel,
+            seed=self.seed,
+            dtype=self.dtype,
+            threads=self.threads,
+            vocab_divisible_by=self.vocab_divisible_by,
+        )
+
+
 class MegatronTrainerGroup(worker.MegatronTrainerGroup):
     """The product's `MegatronTrainerGroup`, started by `launch` as `MegatronTrainerRank`
     actors, with the calls tests and demos make on every rank."""
@@ -124,7 +158,7 @@ class MegatronTrainerGroup(worker.MegatronTrainerGroup):
         self,
         actors: Sequence[Any],
         hf_config: Mapping[str, Any],
-        launch: dict[str, Any] | None = None,
+        launch: MegatronLaunch | None = None,
     ) -> None:
         super().__init__(actors, hf_config, launch)
         self._shapes = {p.name: p.shape for p in hf_params(self.config)}
@@ -146,10 +180,10 @@ class MegatronTrainerGroup(worker.MegatronTrainerGroup):
         """Start `world` `MegatronTrainerRank` actors (one GPU each where there is CUDA)."""
         if parallel.world != world:
             raise RefitError(f"{parallel!r} cannot run on {world} ranks")
-        launch = dict(
+        launch = MegatronLaunch(
             world=world,
             port=free_port(),
-            config=dict(hf_config),
+            config=tuple(sorted(hf_config.items())),
             parallel=parallel,
             seed=seed,
             dtype=dtype,
@@ -158,28 +192,9 @@ class MegatronTrainerGroup(worker.MegatronTrainerGroup):
             threads=threads,
             vocab_divisible_by=vocab_divisible_by,
         )
-        group = cls([cls._start(launch, r) for r in range(world)], hf_config, launch)
+        group = cls([launch.start(r) for r in range(world)], hf_config, launch)
         group.run("describe")  # wait until every rank is built (errors name the rank)
         return group
-
-    @staticmethod
-    def _start(launch: dict[str, Any], rank: int) -> Any:
-        import ray
-
-        actor = ray.remote(num_cpus=launch["num_cpus"], num_gpus=launch["num_gpus"])(
-            MegatronTrainerRank
-        )
-        return actor.remote(
-            rank,
-            launch["world"],
-            launch["port"],
-            launch["config"],
-            launch["parallel"],
-            seed=launch["seed"],
-            dtype=launch["dtype"],
-            threads=launch["threads"],
-            vocab_divisible_by=launch["vocab_divisible_by"],
-        )
 
     def export_hf(self) -> dict[str, torch.Tensor]:
         """Every HF parameter assembled from the ranks' shards (each element from every rank

@@ -31,7 +31,7 @@ import torch
 
 from backends.megatron.map import Coords, HFShard, MegatronParam, hf_shards, trainer_spec
 from backends.parallel import Parallel
-from backends.ray_trainer import RayTrainerGroup
+from backends.ray_trainer import Launch, RayTrainerGroup
 from refit.errors import RefitError
 from refit.spec import TrainerSpec, device_kind
 from xfer.segments import Local, copy_in
@@ -225,7 +225,7 @@ class MegatronTrainerGroup(RayTrainerGroup):
         self,
         actors: Sequence[Any],
         hf_config: Mapping[str, Any],
-        launch: dict[str, Any] | None = None,
+        launch: Launch | None = None,
     ) -> None:
         super().__init__(actors, launch)
         self.config = dict(hf_config)

@@ -17,6 +17,7 @@ them, and the whole `TrainerSpec`, for a trainer's `backends.parallel.Parallel` 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -282,6 +283,36 @@ class TorchTrainerRank(RefitTrainerMixin):
         return self._built
 
 
+@dataclass(frozen=True)
+class TorchLaunch:
+    """The arguments `TorchTrainerGroup.launch` started its ranks with."""
+
+    world: int
+    build: Callable[..., Mapping[str, Any]]
+    build_args: tuple[Any, ...]
+    stage_ranks: tuple[tuple[int, ...], ...] | None
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    resources: tuple[tuple[str, float], ...]  # Ray custom resources, sorted by name
+
+    def start(self, rank: int) -> Any:
+        """A Ray actor running `TorchTrainerRank` `rank`."""
+        import ray
+
+        actor = ray.remote(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources=dict(self.resources) or None
+        )(TorchTrainerRank)
+        return actor.remote(
+            rank,
+            self.world,
+            self.build,
+            *self.build_args,
+            stage_ranks=self.stage_ranks,
+            threads=self.threads,
+        )
+
+
 class TorchTrainerGroup(RayTrainerGroup):
     """A `TrainerSide` over Ray actors running `TorchTrainerRank`, one per rank.
 
@@ -304,35 +335,17 @@ class TorchTrainerGroup(RayTrainerGroup):
         With `num_gpus` (1 for a GPU trainer) Ray gives each rank its own GPU; `resources`
         (Ray custom resources) places the ranks on the nodes that have them."""
 
-        launch = dict(
+        launch = TorchLaunch(
             world=world,
             build=build,
-            build_args=build_args,
-            stage_ranks=stage_ranks,
+            build_args=tuple(build_args),
+            stage_ranks=None if stage_ranks is None else tuple(map(tuple, stage_ranks)),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             threads=threads,
-            resources=dict(resources or {}),
+            resources=tuple(sorted((resources or {}).items())),
         )
-        return cls([cls._start(launch, r) for r in range(world)], launch)
-
-    @staticmethod
-    def _start(launch: dict[str, Any], rank: int) -> Any:
-        import ray
-
-        actor = ray.remote(
-            num_cpus=launch["num_cpus"],
-            num_gpus=launch.get("num_gpus", 0),
-            resources=launch.get("resources") or None,
-        )(TorchTrainerRank)
-        return actor.remote(
-            rank,
-            launch["world"],
-            launch["build"],
-            *launch["build_args"],
-            stage_ranks=launch["stage_ranks"],
-            threads=launch["threads"],
-        )
+        return cls([launch.start(r) for r in range(world)], launch)
 
     def describe(self) -> TrainerSpec:
         import ray
