@@ -21,11 +21,8 @@ refitted by `backends.megatron.worker`), and one engine is refitted from every l
     python -m harness.scenario --trainer megatron --model dsv3 --engine-tp 2 \\
         --layouts tp2,pp2vpp2,tp2ep2etp1
 
-For each layout it also checks, before refitting, that Megatron's own initial weights,
-gathered and mapped to HF, give HF transformers' logits (within ``--logits-atol``), that the
-planner's metadata-only Megatron model (`backends.megatron.layout`) describes the same
-layouts as the live ranks, and at every step that the weights gathered back from the ranks
-are exactly the ones loaded into them.
+with more checks per layout (`harness.megatron_scenario`). HF transformers, the reference,
+is in `harness.reference`; the report's records in `harness.reports`.
 
 Everything measured goes to ``--json``; the exit status is non-zero if any check fails.
 """
@@ -33,7 +30,6 @@ Everything measured goes to ``--json``; the exit status is non-zero if any check
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tempfile
@@ -41,82 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def long_prompt(n: int, seed: int) -> list[int]:
-    """`n` deterministic token ids in 1..250 (the tiny models' vocabulary is 256)."""
-    return [(i * 37 + seed * 101 + 11) % 250 + 1 for i in range(n)]
-
-
-# Prompts longer than several KV blocks (the engines use 32-token blocks with prefix caching),
-# two sharing a 96-token prefix, asked again after every refit: an engine that kept KV blocks
-# computed with the old weights generates something else than HF on the new ones.
-PROMPTS = [long_prompt(150, 0), [*long_prompt(96, 0), 7, 8, 9], [100, 3, 42, 17]]
-
-
-def set_step(rank_obj: Any, path: str, step: int, changed: float | None = None) -> None:
-    """Trainer-side 'training step': this rank's shards of `step_weights(base, step)`."""
-    from harness.hf_checkpoint import load_grouped
-    from harness.tiny_models import step_weights
-
-    full = step_weights(load_grouped(path), step, changed=changed)
-    for name, ref in rank_obj.params.items():
-        ref.local.copy_(full[name][ref.layout.box(rank_obj.rank)])
-
-
-def _load(raw: bytes) -> Any:
-    import torch
-
-    return torch.load(io.BytesIO(raw), weights_only=True)
-
-
-def _same(a: dict, b: dict) -> list[str]:
-    import torch
-
-    from xfer.program import as_bytes
-
-    bad = sorted(set(a) ^ set(b))
-    for k in set(a) & set(b):
-        x, y = a[k], b[k]
-        if (
-            x.shape != y.shape
-            or x.dtype != y.dtype
-            or (x.numel() and not torch.equal(as_bytes(x.contiguous()), as_bytes(y.contiguous())))
-        ):
-            bad.append(k)
-    return bad
-
-
-def hf_model(path: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def hf_generate(
-    path_or_model: Any, prompts: list[list[int]], n: int
-) -> list[tuple[list[int], list[float]]]:
-    import torch
-
-    model = hf_model(path_or_model) if isinstance(path_or_model, str) else path_or_model
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            g = model.generate(
-                torch.tensor([p]),
-                max_new_tokens=n,
-                do_sample=False,
-                output_scores=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-            toks = g.sequences[0, len(p) :].tolist()
-            lps = [
-                float(torch.log_softmax(s[0].float(), -1)[t])
-                for s, t in zip(g.scores, toks, strict=True)
-            ]
-            out.append((toks, lps))
-    return out
+from harness.reference import PROMPTS, hf_generate, hf_model, load_tensors, set_step, tensors_differ
+from harness.reports import PlanFacts, ScenarioReport, StepReport, write
 
 
 class _Local:
@@ -184,22 +106,19 @@ def start_engines(args: argparse.Namespace, path: str, config: dict[str, Any]) -
     return replicas
 
 
-def _resources() -> dict[str, Any]:
+def resources() -> dict[str, Any]:
+    """What this scenario asks Ray for: a few CPUs (the ranks ask for half a CPU each) and
+    every GPU here."""
     import torch
 
     return {"num_cpus": 8, "num_gpus": torch.cuda.device_count()}
 
 
-def _engine_env(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> ScenarioReport:
+    """The scenario with a torch (or HF transformers) trainer."""
     from backends.vllm.ray_engine import engine_env
 
     engine_env(args.engine_tp)
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.trainer == "megatron":
-        return run_megatron(args)
-    _engine_env(args)
     import ray
 
     from backends.ray_trainer import free_port
@@ -215,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         path = str(work / args.model)
         config = build(args.model, path)
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **_resources())
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **resources())
     world = args.trainer_pp * args.trainer_dp * args.trainer_tp
     port = free_port() if args.dtensor else None
     if args.trainer == "hf":  # transformers' own modules, FSDP2-style shards
@@ -229,27 +148,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     refitter = make_refitter(args, trainer, replicas)
     t0 = time.perf_counter()
     plan = refitter.prepare()
-    report: dict[str, Any] = {
-        "args": vars(args),
-        "plan": plan.summary(),
-        "plan_facts": plan_facts(plan),
-        "bulk_fraction": plan.bulk_fraction,
-        "misc": [(c.name, c.reason) for c in plan.report if c.kind == "misc"],
-        "prepare_seconds": time.perf_counter() - t0,
-        "steps": [],
-    }
+    prepare_seconds = time.perf_counter() - t0
     base = load_grouped(path)
     previous = hf_generate(path, PROMPTS, args.tokens)
-    report["initial_tokens_equal"] = warm_prefix_cache(replicas, previous, args.tokens)
+    initial = warm_prefix_cache(replicas, previous, args.tokens)
+    steps = []
     for step in range(1, args.steps + 1):
         trainer.call(set_step, path, step, args.changed)
         step_dir = str(work / f"{Path(path).name}_step{step}")
         save_grouped(step_weights(base, step, changed=args.changed), config, step_dir)
-        rec, previous = check_step(refitter, replicas, hf_model(step_dir), previous, args)
-        rec["step"] = step
-        report["steps"].append(rec)
-    report["ok"] = all(map(all, report["initial_tokens_equal"])) and all(
-        step_ok(s, args.atol) for s in report["steps"]
+        rec, previous = check_step(refitter, replicas, hf_model(step_dir), previous, args, step)
+        steps.append(rec)
+    ok = all(map(all, initial)) and all(s.ok(args.atol) for s in steps)
+    report = ScenarioReport(
+        args=vars(args),
+        plan=plan.summary(),
+        plan_facts=PlanFacts.of(plan),
+        bulk_fraction=plan.bulk_fraction,
+        misc=[(c.name, c.reason) for c in plan.report if c.kind == "misc"],
+        prepare_seconds=prepare_seconds,
+        initial_tokens_equal=initial,
+        steps=steps,
+        ok=ok,
     )
     ray.shutdown()
     return report
@@ -277,19 +197,6 @@ def _relay_option(text: str) -> bool | int | None:
     if text.isdigit():
         return int(text)
     return {"auto": None, "off": False, "on": True}[text]
-
-
-def plan_facts(plan: Any) -> dict[str, int]:
-    """The plan's shape, for checks (the summary is prose)."""
-    return {
-        "stages": plan.stages,
-        "trainer_world": plan.trainer_world,
-        "replicas": plan.replicas,
-        "replica_world": plan.replica_world,
-        "bulk": plan.bulk,
-        "misc": len(plan.misc),
-        "misc_bytes_per_engine_rank": sum(e.nbytes for e in plan.misc),
-    }
 
 
 def warm_prefix_cache(replicas: list[Any], reference: Any, tokens: int) -> list[list[bool]]:
@@ -325,204 +232,71 @@ def _torch_trainer(args: argparse.Namespace, path: str, world: int, port: int | 
     )
 
 
-def step_ok(s: dict[str, Any], atol: float) -> bool:
-    return (
-        not any(s["received_differs"])
-        and not any(s["state_differs"])
-        and all(all(t) for t in s["tokens_equal"])
-        and s["max_logprob_diff"] <= atol
-        and s["hf_changed"]
-    )
-
-
 def check_step(
-    refitter: Any, replicas: list[Any], ref_model: Any, previous: Any, args: argparse.Namespace
-) -> tuple[dict[str, Any], Any]:
+    refitter: Any,
+    replicas: list[Any],
+    ref_model: Any,
+    previous: Any,
+    args: argparse.Namespace,
+    step: int,
+    **megatron: Any,
+) -> tuple[StepReport, Any]:
     """One training step's refits, after the trainer changed its weights to those of
     `ref_model`: p2p then golden, each engine's received tensors and state compared between
     the two, generation compared with HF on the same weights and with the previous step's
-    (`previous`, HF's output before). Returns the record and HF's output now."""
-    rec: dict[str, Any] = {}
+    (`previous`, HF's output before). `megatron`: the Megatron checks of the step, carried
+    into the record. Returns the record and HF's output now."""
     p2p = refitter.refit(path="p2p")
     got = [r.generate(PROMPTS, args.tokens) for r in replicas]
-    cap_p2p = [[_load(b) for b in r.rpc("refit_captured")] for r in replicas]
-    sd_p2p = [[_load(b) for b in r.rpc("refit_state_dict")] for r in replicas]
+    cap_p2p = [[load_tensors(b) for b in r.rpc("refit_captured")] for r in replicas]
+    sd_p2p = [[load_tensors(b) for b in r.rpc("refit_state_dict")] for r in replicas]
     golden = refitter.refit(path="golden")
-    cap_g = [[_load(b) for b in r.rpc("refit_captured")] for r in replicas]
-    sd_g = [[_load(b) for b in r.rpc("refit_state_dict")] for r in replicas]
-    rec["p2p_seconds"], rec["golden_seconds"] = p2p.seconds, golden.seconds
-    rec["delta"], rec["wire_bytes"], rec["baseline_bytes"] = (
-        p2p.delta,
-        p2p.wire_bytes,
-        p2p.baseline_bytes,
-    )
-    rec["peak_staging_bytes"] = p2p.peak_staging_bytes
-    rec["engine_staging_bytes"] = max(s.staging_bytes for s in p2p.ranks if s.role == "engine")
-    rec["engine_extra_bytes"] = p2p.engine_extra_bytes
-    rec["trainer_extra_bytes"] = p2p.trainer_extra_bytes
-    rec["bulk_bytes"], rec["misc_bytes"] = p2p.bulk_bytes, p2p.misc_bytes
-    rec["trainer_sent_bytes"], rec["relayed_bytes"] = p2p.trainer_sent_bytes, p2p.relayed_bytes
-    rec["phases"] = p2p.phases
-    rec["received_differs"] = [
-        _same(a, b)
-        for ra, rb in zip(cap_p2p, cap_g, strict=True)
-        for a, b in zip(ra, rb, strict=True)
-    ]
-    rec["state_differs"] = [
-        _same(a, b)
-        for ra, rb in zip(sd_p2p, sd_g, strict=True)
-        for a, b in zip(ra, rb, strict=True)
-    ]
-    rec["captured_tensors"] = sum(len(c) for rc in cap_p2p for c in rc)
+    cap_g = [[load_tensors(b) for b in r.rpc("refit_captured")] for r in replicas]
+    sd_g = [[load_tensors(b) for b in r.rpc("refit_state_dict")] for r in replicas]
     ref = hf_generate(ref_model, PROMPTS, args.tokens)
-    rec["tokens_equal"] = [[g[0] == h[0] for g, h in zip(rep, ref, strict=True)] for rep in got]
-    rec["max_logprob_diff"] = max(
-        abs(a - b)
-        for rep in got
-        for g, h in zip(rep, ref, strict=True)
-        for a, b in zip(g[1], h[1], strict=False)
-    )
-    rec["hf_changed"] = (
-        any(a[0] != b[0] for a, b in zip(ref, previous, strict=True))
-        or max(
-            abs(x - y)
-            for a, b in zip(ref, previous, strict=True)
-            for x, y in zip(a[1], b[1], strict=False)
+
+    def differs(xs: list[list[dict]], ys: list[list[dict]]) -> list[list[str]]:
+        return [
+            tensors_differ(a, b)
+            for ra, rb in zip(xs, ys, strict=True)
+            for a, b in zip(ra, rb, strict=True)
+        ]
+
+    def logprob_diff(xs: Any, ys: Any) -> float:
+        return max(
+            abs(a - b)
+            for g, h in zip(xs, ys, strict=True)
+            for a, b in zip(g[1], h[1], strict=False)
         )
-        > 10 * args.atol
+
+    rec = StepReport(
+        step=step,
+        p2p_seconds=p2p.seconds,
+        golden_seconds=golden.seconds,
+        delta=p2p.delta,
+        wire_bytes=p2p.wire_bytes,
+        baseline_bytes=p2p.baseline_bytes,
+        peak_staging_bytes=p2p.peak_staging_bytes,
+        engine_staging_bytes=max(s.staging_bytes for s in p2p.ranks if s.role == "engine"),
+        engine_extra_bytes=p2p.engine_extra_bytes,
+        trainer_extra_bytes=p2p.trainer_extra_bytes,
+        bulk_bytes=p2p.bulk_bytes,
+        misc_bytes=p2p.misc_bytes,
+        trainer_sent_bytes=p2p.trainer_sent_bytes,
+        relayed_bytes=p2p.relayed_bytes,
+        phases=dict(p2p.phases),
+        received_differs=differs(cap_p2p, cap_g),
+        state_differs=differs(sd_p2p, sd_g),
+        captured_tensors=sum(len(c) for rc in cap_p2p for c in rc),
+        tokens_equal=[[g[0] == h[0] for g, h in zip(rep, ref, strict=True)] for rep in got],
+        max_logprob_diff=max(logprob_diff(rep, ref) for rep in got),
+        hf_changed=(
+            any(a[0] != b[0] for a, b in zip(ref, previous, strict=True))
+            or logprob_diff(ref, previous) > 10 * args.atol
+        ),
+        **megatron,
     )
     return rec, ref
-
-
-def parse_layout(text: str) -> tuple[Any, int]:
-    """``tp2pp2``, ``tp2ep2etp1``, ``pp2vpp2``, ``tp2vocab96`` ... -> (`Parallel`, vocab
-    divisible by). Data parallel is the smallest that fits the experts unless given (``dp2``);
-    etp is tp unless given (Megatron's default); ``vocab<N>`` sets Megatron's
-    make-vocab-size-divisible-by (padding, 128 unless given)."""
-    import re
-
-    from backends.parallel import Parallel
-
-    sizes = {k: int(v) for k, v in re.findall(r"(vocab|etp|vpp|tp|pp|ep|dp)(\d+)", text)}
-    if "".join(f"{k}{v}" for k, v in re.findall(r"([a-z]+)(\d+)", text)) != text:
-        raise ValueError(f"cannot read layout {text!r}")
-    tp, pp, ep = sizes.get("tp", 1), sizes.get("pp", 1), sizes.get("ep", 1)
-    etp = sizes.get("etp", tp)
-    dp = sizes.get("dp", 1)
-    while "dp" not in sizes and (tp * dp) % (ep * etp):
-        dp += 1
-    par = Parallel(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, vpp=sizes.get("vpp", 1))
-    return par, sizes.get("vocab", 128)
-
-
-def reference_logits(group: Any, model: Any, vocab: int, seed: int = 0) -> tuple[float, float]:
-    """(max |Megatron logits - HF logits|, max |HF logits|) on random tokens."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (2, 12), generator=g)
-    mine = group.forward(tokens)
-    with torch.no_grad():
-        want = model(tokens).logits
-    return float((mine - want).abs().max()), float(want.abs().max())
-
-
-def run_megatron(args: argparse.Namespace) -> dict[str, Any]:
-    """One engine (replicas), refitted from Megatron trainers of every layout in turn."""
-    _engine_env(args)
-    import ray
-    import torch
-
-    from backends.megatron.layout import megatron_spec
-    from harness.hf_checkpoint import load_grouped, save_grouped
-    from harness.megatron_actors import MegatronTrainerGroup
-    from harness.tiny_models import build, step_weights
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="refit-scenario-"))
-    overrides: dict[str, Any] = {"num_hidden_layers": args.layers}
-    if args.model in ("qwen3", "qwen3_tied"):
-        overrides["num_key_value_heads"] = 2  # Megatron splits query groups over TP
-    path = str(work / f"{args.model}_megatron")
-    config = build(args.model, path, overrides=overrides)
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **_resources())
-    replicas = start_engines(args, path, config)
-    base = load_grouped(path)
-    previous = hf_generate(path, PROMPTS, args.tokens)
-    report: dict[str, Any] = {"args": vars(args), "layouts": []}
-    report["initial_tokens_equal"] = warm_prefix_cache(replicas, previous, args.tokens)
-    for li, text in enumerate(args.layouts):
-        par, vocab = parse_layout(text)
-        world = par.world
-        lay: dict[str, Any] = {"layout": text, "parallel": repr(par), "world": world}
-        report["layouts"].append(lay)
-        t0 = time.perf_counter()
-        group = MegatronTrainerGroup.launch(world, config, par, vocab_divisible_by=vocab)
-        lay["launch_seconds"] = time.perf_counter() - t0
-        try:
-            # Megatron's own initial weights, gathered and mapped to HF, against HF itself
-            own = work / f"{args.model}_{text}_init"
-            save_grouped(group.export_hf(), config, own)
-            lay["init_logits_diff"], lay["init_logits_max"] = reference_logits(
-                group, hf_model(str(own)), config["vocab_size"]
-            )
-            spec = group.describe()
-            if vocab == 128:  # the benchmark's metadata model, unpadded
-                meta = megatron_spec(config, par, dtype=torch.float32, te=False)
-                lay["metadata_spec_equal"] = (
-                    sorted(spec.params, key=lambda p: p.name)
-                    == sorted(meta.params, key=lambda p: p.name)
-                    and spec.stage_ranks == meta.stage_ranks
-                )
-            refitter = make_refitter(args, group, replicas)
-            plan = refitter.prepare()
-            lay["plan"] = plan.summary()
-            lay["plan_facts"] = plan_facts(plan)
-            lay["bulk_fraction"] = plan.bulk_fraction
-            lay["misc"] = [(c.name, c.reason) for c in plan.report if c.kind == "misc"]
-            lay["steps"] = []
-            for step in range(1, args.steps + 1):
-                k = 100 * (li + 1) + step  # every layout and step has its own weights
-                group.load_hf(path, k)
-                weights = step_weights(base, k)
-                step_dir = str(work / f"{args.model}_{text}_step{step}")
-                save_grouped(weights, config, step_dir)
-                model = hf_model(step_dir)
-                exported = group.export_hf()
-                rec: dict[str, Any] = {
-                    "step": step,
-                    "export_differs": sorted(
-                        n for n in weights if not torch.equal(weights[n], exported[n])
-                    ),
-                }
-                rec["logits_diff"], rec["logits_max"] = reference_logits(
-                    group, model, config["vocab_size"], seed=step
-                )
-                more, previous = check_step(refitter, replicas, model, previous, args)
-                rec.update(more)
-                lay["steps"].append(rec)
-        except Exception as e:  # report the layout as failed, go on with the next
-            import traceback
-
-            lay["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
-        finally:
-            group.shutdown()
-        lay["ok"] = (
-            "error" not in lay
-            and lay["init_logits_diff"] <= args.logits_atol
-            and lay.get("metadata_spec_equal", True)
-            and all(
-                step_ok(s, args.atol)
-                and not s["export_differs"]
-                and s["logits_diff"] <= args.logits_atol
-                for s in lay["steps"]
-            )
-        )
-        lay["seconds"] = time.perf_counter() - t0
-    report["ok"] = all(map(all, report["initial_tokens_equal"])) and all(
-        lay["ok"] for lay in report["layouts"]
-    )
-    ray.shutdown()
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -629,38 +403,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="where models are written (default: a temporary dir)")
     ap.add_argument("--json", help="write the report here")
     args = ap.parse_args(argv)
-    report = run(args)
-    text = json.dumps(report, indent=1, default=str)
-    if args.json:
-        Path(args.json).write_text(text)
-    for lay in report.get("layouts", []):
-        if "error" in lay:
-            print(f"{lay['layout']}: ERROR {lay['error']}")
-            continue
+    if args.trainer == "megatron":
+        from harness.megatron_scenario import print_report, run_megatron
+
+        report = run_megatron(args)
+        write(report, args.json)
+        print_report(report)
+        return 0 if report.ok else 1
+    torch_report = run(args)
+    write(torch_report, args.json)
+    for s in torch_report.steps:
         print(
-            f"{lay['layout']} ({lay['world']} ranks): bulk {100 * lay['bulk_fraction']:.1f}%, "
-            f"init logits diff {lay['init_logits_diff']:.1e}, "
-            f"metadata spec equal {lay.get('metadata_spec_equal', '-')}, "
-            f"{lay['seconds']:.1f} s, {'OK' if lay['ok'] else 'FAILED'}"
+            f"step {s.step}: p2p {s.p2p_seconds:.3f} s, golden {s.golden_seconds:.3f} s, "
+            f"tokens equal {s.tokens_equal}, max logprob diff {s.max_logprob_diff:.2e}, "
+            f"p2p==golden {not any(s.received_differs) and not any(s.state_differs)}"
         )
-        for s in lay["steps"]:
-            print(
-                f"  step {s['step']}: p2p {s['p2p_seconds']:.3f} s, golden "
-                f"{s['golden_seconds']:.3f} s, logits diff {s['logits_diff']:.1e}, tokens equal "
-                f"{s['tokens_equal']}, max logprob diff {s['max_logprob_diff']:.2e}, p2p==golden "
-                f"{not any(s['received_differs']) and not any(s['state_differs'])}"
-            )
-    if "layouts" in report:
-        print("OK" if report["ok"] else "FAILED")
-        return 0 if report["ok"] else 1
-    for s in report["steps"]:
-        print(
-            f"step {s['step']}: p2p {s['p2p_seconds']:.3f} s, golden {s['golden_seconds']:.3f} s, "
-            f"tokens equal {s['tokens_equal']}, max logprob diff {s['max_logprob_diff']:.2e}, "
-            f"p2p==golden {not any(s['received_differs']) and not any(s['state_differs'])}"
-        )
-    print(report["plan"], "OK" if report["ok"] else "FAILED")
-    return 0 if report["ok"] else 1
+    print(torch_report.plan, "OK" if torch_report.ok else "FAILED")
+    return 0 if torch_report.ok else 1
 
 
 if __name__ == "__main__":

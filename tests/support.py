@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from harness.reports import LayoutReport, MegatronReport, ScenarioReport, read
 from xfer import Segments, build_program
 from xfer.execute import _directs, _Locals, _pack, _recv_buffers, _unpack
 from xfer.segments import copy_in
@@ -100,7 +102,9 @@ def apply_plan(plan, fulls, device="cpu"):
     return [s[1] for s in state], progs
 
 
-def scenario(workdir: Path, *args: str, timeout: float = 420) -> dict:
+def scenario(workdir: Path, *args: str, timeout: float = 420) -> Any:
+    """`python -m harness.scenario` with `args` (and ``--strict``): its report, as a
+    `ScenarioReport` (`MegatronReport` with ``--trainer megatron``) with the exit status."""
     out = workdir / f"report-{abs(hash(args))}.json"
     # every refit runs strict: each rank is held to NCCL's completion and ordering rules
     cmd = [sys.executable, "-m", "harness.scenario", "--workdir", str(workdir), "--json", str(out)]
@@ -110,46 +114,49 @@ def scenario(workdir: Path, *args: str, timeout: float = 420) -> dict:
         raise AssertionError(
             f"scenario {args} produced no report:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
-    report = json.loads(out.read_text())
-    report["returncode"] = proc.returncode
-    return report
+    megatron = "--trainer" in args and args[args.index("--trainer") + 1] == "megatron"
+    report = read(MegatronReport if megatron else ScenarioReport, out)
+    return dataclasses.replace(report, returncode=proc.returncode)
 
 
-def assert_good(report: dict, steps: int) -> None:
+def assert_good(report: ScenarioReport, steps: int) -> None:
     # before any refit, the engines generate what HF does (and fill their prefix caches)
-    assert all(map(all, report["initial_tokens_equal"])), report["initial_tokens_equal"]
-    assert len(report["steps"]) == steps
-    for s in report["steps"]:
-        assert s["received_differs"] == [[]] * len(s["received_differs"]), s["received_differs"]
-        assert s["state_differs"] == [[]] * len(s["state_differs"]), s["state_differs"]
-        assert s["captured_tensors"] > 0
-        assert all(all(row) for row in s["tokens_equal"]), s["tokens_equal"]
-        assert s["max_logprob_diff"] <= 1e-4
-        assert s["hf_changed"]  # the refit had something to do
-        assert s["bulk_bytes"] > 0
-    assert report["ok"] and report["returncode"] == 0
+    assert all(map(all, report.initial_tokens_equal)), report.initial_tokens_equal
+    assert len(report.steps) == steps
+    for s in report.steps:
+        assert s.received_differs == [[]] * len(s.received_differs), s.received_differs
+        assert s.state_differs == [[]] * len(s.state_differs), s.state_differs
+        assert s.captured_tensors > 0
+        assert all(all(row) for row in s.tokens_equal), s.tokens_equal
+        assert s.max_logprob_diff <= 1e-4
+        assert s.hf_changed  # the refit had something to do
+        assert s.bulk_bytes > 0
+    assert report.ok and report.returncode == 0
 
 
-def check_megatron(report: dict, layouts: list[str], steps: int = 2) -> dict[str, dict]:
-    assert all(map(all, report["initial_tokens_equal"])), report["initial_tokens_equal"]
-    by = {lay["layout"]: lay for lay in report["layouts"]}
+def check_megatron(
+    report: MegatronReport, layouts: list[str], steps: int = 2
+) -> dict[str, LayoutReport]:
+    assert all(map(all, report.initial_tokens_equal)), report.initial_tokens_equal
+    by = {lay.layout: lay for lay in report.layouts}
     assert list(by) == layouts
     for name, lay in by.items():
-        assert "error" not in lay, (name, lay.get("error"))
-        assert lay["init_logits_diff"] <= 1e-5 and lay["init_logits_max"] > 0.1, name
+        assert lay.error is None, (name, lay.error)
+        assert lay.init_logits_diff is not None and lay.init_logits_max is not None, name
+        assert lay.init_logits_diff <= 1e-5 and lay.init_logits_max > 0.1, name
         if "vocab" not in name:  # the metadata model knows only the default vocab padding
-            assert lay["metadata_spec_equal"], name
-        assert len(lay["steps"]) == steps, name
-        for s in lay["steps"]:
-            assert s["export_differs"] == [], (name, s["export_differs"])
-            assert s["logits_diff"] <= 1e-5, (name, s["logits_diff"])
-            assert not any(s["received_differs"]) and not any(s["state_differs"]), name
-            assert s["captured_tensors"] > 0 and s["bulk_bytes"] > 0, name
-            assert all(all(row) for row in s["tokens_equal"]), (name, s["tokens_equal"])
-            assert s["max_logprob_diff"] <= 1e-4, name
-            assert s["hf_changed"], name
-        assert lay["ok"], name
-    assert report["ok"] and report["returncode"] == 0
+            assert lay.metadata_spec_equal, name
+        assert len(lay.steps) == steps, name
+        for s in lay.steps:
+            assert s.export_differs == [], (name, s.export_differs)
+            assert s.logits_diff is not None and s.logits_diff <= 1e-5, (name, s.logits_diff)
+            assert not any(s.received_differs) and not any(s.state_differs), name
+            assert s.captured_tensors > 0 and s.bulk_bytes > 0, name
+            assert all(all(row) for row in s.tokens_equal), (name, s.tokens_equal)
+            assert s.max_logprob_diff <= 1e-4, name
+            assert s.hf_changed, name
+        assert lay.ok, name
+    assert report.ok and report.returncode == 0
     return by
 
 

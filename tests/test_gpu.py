@@ -294,8 +294,8 @@ def test_refit_into_a_vllm_engine_with_cuda_graphs(tmp_path):
         "--steps", "3", "--verify", timeout=1100,
     )  # fmt: skip
     assert_good(r, 3)
-    for s in r["steps"]:
-        assert s["engine_extra_bytes"] > 0 and s["trainer_extra_bytes"] >= 0
+    for s in r.steps:
+        assert s.engine_extra_bytes > 0 and s.trainer_extra_bytes >= 0
 
 
 @two_gpus
@@ -310,7 +310,7 @@ def test_megatron_rank_into_a_vllm_engine_over_20_steps_verified(tmp_path):
         tmp_path, "--trainer", "megatron", "--model", "qwen3_moe", "--device", "cuda",
         "--layouts", layout, "--steps", "20", "--verify", timeout=1700,
     )  # fmt: skip
-    assert len(r["layouts"][0]["steps"]) == 20
+    assert len(r.layouts[0].steps) == 20
     check(r, [layout], steps=20)
 
 
@@ -318,7 +318,6 @@ def test_megatron_rank_into_a_vllm_engine_over_20_steps_verified(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_trainer_rank_killed_mid_refit_leaves_the_engine_alive_and_stale(tmp_path):
-    import json
     import subprocess
     import sys
 
@@ -330,8 +329,11 @@ def test_a_trainer_rank_killed_mid_refit_leaves_the_engine_alive_and_stale(tmp_p
          "--only", "trainer rank process dies", "--json", str(out)],
         timeout=850, check=False,
     )  # fmt: skip
-    (rec,) = json.loads(out.read_text())
-    assert rec["raised"] and set(rec["sides_raised"]) == {"trainer", "engine"}
-    st = rec["status_after"]
-    assert st["alive"] and st["stale"] and st["generate_refused"]  # NCCL aborted, engine up
-    assert rec["recovered"]
+    from harness.fault_report import CampaignReport
+    from harness.reports import read
+
+    (rec,) = read(CampaignReport, out).cases
+    assert rec.raised and set(rec.sides_raised) == {"trainer", "engine"}
+    st = rec.status_after
+    assert st is not None and st.alive and st.stale and st.generate_refused  # NCCL aborted
+    assert rec.recovered

@@ -37,13 +37,13 @@ def test_dense_tied_embeddings_into_engine_tp1(workdir):
         timeout=800,
     )  # fmt: skip
     by = check_megatron(r, DENSE)
-    assert by["tp2pp2"]["world"] == 4
+    assert by["tp2pp2"].world == 4
     for name in DENSE[:-1]:
-        assert by[name]["bulk_fraction"] == 1.0 and by[name]["misc"] == []
+        assert by[name].bulk_fraction == 1.0 and by[name].misc == []
     # Megatron pads the vocab to 384 rows (192 per TP rank): not a torch.chunk split of 256
-    ((misc, why),) = by["tp2vocab96"]["misc"]
+    ((misc, why),) = by["tp2vocab96"].misc
     assert misc == "model.embed_tokens.weight" and "pads the vocab to 384 rows" in why
-    assert all(s["misc_bytes"] > 0 for s in by["tp2vocab96"]["steps"])
+    assert all(s.misc_bytes > 0 for s in by["tp2vocab96"].steps)
 
 
 @pytest.mark.parametrize("model", ["qwen3_moe", "dsv3"])
@@ -53,6 +53,6 @@ def test_moe_models_into_engine_tp2(workdir, model):
         "--layouts", ",".join(MOE), timeout=800,
     )  # fmt: skip
     by = check_megatron(r, MOE)
-    assert all(lay["bulk_fraction"] == 1.0 for lay in by.values())
-    assert by["tp2ep2etp2"]["world"] == 4 and by["ep2"]["plan_facts"]["replica_world"] == 2
-    assert by["pp2vpp2"]["plan_facts"]["stages"] == 2
+    assert all(lay.bulk_fraction == 1.0 for lay in by.values())
+    assert by["tp2ep2etp2"].world == 4 and by["ep2"].plan_facts.replica_world == 2
+    assert by["pp2vpp2"].plan_facts.stages == 2

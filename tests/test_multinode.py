@@ -25,7 +25,7 @@ def test_refit_across_ray_nodes(tmp_path: Path):
     from backends.torch.trainer import TorchTrainerGroup
     from backends.vllm.ray_engine import RayEngine, VllmEngineActor, engine_kwargs
     from harness.hf_checkpoint import load_grouped, save_grouped
-    from harness.scenario import PROMPTS, hf_generate, set_step
+    from harness.reference import PROMPTS, hf_generate, set_step
     from harness.tiny_models import build, step_weights
     from harness.torch_shards import checkpoint_shards
     from refit.refitter import Refitter

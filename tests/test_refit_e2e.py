@@ -28,7 +28,7 @@ def workdir(tmp_path_factory):
 def test_dense_trainer_tp2_to_engine_tp1(workdir):
     r = scenario(workdir, "--model", "qwen3", "--trainer-tp", "2", "--steps", "3")
     assert_good(r, 3)
-    assert r["bulk_fraction"] == 1.0 and r["misc"] == []
+    assert r.bulk_fraction == 1.0 and r.misc == []
 
 
 def test_dense_trainer_dp2_to_engine_tp2_replicated_kv_head(workdir):
@@ -37,7 +37,7 @@ def test_dense_trainer_dp2_to_engine_tp2_replicated_kv_head(workdir):
         workdir, "--model", "qwen3", "--trainer-dp", "2", "--trainer-tp", "1", "--engine-tp", "2"
     )
     assert_good(r, 2)
-    assert r["plan_facts"]["replicas"] == 1 and r["plan_facts"]["replica_world"] == 2
+    assert r.plan_facts.replicas == 1 and r.plan_facts.replica_world == 2
 
 
 def test_moe_trainer_ep2_to_two_engine_replicas_by_relay(workdir):
@@ -48,10 +48,10 @@ def test_moe_trainer_ep2_to_two_engine_replicas_by_relay(workdir):
         "--replicas", "2", "--relay", "on",
     )  # fmt: skip
     assert_good(r, 2)
-    assert len(r["steps"][0]["tokens_equal"]) == 2
-    for s in r["steps"]:
-        one_replica = (s["bulk_bytes"] + s["misc_bytes"]) // 2
-        assert s["trainer_sent_bytes"] == s["relayed_bytes"] == one_replica > 0
+    assert len(r.steps[0].tokens_equal) == 2
+    for s in r.steps:
+        one_replica = (s.bulk_bytes + s.misc_bytes) // 2
+        assert s.trainer_sent_bytes == s.relayed_bytes == one_replica > 0
 
 
 def test_deepseek_v3_pipeline_misc_and_staging_cap(workdir):
@@ -62,15 +62,15 @@ def test_deepseek_v3_pipeline_misc_and_staging_cap(workdir):
         "--force-misc", "layers.1.mlp.experts.gate,self_attn.q_b_proj,input_layernorm",
     )  # fmt: skip
     assert_good(r, 2)
-    assert r["plan_facts"]["stages"] == 2 and r["plan_facts"]["trainer_world"] == 4
-    misc = {name for name, _ in r["misc"]}
+    assert r.plan_facts.stages == 2 and r.plan_facts.trainer_world == 4
+    misc = {name for name, _ in r.misc}
     assert "model.layers.1.mlp.experts.gate_proj.weight" in misc  # next to bulk up/down
     assert (
         "model.layers.0.self_attn.q_b_proj.weight" in misc
     )  # sharded on the trainer: its shards go to every engine rank
-    assert all(0 < s["engine_staging_bytes"] <= cap for s in r["steps"])
-    assert all(s["engine_extra_bytes"] >= s["engine_staging_bytes"] for s in r["steps"])
-    assert all(s["misc_bytes"] > 0 for s in r["steps"])
+    assert all(0 < s.engine_staging_bytes <= cap for s in r.steps)
+    assert all(s.engine_extra_bytes >= s.engine_staging_bytes for s in r.steps)
+    assert all(s.misc_bytes > 0 for s in r.steps)
 
 
 def test_memory_budget_sets_the_bucket(workdir):
@@ -82,10 +82,10 @@ def test_memory_budget_sets_the_bucket(workdir):
         "--force-misc", "input_layernorm", "--max-extra-bytes", str(budget),
     )  # fmt: skip
     assert_good(r, 2)
-    misc = r["plan_facts"]["misc_bytes_per_engine_rank"]
+    misc = r.plan_facts.misc_bytes_per_engine_rank
     assert misc > 0
-    assert all(s["bulk_bytes"] > 2 * budget for s in r["steps"])  # the budget binds
-    assert all(0 < s["engine_staging_bytes"] <= budget - misc for s in r["steps"])
+    assert all(s.bulk_bytes > 2 * budget for s in r.steps)  # the budget binds
+    assert all(0 < s.engine_staging_bytes <= budget - misc for s in r.steps)
 
 
 def test_memory_budget_too_small_is_refused_before_any_transfer():
@@ -109,15 +109,15 @@ def test_sparse_delta_refits_equal_golden_and_hf(workdir):
         "--delta", "--changed", "0.03", "--force-misc", "input_layernorm,kv_a_proj",
     )  # fmt: skip
     assert_good(r, 3)
-    steps = r["steps"]
-    assert [s["delta"] for s in steps] == [False, True, True]
-    total = [s["bulk_bytes"] + s["misc_bytes"] for s in steps]
-    assert steps[0]["wire_bytes"] == total[0]
+    steps = r.steps
+    assert [s.delta for s in steps] == [False, True, True]
+    total = [s.bulk_bytes + s.misc_bytes for s in steps]
+    assert steps[0].wire_bytes == total[0]
     # ~3% of 2-byte words changed, 6 B each as int32 offset + value: ~9% of the bytes
     assert all(
-        0.04 * t < s["wire_bytes"] < 0.16 * t for s, t in zip(steps[1:], total[1:], strict=True)
+        0.04 * t < s.wire_bytes < 0.16 * t for s, t in zip(steps[1:], total[1:], strict=True)
     )
-    assert all(s["baseline_bytes"] > 0 for s in steps)
+    assert all(s.baseline_bytes > 0 for s in steps)
 
 
 def test_sparse_deltas_patch_live_weights_in_place(workdir):
@@ -128,8 +128,8 @@ def test_sparse_deltas_patch_live_weights_in_place(workdir):
         "--delta", "--changed", "0.03",
     )  # fmt: skip
     assert_good(r, 3)
-    assert [s["delta"] for s in r["steps"]] == [False, True, True]
-    assert all(s["wire_bytes"] < 0.2 * (s["bulk_bytes"] + s["misc_bytes"]) for s in r["steps"][1:])
+    assert [s.delta for s in r.steps] == [False, True, True]
+    assert all(s.wire_bytes < 0.2 * (s.bulk_bytes + s.misc_bytes) for s in r.steps[1:])
 
 
 def test_live_install_writes_the_running_weights_without_copies(workdir):
@@ -140,8 +140,8 @@ def test_live_install_writes_the_running_weights_without_copies(workdir):
     staged = scenario(workdir, "--model", "dsv3", "--trainer-tp", "2", "--install", "staged")
     assert_good(live, 2)
     assert_good(staged, 2)
-    for a, b in zip(live["steps"], staged["steps"], strict=True):
-        assert a["engine_extra_bytes"] < b["engine_extra_bytes"]
+    for a, b in zip(live.steps, staged.steps, strict=True):
+        assert a.engine_extra_bytes < b.engine_extra_bytes
 
 
 def test_transformers5_fused_experts_sharded_like_fsdp2(workdir):
@@ -149,7 +149,7 @@ def test_transformers5_fused_experts_sharded_like_fsdp2(workdir):
     # experts.down_proj, each sharded on dim 0 over 2 ranks; refit sends views, no copies
     r = scenario(workdir, "--trainer", "hf", "--model", "qwen3_moe", "--trainer-dp", "2")
     assert_good(r, 2)
-    assert r["bulk_fraction"] == 1.0 and r["plan_facts"]["trainer_world"] == 2
+    assert r.bulk_fraction == 1.0 and r.plan_facts.trainer_world == 2
 
 
 def test_fused_experts_sharded_between_the_halves_are_refused():
@@ -177,7 +177,7 @@ def test_more_moe_architectures(workdir, model, engine_tp):
     # GLM-4.5 (DeepSeek-style MoE, partial rotary, q/k norms, attention bias): all bulk
     r = scenario(workdir, "--model", model, "--engine-tp", str(engine_tp), "--steps", "1")
     assert_good(r, 1)
-    assert r["bulk_fraction"] == 1.0 and r["misc"] == []
+    assert r.bulk_fraction == 1.0 and r.misc == []
 
 
 @pytest.mark.parametrize(("model", "engine_tp"), [("qwen3_moe", 1), ("dsv3", 2)])
@@ -200,7 +200,7 @@ def test_dtensor_trainer_into_tied_embeddings(workdir):
         workdir, "--model", "qwen3_tied", "--dtensor", "--trainer-dp", "2", "--trainer-tp", "2"
     )
     assert_good(r, 2)
-    assert r["plan_facts"]["trainer_world"] == 4
+    assert r.plan_facts.trainer_world == 4
 
 
 @pytest.mark.parametrize(
@@ -213,9 +213,9 @@ def test_dtensor_trainer_into_tied_embeddings(workdir):
 )
 def test_vllm_cpu_workarounds_are_still_needed(workdir, model, args):
     r = scenario(workdir, "--model", model, "--steps", "1", *args)
-    (s,) = r["steps"]
+    (s,) = r.steps
     # the transfer is right either way ...
-    assert s["received_differs"] == [[]] and s["state_differs"] == [[]]
+    assert s.received_differs == [[]] and s.state_differs == [[]]
     # ... but the engine computes the wrong thing without the workaround
-    assert not r["ok"] and r["returncode"] != 0
-    assert s["max_logprob_diff"] > 1e-3
+    assert not r.ok and r.returncode != 0
+    assert s.max_logprob_diff > 1e-3

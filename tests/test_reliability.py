@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.fault_report import CampaignReport, EngineStatus, ManyFailures, ReportedFailure
+from harness.reports import read
 from refit.watch import Failure, FailureBoard, RefitFailed
 from tests.strategies import full_tensor, items
 from xfer import Segments, Transfer, build_program, plan_reshard, tcp_store
@@ -144,57 +145,63 @@ def test_fault_campaign(tmp_path):
         timeout=850,
     )
     assert report.exists(), proc.stderr[-4000:]
-    records = json.loads(report.read_text())
-    cases = {r["case"]: r for r in records if not r.get("extra")}
-    extra = {r["case"]: r for r in records if r.get("extra")}
-    assert len(cases) == 11 and len(extra) == 8
-    for name, r in extra.items():
-        why = {k: v for k, v in r.items() if k not in ("before", "after")}  # short enough to read
-        assert r["passed"] and r["recovered"], (name, why)
-    hostile = next(r for n, r in extra.items() if n.startswith("hostile records"))
-    assert hostile["ignored_by_ranks"] >= 3 and not hostile["code_ran"]
-    killed = extra["driver killed (SIGKILL) mid-refit"]
-    assert killed["processes"] >= 3 and killed["left"] == 0  # nothing it started runs on
-    leaks = extra["200 failing refits in a row"]
-    assert leaks["failed"] == 200
-    for proc, before in leaks["before"].items():  # growth is a leak; fewer is not
-        after = leaks["after"][proc]
-        assert after["threads"] - before["threads"] <= 5, (proc, before, after)
-        assert after["fds"] - before["fds"] <= 5, (proc, before, after)
+    campaign = read(CampaignReport, report)
+    cases = {r.case: r for r in campaign.cases}
+    extras = campaign.extras()
+    assert len(cases) == 11 and len(extras) == 8
+    for x in extras:
+        why = x if not isinstance(x, ManyFailures) else (x.failed, x.grown)  # short to read
+        assert x.passed and x.recovered, (x.case, why)
+    hostile = campaign.hostile_store
+    assert hostile is not None and hostile.ignored_by_ranks >= 3 and not hostile.code_ran
+    killed = campaign.driver_killed
+    assert killed is not None and killed.processes >= 3 and killed.left == 0  # none runs on
+    leaks = campaign.many_failures
+    assert leaks is not None and leaks.failed == 200
+    for proc, before in leaks.before.items():  # growth is a leak; fewer is not
+        after = leaks.after[proc]
+        assert after.threads - before.threads <= 5, (proc, before, after)
+        assert after.fds - before.fds <= 5, (proc, before, after)
     for name, r in cases.items():
-        assert r["raised"], name
-        assert r["recovered"], (name, r.get("recovery_error"))
-        assert r["status_recovered"]["alive"] and not r["status_recovered"]["stale"], name
-        if r.get("failures") is not None:  # a refit that failed, not a description
-            assert r["seconds_to_raise"] < 5 + 2, name
-            assert set(r["sides_raised"]) == {"trainer", "engine"}, name
-            st = r["status_after"]
-            assert not st["alive"] or (st["stale"] and st["generate_refused"]), name
-    first = lambda name: cases[name]["failures"][0]  # noqa: E731
-    assert first("trainer rank raises during the transfer") | {"message": ""} == {
-        "rank": 1, "role": "trainer", "phase": "transfer", "message": ""
-    }  # fmt: skip
-    assert cases["trainer rank stalls past the 5 s timeout"]["seconds_to_raise"] >= 5
-    assert cases["engine fails before touching its running weights"]["status_after"]["rolled_back"]
-    assert not cases["engine fails after it started changing its running weights"]["status_after"][
-        "rolled_back"
-    ]
+        assert r.raised, name
+        assert r.recovered, (name, r.recovery_error)
+        assert r.status_recovered.alive and not r.status_recovered.stale, name
+        if r.failures is not None:  # a refit that failed, not a description
+            assert r.seconds_to_raise < 5 + 2, name
+            assert set(r.sides_raised) == {"trainer", "engine"}, name
+            st = r.status_after
+            assert st is not None and (not st.alive or (st.stale and st.generate_refused)), name
+
+    def first(name: str) -> ReportedFailure:
+        failures = cases[name].failures
+        assert failures, name
+        return failures[0]
+
+    raises = first("trainer rank raises during the transfer")
+    assert (raises.rank, raises.role, raises.phase) == (1, "trainer", "transfer")
+    assert cases["trainer rank stalls past the 5 s timeout"].seconds_to_raise >= 5
+
+    def after(name: str) -> EngineStatus:
+        st = cases[name].status_after
+        assert st is not None, name
+        return st
+
+    assert after("engine fails before touching its running weights").rolled_back
+    assert not after("engine fails after it started changing its running weights").rolled_back
     assert (
         "checksum mismatch"
-        in first("trainer changes its weights during the refit (verify=True)")["message"]
+        in first("trainer changes its weights during the refit (verify=True)").message
     )
-    died = cases["trainer rank process dies during the transfer"]["error"]
+    died = cases["trainer rank process dies during the transfer"].error
     assert "trainer rank 1: the rank's process died (ActorDiedError)" in died
-    assert not cases["engine process dies during the transfer"]["status_after"]["alive"]
-    assert "precision mismatch" in cases["description: wrong dtype"]["error"]
+    assert not after("engine process dies during the transfer").alive
+    assert "precision mismatch" in cases["description: wrong dtype"].error
     assert (
         "trainer shape [127, 128] != engine shape [128, 128]"
-        in cases["description: wrong shape"]["error"]
+        in cases["description: wrong shape"].error
     )
-    assert (
-        "is missing on the trainer" in cases["description: an expert projection missing"]["error"]
-    )
+    assert "is missing on the trainer" in cases["description: an expert projection missing"].error
     assert (
         "parameters the engine does not hold"
-        in cases["description: the trainer holds another model"]["error"]
+        in cases["description: the trainer holds another model"].error
     )

@@ -23,7 +23,7 @@ TOKENS = 6
 
 
 def _hf(path: str, prompts):
-    from harness.scenario import hf_generate
+    from harness.reference import hf_generate
 
     return hf_generate(path, prompts, TOKENS)
 
@@ -37,7 +37,7 @@ def _same(got, want) -> bool:
 
 
 def _generate_into(server, out: list) -> None:
-    from harness.scenario import PROMPTS
+    from harness.reference import PROMPTS
 
     out.append(server.generate(PROMPTS[:1], 24))
 
@@ -46,7 +46,7 @@ def _refit_over_http(tmp_path: Path, model: str, tp: int, trainer_kind: str) -> 
     import ray
 
     from harness.hf_checkpoint import load_grouped, save_grouped
-    from harness.scenario import PROMPTS, set_step
+    from harness.reference import PROMPTS, set_step
     from harness.serve import Server
     from harness.tiny_models import build, step_weights
     from refit.refitter import Refitter
@@ -155,7 +155,7 @@ class _TrainerRank:
         )
 
     def train(self, path: str, step: int) -> None:
-        from harness.scenario import set_step
+        from harness.reference import set_step
 
         self.params = self.source.refs
         set_step(self, path, step)
@@ -170,7 +170,7 @@ def test_vllm_trainer_api_with_the_xfer_backend(tmp_path):
 
     from backends.vllm.transfer import make_trainer_init_info
     from harness.hf_checkpoint import load_grouped, save_grouped
-    from harness.scenario import PROMPTS
+    from harness.reference import PROMPTS
     from harness.serve import Server
     from harness.tiny_models import build, step_weights
 
@@ -202,7 +202,7 @@ def test_vllm_trainer_api_with_an_llm_ray_actor(tmp_path):
     from backends.vllm.ray_engine import engine_kwargs
     from backends.vllm.transfer import make_trainer_init_info
     from harness.hf_checkpoint import load_grouped, save_grouped
-    from harness.scenario import PROMPTS
+    from harness.reference import PROMPTS
     from harness.tiny_models import build, step_weights
 
     path = str(tmp_path / "qwen3_moe")
@@ -242,7 +242,7 @@ def _async_refits(tmp_path: str, receive_while_serving: bool = False) -> dict:
     from backends.torch.trainer import TorchTrainerGroup
     from backends.vllm.ray_engine import engine_kwargs
     from harness.hf_checkpoint import load_grouped, save_grouped
-    from harness.scenario import PROMPTS, set_step
+    from harness.reference import PROMPTS, set_step
     from harness.tiny_models import build, step_weights
     from harness.torch_shards import checkpoint_shards
     from refit.refitter import Refitter
@@ -302,7 +302,7 @@ def _async_refits(tmp_path: str, receive_while_serving: bool = False) -> dict:
 
 @pytest.mark.parametrize("receive_while_serving", [False, True])
 def test_async_llm_with_requests_in_flight(tmp_path, receive_while_serving):
-    from harness.scenario import PROMPTS
+    from harness.reference import PROMPTS
 
     rec = _async_refits(str(tmp_path), receive_while_serving)
     assert len(rec["steps"]) == 2
