@@ -93,7 +93,7 @@ from refit.watch import Failure, FailureBoard, RefitFailed
 from xfer import DEFAULT_BUCKET_BYTES, tcp_store
 from xfer.api import PATHS, Path
 from xfer.net import is_local, routable_address
-from xfer.plan import check_relay
+from xfer.relay import check_relay
 
 __all__ = ["BACKENDS", "RefitStats", "Refitter", "choose_backend"]
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from tests.strategies import full_tensor, items, same_bits
 from tests.support import apply_plan
 from xfer import Layout, Mesh, Replicate, ReshardItem, Shard, XferError, build_program, plan_reshard
-from xfer.plan import replica_classes
 from xfer.program import split_range
+from xfer.relay import replica_classes
 
 WORLD = 8
 

@@ -31,21 +31,9 @@ small pairs send few messages. The schedule is checked against the cap with an u
 
 Relay
 -----
-Destination ranks that hold the same box of every item and no source box (engine replicas of
-one layout) form a *replica class*. Without relay every member receives its box from the
-source ranks, so a source rank's egress grows with the number of replicas while each
-receiver's ingress does not. With relay the members of a class of ``K`` are cut into ``H``
-chains (member ``q`` in chain ``q mod H`` at depth ``q // H``): only the heads (depth 0)
-receive from the sources, in the ``R`` rounds scheduled above; the member at depth ``k``
-receives in round ``t + 2k`` exactly what its head received in round ``t``, as one message
-from the member before it in its chain, read from that member's *destination* (landed two
-rounds earlier: the executor unpacks a round while the next is on the wire). Every member
-holds the same box, so the regions are the same on all three ranks. The plan has
-``R + 2 * (ceil(K / H) - 1)`` rounds; each rank still sends and receives at most
-`bucket_bytes` per round. ``relay=None`` picks ``H`` (any count from 1 to ``K``, ``K``
-meaning no relay) by the rounds it leads to, ``ceil(L_H / bucket_bytes) + 2 * depth``, with
-``L_H`` the largest per-rank load once followers are fed by their chains: more chains load
-the sources more, fewer make the chains longer.
+With ``relay`` the members of each replica class of destination ranks are cut into chains,
+fed one after the other from the chain's head (`xfer.relay`); the plan then has
+``R + 2 * depth`` rounds.
 
 Scale
 -----
@@ -68,6 +56,7 @@ import torch
 
 from xfer.errors import XferError, raise_if
 from xfer.layout import Geometry, Layout, Placement, geometry, placement_str
+from xfer.relay import Relay, check_relay, choose, frozen, replica_classes
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -103,12 +92,6 @@ class ReshardItem:
         return self.dtype.itemsize
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    a.setflags(write=False)
-    return a
-
-
 @dataclass(frozen=True, eq=False)
 class Chunks:
     """A table of chunks, one row each: item, sender, receiver, region ``[lo, hi)``, bytes.
@@ -128,7 +111,7 @@ class Chunks:
         return int(self.item.shape[0])
 
     def take(self, index: np.ndarray) -> Chunks:
-        return Chunks(*(_frozen(a[index]) for a in self._arrays()))
+        return Chunks(*(frozen(a[index]) for a in self._arrays()))
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
         return (self.item, self.sender, self.receiver, self.lo, self.hi, self.nbytes)
@@ -163,32 +146,6 @@ class Pairs:
         """Stream byte offsets ``[b_0 = 0, ..., b_m = B]`` of the messages of pair `p`."""
         m, b = int(self.messages[p]), int(self.nbytes[p])
         return (np.arange(m + 1, dtype=np.int64) * b) // m
-
-
-@dataclass(frozen=True, eq=False)
-class Relay:
-    """One row per follower (a destination rank fed by relay), sorted by follower: it receives
-    from `forwarder`, at chain `depth` >= 1 below `head`, what `head` received from the
-    sources, ``2 * depth`` rounds later. Empty when the plan does not relay."""
-
-    forwarder: np.ndarray
-    follower: np.ndarray
-    head: np.ndarray
-    depth: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.follower.shape[0])
-
-    @property
-    def max_depth(self) -> int:
-        return int(self.depth.max(initial=0))
-
-    def row_of_follower(self, rank: int) -> int | None:
-        i = int(np.searchsorted(self.follower, rank))
-        return i if i < len(self) and int(self.follower[i]) == rank else None
-
-    def rows_of_forwarder(self, rank: int) -> np.ndarray:
-        return np.nonzero(self.forwarder == rank)[0]
 
 
 @dataclass(frozen=True)
@@ -290,10 +247,10 @@ class Plan:
                 per = into[first.reshape(-1)]
             row, t = np.nonzero(per)
             self._cache["relay_messages"] = (
-                _frozen(rl.forwarder[row]),
-                _frozen(rl.follower[row]),
-                _frozen(t + 2 * rl.depth[row]),
-                _frozen(per[row, t]),
+                frozen(rl.forwarder[row]),
+                frozen(rl.follower[row]),
+                frozen(t + 2 * rl.depth[row]),
+                frozen(per[row, t]),
             )
         return self._cache["relay_messages"]  # type: ignore[return-value]
 
@@ -365,13 +322,6 @@ def check_items(
             f"node_of has {len(node_of)} entries but the communicator has {world_size} ranks"
         )
     return out
-
-
-def check_relay(relay: object) -> list[str]:
-    """The problem with a `relay` option (see `plan_reshard`), if any."""
-    if relay is None or isinstance(relay, bool) or (type(relay) is int and relay >= 1):
-        return []
-    return [f"relay must be None (auto), a bool or an int >= 1, got {relay!r}"]
 
 
 # -- planning -------------------------------------------------------------------------------
@@ -461,7 +411,7 @@ def plan_reshard(
     width = max([1] + [it.dst.ndim for it in items])
     picked = _pick_senders(items, nodes)
     classes = replica_classes(items, world_size) if relay is not False else None
-    chains = _relay(picked, classes, world_size, bucket_bytes, relay)
+    chains = choose(picked, classes, world_size, bucket_bytes, relay)
     fed = np.zeros(world_size, dtype=bool)
     fed[chains.follower] = True  # followers receive by relay, not from the sources
     local, rem = picked.chunks(width, fed, world_size, len(items))
@@ -480,130 +430,6 @@ def plan_reshard(
         direct_rounds=direct,
         relay_option=relay,
     )
-
-
-def _no_relay() -> Relay:
-    z = _frozen(np.zeros(0, np.int64))
-    return Relay(z, z, z, z)
-
-
-@functools.lru_cache(maxsize=4096)
-def _box_ids(dst_key: _GeomKey) -> tuple[np.ndarray, np.ndarray]:
-    """Per mesh position of a geometry: an id of its box (equal ids: equal boxes), and
-    whether the box is non-empty."""
-    g = geometry(*dst_key)
-    boxes = np.concatenate([g.starts, g.stops], axis=1)
-    _, ids = np.unique(boxes, axis=0, return_inverse=True)
-    nonempty = np.asarray((g.stops > g.starts).all(axis=1), dtype=bool)
-    return ids.reshape(-1).astype(np.uint64), nonempty
-
-
-def replica_classes(items: Sequence[ReshardItem], world_size: int) -> np.ndarray:
-    """Class of every rank (-1: none): ranks in one class hold the same destination box of
-    every item, at least one non-empty, and no source box."""
-    sources = np.zeros(world_size, dtype=bool)
-    holds = np.zeros(world_size, dtype=bool)
-    sig = np.zeros((world_size, 2), dtype=np.uint64)
-    groups: dict[_GeomKey, list[int]] = {}
-    for i, it in enumerate(items):
-        sources[np.asarray(it.src.mesh.flat, dtype=np.int64)] = True
-        groups.setdefault(it.dst.key, []).append(i)
-    mult = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F], dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for key, idxs in groups.items():
-            ids, nonempty = _box_ids(key)
-            ranks = np.array([items[i].dst.mesh.flat for i in idxs], dtype=np.int64)  # [T, P]
-            salt = _mix(np.asarray(idxs, dtype=np.uint64))  # [T]
-            for h in range(2):
-                word = _mix(salt[:, None] * mult[h] + ids[None, :] + np.uint64(h + 1))
-                np.add.at(sig[:, h], ranks.reshape(-1), word.reshape(-1))
-            holds[ranks[:, nonempty].reshape(-1)] = True
-    member = holds & ~sources
-    out = np.full(world_size, -1, dtype=np.int64)
-    if member.sum() < 2:
-        return out
-    ranks = np.nonzero(member)[0]
-    _, cls, counts = np.unique(sig[ranks], axis=0, return_inverse=True, return_counts=True)
-    cls = cls.reshape(-1)
-    keep = counts[cls] >= 2
-    out[ranks[keep]] = cls[keep]
-    return out
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """A 64-bit finalizer (splitmix64's), elementwise on uint64 arrays."""
-    x = x.astype(np.uint64)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
-
-
-def _chains(classes: np.ndarray, heads: int) -> Relay:
-    """Cut every class into `heads` chains (members in rank order, member ``q`` in chain
-    ``q mod heads`` at depth ``q // heads``)."""
-    rows: list[tuple[int, int, int, int]] = []
-    for c in np.unique(classes[classes >= 0]).tolist():
-        members = np.nonzero(classes == c)[0].tolist()
-        for q in range(heads, len(members)):
-            rows.append((members[q - heads], members[q], members[q % heads], q // heads))
-    if not rows:
-        return _no_relay()
-    rows.sort(key=lambda r: r[1])
-    cols = np.array(rows, dtype=np.int64).T
-    return Relay(*(_frozen(c) for c in cols))
-
-
-def _relay(
-    picked: _Picked,
-    classes: np.ndarray | None,
-    world_size: int,
-    cap: int,
-    option: bool | int | None,
-) -> Relay:
-    """The relay chains for `option` (see `plan_reshard`), from the senders `picked` chose
-    and the replica `classes` of the ranks."""
-    if option is False or classes is None or (classes < 0).all():
-        return _no_relay()
-    if type(option) is int:
-        return _chains(classes, option)
-    # remote bytes each rank sends to receivers at each position of their class (column 0:
-    # receivers in no class), and receives: the loads of any number of chains follow
-    position = _class_positions(classes)
-    largest = int(position.max(initial=-1)) + 1
-    out_by_pos, into = picked.loads(position + 1, largest + 1, world_size)
-
-    out_upto = np.cumsum(out_by_pos, axis=1)  # [:, h]: bytes to receivers at positions < h
-    in_upto = np.zeros(largest + 1)  # [h]: the most any rank at a position < h receives
-    np.maximum.at(in_upto, position + 1, into)  # (position -1: in no class, column 0)
-    in_upto = np.maximum.accumulate(in_upto)
-
-    def rounds(heads: int) -> int:
-        load = max(out_upto[:, heads].max(initial=0), in_upto[heads])
-        depth = max(0, -(-largest // heads) - 1)
-        return -(-int(load) // cap) + 2 * depth
-
-    best, best_rounds = 0, rounds(largest)  # as many chains as members: no relay
-    for h in range(1, largest):
-        r = rounds(h)
-        if r < best_rounds or (option is True and not best):
-            best, best_rounds = h, r
-    return _chains(classes, best) if best else _no_relay()
-
-
-def _class_positions(classes: np.ndarray) -> np.ndarray:
-    """Each rank's index among its class's members in rank order (-1: in no class)."""
-    out = np.full(classes.shape, -1, dtype=np.int64)
-    ranks = np.nonzero(classes >= 0)[0]
-    if len(ranks):
-        order = ranks[np.lexsort((ranks, classes[ranks]))]
-        cls = classes[order]
-        start = np.r_[0, np.nonzero(cls[1:] != cls[:-1])[0] + 1]
-        first = np.repeat(start, np.diff(np.r_[start, len(order)]))
-        out[order] = np.arange(len(order)) - first
-    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -672,7 +498,7 @@ class _Picked:
             t = trow[r]
             return Chunks(
                 *(
-                    _frozen(a)
+                    frozen(a)
                     for a in (item[r], sender[r], receiver[r], lo_t[t], hi_t[t], nelem[t] * isz[r])
                 )
             )
@@ -764,7 +590,7 @@ def _schedule(rem: Chunks, world_size: int, cap: int) -> tuple[Pairs, int]:
     """Group sorted remote chunks into pairs and spread each pair's stream over rounds."""
     n = len(rem)
     if n == 0:
-        z = _frozen(np.zeros(0, np.int64))
+        z = frozen(np.zeros(0, np.int64))
         return Pairs(z, z, z, z, z, z, z), 0
     change = np.ones(n, dtype=bool)
     change[1:] = (rem.sender[1:] != rem.sender[:-1]) | (rem.receiver[1:] != rem.receiver[:-1])
@@ -793,7 +619,7 @@ def _schedule(rem: Chunks, world_size: int, cap: int) -> tuple[Pairs, int]:
             f"bucket_bytes={cap} is too small: ranks exchange up to {load} bytes with up to "
             f"{degree} peers; use at least {max(64 * degree, 1 << 16)} bytes"
         )
-    pairs = Pairs(*(_frozen(a) for a in (sender, receiver, nbytes, first, last, messages, phase)))
+    pairs = Pairs(*(frozen(a) for a in (sender, receiver, nbytes, first, last, messages, phase)))
     return pairs, rounds
 
 

@@ -8,7 +8,7 @@ of such boxes, and a byte range of a box splits exactly into at most ``2 * ndim 
 (`split_range`). Sender and receiver derive their copies from the same global regions and the
 same offsets, so the bytes line up by construction.
 
-Relay (`xfer.plan.Relay`): a follower at depth ``k`` receives in round ``t + 2k``, from its
+Relay (`xfer.relay.Relay`): a follower at depth ``k`` receives in round ``t + 2k``, from its
 forwarder, one message holding the copies of every message its head receives in round ``t``,
 back to back in (item, region) order; the forwarder reads them from its destination
 (`from_dst`). The
