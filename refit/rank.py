@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -115,7 +115,7 @@ class RankOptions:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise WireError(f"options: timeout_s {timeout!r} is not a positive number")
         return cls(
-            path,  # type: ignore[arg-type]
+            cast(Path, path),  # one of PATHS: checked above
             as_int(x.get("bucket_bytes"), "bucket_bytes", lo=1),
             backend,
             float(timeout),
