@@ -8,13 +8,15 @@ import dataclasses
 import re
 from typing import Any
 
+from refit.spec import EngineStatus
+
 __all__ = [
     "CampaignReport",
     "CaseReport",
     "ConcurrentRefits",
     "DriverKilled",
     "DuplicatedEngine",
-    "EngineStatus",
+    "EngineSeen",
     "ReportedFailure",
     "GenerationRace",
     "HostileStore",
@@ -27,19 +29,25 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class EngineStatus:
-    """What the engine says after a case (`Refitter.status()`), and whether it refuses to
-    generate; `alive` False when it could not be asked (`error` says why)."""
+class EngineSeen:
+    """The engine after a case, as the campaign saw it: its `status` (`Refitter.status()`;
+    None when it could not be asked, `error` says why) and whether it refused to generate."""
 
-    alive: bool
-    error: str | None = None
-    version: int | None = None
-    attempted: int | None = None
-    stale: bool = False
-    holds: int | None = None
-    described: str = ""
-    rolled_back: bool = False
+    status: EngineStatus | None
     generate_refused: bool = False
+    error: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.status is not None
+
+    @property
+    def stale(self) -> bool:
+        return self.status is not None and self.status.stale
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.status is not None and self.status.holds == self.status.version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +68,10 @@ class CaseReport:
     case: str
     raised: bool
     seconds_to_raise: float
-    status_after: EngineStatus | None  # None for a description case (nothing was sent)
+    status_after: EngineSeen | None  # None for a description case (nothing was sent)
     recovered: bool
     recovery_seconds: float
-    status_recovered: EngineStatus
+    status_recovered: EngineSeen
     error: str = ""
     failures: list[ReportedFailure] | None = None  # None: refused at prepare, not a failed refit
     sides_raised: list[str] = dataclasses.field(default_factory=list)
@@ -86,14 +94,14 @@ class CaseReport:
         st = self.status_after
         if st is None:
             after = "untouched"
-        elif not st.alive:
+        elif st.status is None:
             after = "dead (restarted)"
         else:
             held = (
                 "rolled back"
                 if st.rolled_back
                 else "partly new"
-                if st.holds is None
+                if st.status.holds is None
                 else "holds the new weights"
             )
             after = (
@@ -157,7 +165,7 @@ class StoppedEngine(Extra):
     raised: bool
     seconds_to_raise: float
     error: str
-    status_after: EngineStatus
+    status_after: EngineSeen
 
     def what(self) -> str:
         return (

@@ -33,7 +33,7 @@ from harness.fault_extras import PROMPTS, ExtraCases
 from harness.fault_report import (
     CampaignReport,
     CaseReport,
-    EngineStatus,
+    EngineSeen,
     ReportedFailure,
     markdown,
 )
@@ -140,26 +140,17 @@ class Campaign(ExtraCases):
             for a, b in zip(g[1], h[1], strict=False)
         )
 
-    def status(self) -> EngineStatus:
+    def status(self) -> EngineSeen:
         try:
             s = self.refitter.status()[0][0]
         except Exception as e:  # the engine may be dead
-            return EngineStatus(alive=False, error=type(e).__name__)
+            return EngineSeen(status=None, error=type(e).__name__)
         refused = False
         try:
             self.generate()
         except Exception as e:
             refused = "StaleWeights" in f"{type(e).__name__}{e}"
-        return EngineStatus(
-            alive=True,
-            version=s.version,
-            attempted=s.attempted,
-            stale=s.stale,
-            holds=s.holds,
-            described=s.describe(),
-            rolled_back=s.holds == s.version,
-            generate_refused=refused,
-        )
+        return EngineSeen(status=s, generate_refused=refused)
 
     # -- a case ----------------------------------------------------------------------------
     def _wanted(self, name: str) -> bool:

@@ -147,7 +147,7 @@ class MegatronReport:
     returncode: int | None = None
 
 
-def write(record: Any, path: str | Path) -> str:
+def write(record: Any, path: str | Path | None) -> str:
     """`record` as JSON (to `path` when given); returns the text."""
     text = json.dumps(dataclasses.asdict(record), indent=1, default=str)
     if path:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.fault_report import CampaignReport, EngineStatus, ManyFailures, ReportedFailure
+from harness.fault_report import CampaignReport, EngineSeen, ManyFailures, ReportedFailure
 from harness.reports import read
 from refit.watch import Failure, FailureBoard, RefitFailed
 from tests.strategies import full_tensor, items
@@ -181,7 +181,7 @@ def test_fault_campaign(tmp_path):
     assert (raises.rank, raises.role, raises.phase) == (1, "trainer", "transfer")
     assert cases["trainer rank stalls past the 5 s timeout"].seconds_to_raise >= 5
 
-    def after(name: str) -> EngineStatus:
+    def after(name: str) -> EngineSeen:
         st = cases[name].status_after
         assert st is not None, name
         return st

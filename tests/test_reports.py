@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from harness.fault_report import CampaignReport, EngineStatus, ManyFailures, ProcStats
+from harness.fault_report import CampaignReport, EngineSeen, ManyFailures, ProcStats
 from harness.reports import PlanFacts, ScenarioReport, StepReport, read, write
+from refit.spec import EngineStatus
 
 
 def _step(step: int) -> StepReport:
@@ -53,12 +54,16 @@ def test_a_campaign_report_round_trips(tmp_path):
 
 def test_a_report_that_does_not_match_its_record_is_refused_by_field(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"alive": True, "stale": "yes"}))
+    path.write_text(json.dumps({"status": None, "generate_refused": "yes"}))
     with pytest.raises(TypeError, match="expected bool"):
-        read(EngineStatus, path)
-    path.write_text(json.dumps({"alive": True, "holds_weights": 3}))
-    with pytest.raises(TypeError, match=r"EngineStatus: unknown fields \['holds_weights'\]"):
-        read(EngineStatus, path)
-    path.write_text(json.dumps({"stale": True}))
-    with pytest.raises(TypeError, match=r"EngineStatus: .*alive"):
-        read(EngineStatus, path)
+        read(EngineSeen, path)
+    path.write_text(json.dumps({"status": None, "holds_weights": 3}))
+    with pytest.raises(TypeError, match=r"EngineSeen: unknown fields \['holds_weights'\]"):
+        read(EngineSeen, path)
+    path.write_text(json.dumps({"generate_refused": True}))
+    with pytest.raises(TypeError, match=r"EngineSeen: .*status"):
+        read(EngineSeen, path)
+    path.write_text(json.dumps({"status": {"version": 2, "attempted": 3, "holds": None}}))
+    seen = read(EngineSeen, path)  # the product's own status record, nested
+    assert isinstance(seen.status, EngineStatus) and seen.alive and seen.stale
+    assert not seen.rolled_back
