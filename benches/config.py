@@ -67,12 +67,12 @@ class Side:
     def world(self) -> int:
         return self.trainer.world + self.engine_tp * self.replicas
 
-    def bucket_bytes(self, misc_bytes: int, relay: bool = False) -> int:
+    def bucket_bytes(self, misc_bytes: int) -> int:
         """The bucket for a refit whose engine ranks hold `misc_bytes` of misc tensors (as
-        `refit.refitter.budget_bucket`: with `relay` engine ranks may stage sends too)."""
+        `refit.refitter.budget_bucket`)."""
         if self.max_extra_bytes is None:
             return self.bucket_cap or DEFAULT_BUCKET_BYTES
-        bucket = (self.max_extra_bytes - misc_bytes) // (4 if relay else 2)
+        bucket = (self.max_extra_bytes - misc_bytes) // 2
         if self.bucket_cap is not None:
             bucket = min(bucket, self.bucket_cap)
         if bucket < MIN_BUCKET:

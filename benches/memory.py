@@ -5,8 +5,9 @@ refit, as `benches.localrun` allocates them (its measurements are compared with 
 
 * p2p: send staging is double-buffered, and so is receive staging: at most 2 x the rank's
   largest send round + 2 x its largest receive round (`PlanStats.peak_send_round`,
-  `peak_recv_round`; a trainer rank only sends, an engine rank receives and, when it forwards
-  to another replica (relay, `xfer.plan`), sends what it received); an engine rank
+  `peak_recv_round`; a trainer rank only sends, an engine rank receives). An engine rank that
+  forwards to another replica (relay, `xfer.plan`) sends its receive staging on as it lies:
+  it stages no send. An engine rank
   also holds every misc tensor whole while the engine loads them. That is the bound
   (`extra_memory`). The runtime stages less: a message whose bytes are one contiguous span of
   the local tensor goes straight from (or into) its storage, and only the other messages are
@@ -68,7 +69,9 @@ def extra_memory(refit: RefitPlan, plan: Plan) -> ExtraMemory:
     engine = (np.arange(world) >= t).astype(np.int64)
     misc = misc_bytes(refit) * engine
     st = plan.stats
-    p2p = 2 * (st.peak_send_round + st.peak_recv_round) + misc
+    # forwarders hold no source box (`xfer.relay`): everything they send is forwarded
+    forwards = np.isin(np.arange(world), plan.relay.forwarder)
+    p2p = 2 * (np.where(forwards, 0, st.peak_send_round) + st.peak_recv_round) + misc
     items = refit.items
     tensor = [int(np.prod(it.src.shape)) * it.itemsize for it in items]
     largest_cell = max(
@@ -100,8 +103,8 @@ def zero_copy_extra(refit: RefitPlan, plan: Plan, ranks: list[int]) -> dict[int,
     for rank in ranks:
         src = _byte_views(plan, rank, "src")
         dst = _byte_views(plan, rank, "dst")
-        send, recv = staging_need(build_program(plan, rank), src, dst)
-        out[rank] = 2 * (send + recv) + (misc if rank >= refit.trainer_world else 0)
+        staged = staging_need(build_program(plan, rank), src, dst)
+        out[rank] = staged + (misc if rank >= refit.trainer_world else 0)
     return out
 
 

@@ -83,7 +83,7 @@ def _plan(side: Side) -> tuple[RefitPlan, Plan, int]:
     trainer, engine = specs(side)
     refit = plan_refit(trainer, [engine] * side.replicas)
     # as the Refitter does: relay chosen by the planner where replicas could forward
-    bucket = side.bucket_bytes(misc_bytes(refit), relay=side.replicas > 1)
+    bucket = side.bucket_bytes(misc_bytes(refit))
     return refit, plan_reshard(refit.items, world_size=refit.world, bucket_bytes=bucket), bucket
 
 
@@ -198,7 +198,7 @@ def replica_sweep(cfg: BenchConfig, progress: Any = None) -> list[dict[str, Any]
         trainer, engine = specs(side)
         refit = plan_refit(trainer, [engine] * side.replicas)
         for relay in (False, None):
-            bucket = side.bucket_bytes(misc_bytes(refit), relay=relay is None)
+            bucket = side.bucket_bytes(misc_bytes(refit))
             if progress is not None:
                 progress.set_description(
                     f"replicas x{side.replicas}, relay {'auto' if relay is None else 'off'}"

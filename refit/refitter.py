@@ -53,9 +53,9 @@ Replicas: engine replicas of one layout forward what they received to the next r
 per replica, so the trainer's egress stops growing with the number of replicas. ``relay=None``
 (default) relays when the plan's rounds model says it is faster (many replicas, several
 rounds), ``False`` never, ``True`` always, an int sets the chains per replica class. A
-forwarding engine rank also stages the relay sends that are not one contiguous span of its
-destination (counted in `RefitStats.engine_extra_bytes`). Delta refits move on the plan
-without relay.
+forwarding engine rank receives the rounds it forwards staged and, in the next round, sends
+that staging on as it lies: a hop costs one round and no memory beyond the two receive
+buffers. Delta refits move on the plan without relay.
 
 Deltas: ``delta=True`` sends, after the first refit of each communicator generation, only
 what changed since the previous refit, message by message on the same plan (`xfer.delta`):
@@ -200,12 +200,12 @@ def _refused_delta(e: RefitFailed) -> bool:
     return any("asked for a delta against version" in f.message for f in e.failures)
 
 
-def budget_bucket(budget: int, misc_bytes: int, bucket_bytes: int, relaying: bool = False) -> int:
+def budget_bucket(budget: int, misc_bytes: int, bucket_bytes: int) -> int:
     """The bucket that keeps an engine rank's extra memory within `budget` bytes: two receive
-    buffers of one bucket (and, `relaying`, two send buffers: a forwarding rank may stage
-    what it forwards) plus every misc tensor whole (`misc_bytes`), at most `bucket_bytes`.
+    buffers of one bucket (a rank that forwards to another replica sends from them and
+    stages no send) plus every misc tensor whole (`misc_bytes`), at most `bucket_bytes`.
     A staged install's copies come on top: use ``install="live"`` where the budget is tight."""
-    bucket = min(bucket_bytes, (budget - misc_bytes) // (4 if relaying else 2))
+    bucket = min(bucket_bytes, (budget - misc_bytes) // 2)
     if bucket < MIN_BUDGET_BUCKET:
         raise RefitError(
             f"max_extra_bytes={budget} does not fit: the misc tensors alone take {misc_bytes} B "
@@ -348,11 +348,7 @@ class Refitter:
                 )
             if self.max_extra_bytes is not None:
                 misc = sum(e.nbytes for e in plan.misc)
-                # delta refits move on the plan without relay (`xfer.Resharder`)
-                relaying = self.relay is not False and plan.replicas > 1 and not self.delta
-                self.bucket_bytes = budget_bucket(
-                    self.max_extra_bytes, misc, self.bucket_bytes, relaying
-                )
+                self.bucket_bytes = budget_bucket(self.max_extra_bytes, misc, self.bucket_bytes)
             self._specs = (trainer_spec, engine_specs)
             self.plan = plan
             log.info(

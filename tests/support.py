@@ -13,7 +13,7 @@ import torch
 
 from harness.reports import LayoutReport, MegatronReport, ScenarioReport, read
 from xfer import Segments, build_program
-from xfer.execute import _directs, _Locals, _pack, _recv_buffers, _unpack
+from xfer.execute import _Locals, _pack, _recv_buffers, _round_directs, _unpack
 from xfer.segments import copy_in
 
 WORLD = 8  # ranks of the session's rank pool
@@ -65,8 +65,8 @@ def local_inputs(its, rank, fulls, device="cpu"):
 
 
 def apply_plan(plan, fulls, device="cpu"):
-    """Run every rank's program in-process, round after round (a relay send reads what its
-    rank received in an earlier round); return each rank's destination tensors."""
+    """Run every rank's program in-process, round after round (a relay send forwards its
+    rank's receive staging of the round before); return each rank's destination tensors."""
     world = plan.world_size
     progs = [build_program(plan, r) for r in range(world)]
     state = [local_inputs(plan.items, r, fulls, device) for r in range(world)]
@@ -74,27 +74,32 @@ def apply_plan(plan, fulls, device="cpu"):
     for r, prog in enumerate(progs):
         for lc in prog.local:
             locs[r].dst[lc.item][lc.dst_index].copy_(locs[r].src[lc.item][lc.src_index])
-    by_round = [{rnd.index: rnd for rnd in prog.rounds} for prog in progs]
+    directs = [_round_directs(progs[r], locs[r].src_bytes, locs[r].dst_bytes) for r in range(world)]
+    by_round = [{rnd.index: i for i, rnd in enumerate(prog.rounds)} for prog in progs]
+    staged: list[torch.Tensor | None] = [None] * world  # each rank's last receive staging
     for index in range(plan.rounds):
         wire: dict[tuple[int, int], list[torch.Tensor]] = {}
         for r in range(world):
-            rnd = by_round[r].get(index)
-            if rnd is None:
+            i = by_round[r].get(index)
+            if i is None:
                 continue
-            direct = _directs(rnd.sends, locs[r].src_bytes, locs[r].dst_bytes)
+            rnd, direct = progs[r].rounds[i], directs[r][0][i]
             buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
-            for m, out in zip(rnd.sends, _pack(rnd, direct, buf, locs[r]), strict=True):
-                wire.setdefault((r, m.peer), []).append(out.clone())
+            out = _pack(rnd, direct, buf, locs[r], forwarded=staged[r])
+            for m, b in zip(rnd.sends, out, strict=True):
+                wire.setdefault((r, m.peer), []).append(b.clone())
         for r in range(world):
-            rnd = by_round[r].get(index)
-            if rnd is None:
+            i = by_round[r].get(index)
+            staged[r] = None
+            if i is None:
                 continue
-            direct = _directs(rnd.recvs, locs[r].dst_bytes, locs[r].dst_bytes)
+            rnd, direct = progs[r].rounds[i], directs[r][1][i]
             buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
             into = _recv_buffers(rnd, direct, buf)
             for m, b in zip(rnd.recvs, into, strict=True):
                 b.copy_(wire[(m.peer, r)].pop(0))
             _unpack(rnd, direct, into, locs[r])
+            staged[r] = buf
         left = sorted(k for k, v in wire.items() if v)
         assert not left, f"round {index}: messages nobody received: {left[:5]}"
     for loc in locs:

@@ -67,7 +67,7 @@ def _port() -> int:
 @pytest.mark.parametrize("relay", [False, 1])
 def test_pack_unpack_on_cuda(relay):
     # strided boxes, contiguous runs in one multi-tensor copy, and (relay) forwarding from
-    # destinations, all on the device
+    # receive staging, all on the device
     its = _items(4)
     dst = Layout(Mesh([[2, 3], [4, 5], [6, 7]], ("dp", "tp")), [Replicate(), Shard(1)], [24, 40])
     src = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [24, 40])

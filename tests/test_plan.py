@@ -180,10 +180,10 @@ def test_relay_chains_replicas_and_auto_picks_fewest_rounds():
     two = plan_reshard(its, bucket_bytes=512, relay=2)
     # without relay each source rank sends its half to 4 replicas: 80 KiB at 512 B a round
     assert len(off.relay) == 0 and off.rounds == off.direct_rounds == 160
-    # auto: one chain per TP position (2 x 3 followers), 20 direct rounds + 2 per hop
+    # auto: one chain per TP position (2 x 3 followers), 40 direct rounds + 1 per hop
     assert len(auto.relay) == 6 and auto.relay.max_depth == 3
-    assert auto.direct_rounds == 40 and auto.rounds == 46
-    assert two.relay.max_depth == 1 and two.rounds == two.direct_rounds + 2
+    assert auto.direct_rounds == 40 and auto.rounds == 43
+    assert two.relay.max_depth == 1 and two.rounds == two.direct_rounds + 1
     for plan, chains in ((off, 4), (auto, 1), (two, 2)):
         stats = plan.stats
         assert stats.bytes_out[:2].sum() == chains * one_replica
@@ -196,7 +196,7 @@ def test_relay_chains_replicas_and_auto_picks_fewest_rounds():
             for i, it in enumerate(its):
                 assert same_bits(dsts[r][i], fulls[i][it.dst.box(r)])
         assert stats.messages == sum(len(r.sends) for p in progs for r in p.rounds)
-    # the follower at depth k hears from the member before it, 2k rounds after its head
+    # the follower at depth k hears from the member before it, k rounds after its head
     assert auto.relay.follower.tolist() == [4, 5, 6, 7, 8, 9]
     assert auto.relay.forwarder.tolist() == [2, 3, 4, 5, 6, 7]
     assert auto.relay.head.tolist() == [2, 3, 2, 3, 2, 3]
@@ -229,35 +229,54 @@ def test_chunks_come_sorted_and_one_node_picks_as_no_nodes(its):
         assert all((x == y).all() for x, y in zip(a._arrays(), b._arrays(), strict=True))
 
 
-def test_relay_messages_copy_adjacent_regions_at_once():
+def test_relay_forwards_the_round_before_from_receive_staging():
     # two tensors, row-sharded over two trainer ranks, replicated on two engine ranks: the
-    # head gets each tensor's halves from two senders; the relay hop carries both tensors in
-    # one message, each tensor's halves adjacent, so packing and unpacking it is one copy per
-    # tensor, not one per box
-    from xfer.execute import _directs, _Locals
+    # head gets each tensor's halves from two senders in round 0 and, in round 1, sends that
+    # receive staging on to the follower as it lies: one message, nothing packed; the head
+    # receives the forwarded round wholly staged (it cannot go straight into storage), and
+    # the follower unpacks it as one run per box in one multi-tensor copy
+    from xfer.execute import _Locals, _round_directs, staging_need
 
     src = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [16, 8])
     dst = Layout(Mesh([2, 3], ("dp",)), [Replicate()], [16, 8])
     its = [ReshardItem(src, dst, torch.float32, name) for name in ("a", "b")]
     plan = plan_reshard(its, bucket_bytes=1 << 20, relay=1)
-    assert plan.relay.follower.tolist() == [3] and plan.rounds == 3
+    assert plan.relay.follower.tolist() == [3] and plan.rounds == 2
     fulls = [full_tensor(it.src.shape, it.dtype, seed=i) for i, it in enumerate(its)]
     dsts, progs = apply_plan(plan, fulls)
     assert all(same_bits(dsts[3][i], fulls[i]) for i in range(2))
-    (hop,) = [r for r in progs[2].rounds if r.sends]
-    assert len(hop.sends) == 1 and len(hop.sends[0].copies) == 4 and hop.sends[0].from_dst
-    dst_locals = [torch.zeros(16, 8) for _ in its]
-    for side, msgs in (("send", hop.sends), ("recv", progs[3].rounds[-1].recvs)):
-        loc = _Locals([None, None], dst_locals)
-        direct = _directs(msgs, loc.dst_bytes, loc.dst_bytes)
-        assert direct.views == [None] and direct.copies == 2, side
+    head, follower = progs[2], progs[3]
+    assert [r.index for r in head.rounds] == [0, 1] and [r.index for r in follower.rounds] == [1]
+    (hop,) = head.rounds[1].sends
+    assert hop.forward and hop.peer == 3 and hop.nbytes == head.rounds[0].recv_bytes == 1024
+    # the message is the head's staging: its copies are the head's receives, at their offsets
+    got = [(c.item, c.index, m.offset + c.offset) for m in head.rounds[0].recvs for c in m.copies]
+    assert [(c.item, c.index, c.offset) for c in hop.copies] == got
+    assert follower.rounds[0].recvs[0].copies == hop.copies
+    for prog in (head, follower):
+        loc = _Locals([None, None], [torch.zeros(16, 8) for _ in its])
+        sends, recvs = _round_directs(prog, loc.src_bytes, loc.dst_bytes)
+        assert all(d.staged == 0 and d.copies == 0 for d in sends)  # nothing packed
+        # the forwarded round is staged whole, as 4 runs (a box of a tensor per message)
+        assert [(d.staged, d.copies) for d in recvs][:1] == [(1024, 4)]
+        # two receive buffers, no send staging
+        assert staging_need(prog, loc.src_bytes, loc.dst_bytes) == 2 * 1024
+
+
+def test_a_forwarding_round_must_follow_the_round_it_forwards():
+    from xfer.execute import _round_directs
+    from xfer.program import Message, RankProgram, Round
+
+    bad = RankProgram(2, (Round(0, (), ()), Round(2, (Message(3, 0, 64, (), True),), ())), ())
+    with pytest.raises(XferError, match="round 2 forwards 64 B to rank 3, but the round before"):
+        _round_directs(bad, [], [])
 
 
 def test_a_rounds_contiguous_runs_go_in_one_multi_tensor_copy(monkeypatch):
     # the plan above: each rank's staged pack or unpack of a round is one multi-tensor copy
     # of its runs, whatever the number of boxes: the trainer ranks pack a run per tensor, the
-    # head unpacks their two messages (4 runs), the relay hop is packed and unpacked as one
-    # run per tensor
+    # head unpacks their two messages (4 runs), forwards them without a copy, and the
+    # follower unpacks the same 4 runs
     calls = []
     real = torch._foreach_copy_
 
@@ -273,4 +292,4 @@ def test_a_rounds_contiguous_runs_go_in_one_multi_tensor_copy(monkeypatch):
     fulls = [full_tensor(it.src.shape, it.dtype, seed=i) for i, it in enumerate(its)]
     dsts, _ = apply_plan(plan, fulls)
     assert all(same_bits(dsts[r][i], fulls[i]) for r in (2, 3) for i in range(2))
-    assert calls == [2, 2, 4, 2, 2]
+    assert calls == [2, 2, 4, 4]

@@ -404,8 +404,8 @@ def test_contiguous_regions_go_straight_from_and_into_storage(ranks):
 )
 def test_relay_feeds_replicas_from_each_other(ranks, relay, mode):
     """Two trainer ranks, three engine replicas of TP2: with relay the sources send one
-    replica's worth; the others forward it (from their destinations, two rounds after it
-    landed), bit for bit, checked by golden, slicing and the checksums."""
+    replica's worth; the others forward it (from their receive staging, a round after it
+    arrived), bit for bit, checked by golden, slicing and the checksums."""
     src = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [24, 40])
     dst = Layout(Mesh([[2, 3], [4, 5], [6, 7]], ("dp", "tp")), [Replicate(), Shard(1)], [24, 40])
     dtypes = [torch.float32, torch.bfloat16, torch.int8, torch.float32]
@@ -418,3 +418,41 @@ def test_relay_feeds_replicas_from_each_other(ranks, relay, mode):
     assert sent_by_sources == chains * one_replica
     assert [r["p2p"]["relay"] for r in res] == [2 * (3 - chains)] * WORLD  # followers
     assert all(r["p2p"]["plan_in"] == one_replica // 2 for r in res[2:])
+
+
+def forward_around_a_gap(comm):
+    """Rank 0 sends rank 1 a row in rounds 0 and 2 (nothing in round 1); rank 1 forwards
+    each to rank 2 in the round after. Round 2 receives into the buffer round 1 forwards
+    from: posted before round 1 is done, it would overwrite what is still on the wire."""
+    from xfer.execute import run_p2p
+    from xfer.program import Copy, Message, RankProgram, Round
+
+    def msg(peer, row, forward=False):
+        copy = Copy(0, (slice(row, row + 1), slice(0, 64)), (1, 64), 0, 64)
+        return Message(peer, 0, 64, (copy,), forward)
+
+    full = torch.arange(128, dtype=torch.uint8).reshape(2, 64)
+    rounds = {
+        0: (Round(0, (msg(1, 0),), ()), Round(2, (msg(1, 1),), ())),
+        1: (
+            Round(0, (), (msg(0, 0),)),
+            Round(1, (msg(2, 0, True),), ()),
+            Round(2, (), (msg(0, 1),)),
+            Round(3, (msg(2, 1, True),), ()),
+        ),
+        2: (Round(1, (), (msg(1, 0),)), Round(3, (), (msg(1, 1),))),
+    }[comm.rank]
+    src = full.clone() if comm.rank == 0 else None
+    dst = None if comm.rank == 0 else torch.zeros(2, 64, dtype=torch.uint8)
+    stats = run_p2p(RankProgram(comm.rank, rounds, ()), [src], [dst], comm)
+    return dst is None or same_bits(dst, full), stats.packed_bytes, stats.unpacked_bytes
+
+
+def test_a_forwarding_rank_never_receives_into_the_buffer_on_the_wire(ranks):
+    # every rank runs under the strict comm: a receive posted into a buffer whose forward is
+    # still in flight changes that send buffer, which is reported
+    out = ranks.run(forward_around_a_gap, 3)
+    assert [ok for ok, *_ in out] == [True, True, True]
+    # the forwarder unpacks both rows (received staged) and packs nothing; the others copy
+    # nothing (contiguous rows go straight from and into storage)
+    assert [(p, u) for _, p, u in out] == [(0, 0), (0, 128), (0, 0)]

@@ -151,15 +151,15 @@ def sent_checksums(
     dsts: Sequence[Local | None] = (),
 ) -> dict[tuple[int, int], Checksum]:
     """Per (item, receiving peer), the checksum of every byte this rank sends it (relay
-    sends: of what this rank forwards from its destination, itself checked against its own
-    senders')."""
+    sends: of the bytes it forwarded, read where they landed in its destination, themselves
+    checked against its own senders')."""
     out: dict[tuple[int, int], Checksum] = {}
     for rnd in program.rounds:
         for m in rnd.sends:
             for c in m.copies:
                 it = plan.items[c.item]
-                local = (dsts if m.from_dst else srcs)[c.item]
-                layout = it.dst if m.from_dst else it.src
+                local = (dsts if m.forward else srcs)[c.item]
+                layout = it.dst if m.forward else it.src
                 assert local is not None
                 origin = _origin(layout, program.rank, it.itemsize)
                 start = [o + s.start for o, s in zip(origin, c.index, strict=True)]

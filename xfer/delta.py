@@ -443,7 +443,7 @@ def apply_received(program: RankProgram, dsts: Sequence[Local | None], base: Bas
     loc = _Locals([None] * len(dsts), dsts)
     n = 0
     for i, rnd in enumerate(program.rounds):
-        views = _directs(rnd.recvs, loc.dst_bytes, loc.dst_bytes).views
+        views = _directs(rnd.recvs, loc.dst_bytes).views
         for j, m in enumerate(rnd.recvs):
             _write(m, views[j], base.received[(i, j)], loc)
             n += m.nbytes

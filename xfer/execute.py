@@ -17,6 +17,14 @@ p2p
     direction, two buffers of the largest round's staged bytes. `XferStats` counts the bytes
     packed and unpacked (zero when every region is contiguous).
 
+    Relay (`Message.forward`): a rank that forwards to another replica receives the rounds it
+    forwards wholly staged (back to back, as the plan lays them out) and, in the next round,
+    sends that receive buffer on as it lies, without packing, while it unpacks it. Its rounds
+    go on the wire one after another, not two at a time: a forwarding round needs what the
+    round before received, and the round after a forwarding one receives into the buffer it
+    sends from (on NCCL a wait costs the host nothing: it orders the streams). Its unpack
+    still overlaps the next round, and two receive buffers do.
+
 golden
     For each item, each non-empty source cell is broadcast from its first holder (in mesh
     order) to the whole group, through one scratch buffer sized for the largest cell (kept between runs); every
@@ -38,6 +46,7 @@ from typing import Any
 import torch
 
 from xfer.comm import Comm, Transfer, Work
+from xfer.errors import XferError
 from xfer.plan import ReshardItem
 from xfer.program import Copy, Message, RankProgram, Round, as_bytes
 from xfer.segments import Local, Segments, copy_in, copy_out
@@ -204,18 +213,24 @@ class _Direct:
 
 
 def _directs(
-    msgs: tuple[Message, ...], side: list[Local | None], dst: list[Local | None]
+    msgs: tuple[Message, ...], side: list[Local | None], *, stage_all: bool = False
 ) -> _Direct:
-    """`side`: the tensors messages read or write (`dst`: what relay sends read)."""
-    views = []
+    """`side`: the tensors messages read or write; `stage_all`: no message goes straight
+    to or from storage (a round this rank forwards). A forwarded send has no view and no
+    pieces: its buffer is the previous round's receive staging."""
+    views: list[torch.Tensor | None] = []
     pieces: list[list[_Run | Copy]] = []
     staged = 0
     for m in msgs:
+        if m.forward:
+            views.append(None)
+            pieces.append([])
+            continue
         items = {c.item for c in m.copies}
-        local = (dst if m.from_dst else side)[next(iter(items))] if len(items) == 1 else None
+        local = side[next(iter(items))] if len(items) == 1 and not stage_all else None
         v = _span(local, m.copies, m.nbytes)
         views.append(v)
-        pieces.append([] if v is not None else _runs(m, dst if m.from_dst else side))
+        pieces.append([] if v is not None else _runs(m, side))
         if v is None:
             staged += m.nbytes
     return _Direct(views, staged, pieces)
@@ -261,17 +276,23 @@ def _pack(
     buf: torch.Tensor,
     loc: _Locals,
     wanted: Sequence[bool] | None = None,
+    forwarded: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """Each send's buffer: its direct view, or its bytes packed into `buf` (with `wanted`,
-    only the wanted messages' bytes are copied; the others keep their place in `buf`)."""
+    """Each send's buffer: its direct view, `forwarded` (a relay send: the previous round's
+    receive staging, as it lies), or its bytes packed into `buf` (with `wanted`, only the
+    wanted messages' bytes are copied; the others keep their place in `buf`)."""
     out, at = [], 0
     into_runs: list[torch.Tensor] = []
     from_runs: list[torch.Tensor] = []
+    side = loc.src_bytes
     for j, (m, v) in enumerate(zip(rnd.sends, direct.views, strict=True)):
+        if m.forward:
+            assert forwarded is not None and forwarded.numel() == m.nbytes
+            out.append(forwarded)
+            continue
         if v is not None:
             out.append(v)
             continue
-        side = loc.dst_bytes if m.from_dst else loc.src_bytes
         for c in direct.pieces[j] if wanted is None or wanted[j] else ():
             into = buf[at + c.offset : at + c.offset + c.nbytes]
             if isinstance(c, _Run):
@@ -353,22 +374,44 @@ class Prepared:
         )
 
 
+def _fed_rounds(program: RankProgram) -> set[int]:
+    """Positions of the rounds whose receives a forwarding send of the next round sends on;
+    refuses a program where that round is missing or does not hold exactly those bytes."""
+    fed = set()
+    for i, rnd in enumerate(program.rounds):
+        for m in rnd.sends:
+            if not m.forward:
+                continue
+            prev = program.rounds[i - 1] if i else None
+            if prev is None or prev.index != rnd.index - 1 or prev.recv_bytes != m.nbytes:
+                got = "nothing" if prev is None else f"{prev.recv_bytes} B in round {prev.index}"
+                raise XferError(
+                    f"rank {program.rank}: round {rnd.index} forwards {m.nbytes} B to rank "
+                    f"{m.peer}, but the round before received {got} (a relay send forwards "
+                    "the whole previous round)"
+                )
+            fed.add(i - 1)
+    return fed
+
+
 def _round_directs(
     program: RankProgram, src: list[Local | None], dst: list[Local | None]
 ) -> tuple[list[_Direct], list[_Direct]]:
     """Per round, what its sends and its receives stage (`src`, `dst`: byte views)."""
-    sends = [_directs(r.sends, src, dst) for r in program.rounds]
-    recvs = [_directs(r.recvs, dst, dst) for r in program.rounds]
+    fed = _fed_rounds(program)
+    sends = [_directs(r.sends, src) for r in program.rounds]
+    recvs = [_directs(r.recvs, dst, stage_all=i in fed) for i, r in enumerate(program.rounds)]
     return sends, recvs
 
 
-def staging_need(
-    program: RankProgram, src: list[Local | None], dst: list[Local | None]
-) -> tuple[int, int]:
-    """The largest round's staged send and receive bytes of `program` over these byte views
-    of the local tensors (what a p2p run allocates twice each; `meta` tensors will do)."""
+def staging_need(program: RankProgram, src: list[Local | None], dst: list[Local | None]) -> int:
+    """The staging bytes a p2p run of `program` allocates over these byte views of the local
+    tensors (`meta` tensors will do): two buffers of the largest round's staged sends and two
+    of its staged receives."""
     sends, recvs = _round_directs(program, src, dst)
-    return max((d.staged for d in sends), default=0), max((d.staged for d in recvs), default=0)
+    send = max((d.staged for d in sends), default=0)
+    recv = max((d.staged for d in recvs), default=0)
+    return 2 * (send + recv)
 
 
 def prepare(
@@ -406,7 +449,9 @@ def run_p2p(
 
     def post(i: int) -> tuple[list[torch.Tensor], Work]:
         rnd = rounds[i]
-        out = _pack(rnd, run.sends[i], run.sbufs[i % 2], run.loc)
+        fed = rounds[i - 1].recv_bytes if i else 0
+        forwarded = run.rbufs[(i - 1) % 2][:fed]  # all staged there (`_fed_rounds`)
+        out = _pack(rnd, run.sends[i], run.sbufs[i % 2], run.loc, forwarded=forwarded)
         into = _recv_buffers(rnd, run.recvs[i], run.rbufs[i % 2])
         work = comm.send_recv(
             [Transfer(m.peer, b) for m, b in zip(rnd.sends, out, strict=True)],
@@ -438,28 +483,25 @@ def pipeline(
 ) -> int:
     """Run `program`'s rounds double-buffered: post round ``i`` (`post` packs it and starts
     its transfer), make the local copies while round 0 is on the wire, then wait for round
-    ``i - 1`` and `land` it (unpack) while round ``i`` is in flight (a round with relay
-    sends first lands what they forward). Writes back the
-    destinations' temporaries at the end; returns the local bytes copied."""
+    ``i - 1`` and `land` it (unpack) while round ``i`` is in flight. Around a round that
+    forwards (relay), round ``i - 1`` is waited for before round ``i`` is posted (and landed
+    after): a forwarding round sends what the round before received, and the round after
+    it receives into the buffer it sends from. Writes back the destinations' temporaries at
+    the end; returns the local bytes copied."""
     local_bytes = 0
     pending: tuple[int, Any, Work] | None = None
+    forwarding = [any(m.forward for m in r.sends) for r in program.rounds]
     for i in range(len(program.rounds)):
-        rnd = program.rounds[i]
-        if (
-            pending is not None
-            and any(m.from_dst for m in rnd.sends)
-            and program.rounds[pending[0]].index <= rnd.index - 2
-        ):
-            # relay sends read what this rank received two plan rounds before; that round is
-            # still pending when the rank had nothing to do in the round between: land it
+        waited = False
+        if pending is not None and (forwarding[i] or forwarding[i - 1]):
             pending[2].wait()
-            land(pending[0], pending[1])
-            pending = None
+            waited = True
         received, work = post(i)
         if i == 0:
             local_bytes = _local_copies(program, loc)
         if pending is not None:
-            pending[2].wait()
+            if not waited:
+                pending[2].wait()
             land(pending[0], pending[1])
         pending = (i, received, work)
     if pending is not None:

@@ -33,7 +33,7 @@ Relay
 -----
 With ``relay`` the members of each replica class of destination ranks are cut into chains,
 fed one after the other from the chain's head (`xfer.relay`); the plan then has
-``R + 2 * depth`` rounds.
+``R + depth`` rounds (a hop takes one round).
 
 Scale
 -----
@@ -249,7 +249,7 @@ class Plan:
             self._cache["relay_messages"] = (
                 frozen(rl.forwarder[row]),
                 frozen(rl.follower[row]),
-                frozen(t + 2 * rl.depth[row]),
+                frozen(t + rl.depth[row]),
                 frozen(per[row, t]),
             )
         return self._cache["relay_messages"]  # type: ignore[return-value]
@@ -422,7 +422,7 @@ def plan_reshard(
         world_size=world_size,
         bucket_bytes=bucket_bytes,
         node_of=nodes,
-        rounds=direct + (2 * chains.max_depth if direct else 0),
+        rounds=direct + (chains.max_depth if direct else 0),
         chunks=rem,
         local=local,
         pairs=pairs,

@@ -8,12 +8,15 @@ of such boxes, and a byte range of a box splits exactly into at most ``2 * ndim 
 (`split_range`). Sender and receiver derive their copies from the same global regions and the
 same offsets, so the bytes line up by construction.
 
-Relay (`xfer.relay.Relay`): a follower at depth ``k`` receives in round ``t + 2k``, from its
-forwarder, one message holding the copies of every message its head receives in round ``t``,
-back to back in (item, region) order; the forwarder reads them from its destination
-(`from_dst`). The
-head's copies index the head's destination box, which is the follower's and the forwarder's
-box too (that is what makes them replicas), so the same indices serve all three.
+Relay (`xfer.relay.Relay`): a follower at depth ``k`` receives in round ``t + k``, from its
+forwarder, one message holding every message its head receives in round ``t``, back to back
+as the head's staging holds them (the head's placed receives, in order). The forwarder
+received exactly those bytes, laid out the same way, one round earlier (the head from the
+sources, any other forwarder as one message from the member before it), and sends them on
+straight from its receive staging (`Message.forward`): no pack, no wait for them to land.
+The head's copies index the head's destination box, which is the follower's and the
+forwarder's box too (that is what makes them replicas), so the same indices serve all three
+(a forwarded message's copies say where its bytes land in the forwarder's destination too).
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ class Message:
     offset: int
     nbytes: int
     copies: tuple[Copy, ...]
-    from_dst: bool = False  # a relay send: read from this rank's destination, not its source
+    # a relay send: the bytes this rank received in the previous round, sent on from its
+    # receive staging (the copies index this rank's destination, where the same bytes land)
+    forward: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,24 +232,21 @@ def _direct(plan: Plan, rank: int, side: str) -> dict[int, list[Message]]:
     return out
 
 
-def _relayed(head: dict[int, list[Message]], peer: int, depth: int, from_dst: bool) -> dict:
-    """The head's receives of each round as one message to or from `peer`, `2 * depth`
-    rounds later: the copies of all the head's messages of the round, back to back in
-    (item, region) order, so that regions adjacent in a destination are adjacent in the
-    message too (one copy packs or unpacks them). One message per pair and round: NCCL and
-    gloo take one large message far better than hundreds of small ones, at the price of
-    staging it on both ends."""
+def _relayed(head: dict[int, tuple[Message, ...]], peer: int, depth: int, forward: bool) -> dict:
+    """The head's receives of each round (placed: as its staging holds them) as one message
+    to or from `peer`, `depth` rounds later, with the same layout: what the member before
+    `peer` received a round earlier, forwarded from its receive staging as it lies. One
+    message per pair and round: NCCL and gloo take one large message far better than many
+    small ones."""
     out: dict[int, list[Message]] = {}
     for rnd, msgs in head.items():
-        got = sorted(
-            (c for m in msgs for c in m.copies),
-            key=lambda c: (c.item, tuple(sl.start for sl in c.index)),
+        copies = tuple(
+            Copy(c.item, c.index, c.shape, m.offset + c.offset, c.nbytes)
+            for m in msgs
+            for c in m.copies
         )
-        copies, at = [], 0
-        for c in got:
-            copies.append(Copy(c.item, c.index, c.shape, at, c.nbytes))
-            at += c.nbytes
-        out[rnd + 2 * depth] = [Message(peer, -1, at, tuple(copies), from_dst)]
+        nbytes = sum(m.nbytes for m in msgs)
+        out[rnd + depth] = [Message(peer, -1, nbytes, copies, forward)]
     return out
 
 
@@ -262,11 +264,12 @@ def build_program(plan: Plan, rank: int) -> RankProgram:
     sends = _direct(plan, rank, "send")
     recvs = _direct(plan, rank, "recv")
     relay = plan.relay
-    heads: dict[int, dict[int, list[Message]]] = {}
+    heads: dict[int, dict[int, tuple[Message, ...]]] = {}
 
-    def head_recvs(h: int) -> dict[int, list[Message]]:
+    def head_recvs(h: int) -> dict[int, tuple[Message, ...]]:
         if h not in heads:
-            heads[h] = recvs if h == rank else _direct(plan, h, "recv")
+            got = recvs if h == rank else _direct(plan, h, "recv")
+            heads[h] = {rnd: _place(msgs) for rnd, msgs in got.items()}
         return heads[h]
 
     row = relay.row_of_follower(rank)
@@ -306,7 +309,7 @@ def _local_index(lo: np.ndarray, hi: np.ndarray, origin: tuple[int, ...]) -> tup
 def _place(msgs: list[Message]) -> tuple[Message, ...]:
     """Lay messages out back to back in the staging buffer, ordered by peer."""
     out, off = [], 0
-    for m in sorted(msgs, key=lambda m: (m.peer, m.from_dst)):
-        out.append(Message(m.peer, off, m.nbytes, m.copies, m.from_dst))
+    for m in sorted(msgs, key=lambda m: (m.peer, m.forward)):
+        out.append(Message(m.peer, off, m.nbytes, m.copies, m.forward))
         off += m.nbytes
     return tuple(out)

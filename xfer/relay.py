@@ -7,13 +7,13 @@ source ranks, so a source rank's egress grows with the number of replicas while 
 receiver's ingress does not. With relay the members of a class of ``K`` are cut into ``H``
 chains (member ``q`` in chain ``q mod H`` at depth ``q // H``): only the heads (depth 0)
 receive from the sources, in the ``R`` rounds scheduled above; the member at depth ``k``
-receives in round ``t + 2k`` exactly what its head received in round ``t``, as one message
-from the member before it in its chain, read from that member's *destination* (landed two
-rounds earlier: the executor unpacks a round while the next is on the wire). Every member
+receives in round ``t + k`` exactly what its head received in round ``t``, as one message
+from the member before it in its chain, which sends on what it received in the round
+before straight from its receive staging (`xfer.program`, `xfer.execute`). Every member
 holds the same box, so the regions are the same on all three ranks. The plan has
-``R + 2 * (ceil(K / H) - 1)`` rounds; each rank still sends and receives at most
+``R + ceil(K / H) - 1`` rounds; each rank still sends and receives at most
 `bucket_bytes` per round. ``relay=None`` picks ``H`` (any count from 1 to ``K``, ``K``
-meaning no relay) by the rounds it leads to, ``ceil(L_H / bucket_bytes) + 2 * depth``, with
+meaning no relay) by the rounds it leads to, ``ceil(L_H / bucket_bytes) + depth``, with
 ``L_H`` the largest per-rank load once followers are fed by their chains: more chains load
 the sources more, fewer make the chains longer.
 """
@@ -48,7 +48,7 @@ def frozen(a: np.ndarray) -> np.ndarray:
 class Relay:
     """One row per follower (a destination rank fed by relay), sorted by follower: it receives
     from `forwarder`, at chain `depth` >= 1 below `head`, what `head` received from the
-    sources, ``2 * depth`` rounds later. Empty when the plan does not relay."""
+    sources, `depth` rounds later. Empty when the plan does not relay."""
 
     forwarder: np.ndarray
     follower: np.ndarray
@@ -179,7 +179,7 @@ def choose(
     def rounds(heads: int) -> int:
         load = max(out_upto[:, heads].max(initial=0), in_upto[heads])
         depth = max(0, -(-largest // heads) - 1)
-        return -(-int(load) // cap) + 2 * depth
+        return -(-int(load) // cap) + depth
 
     best, best_rounds = 0, rounds(largest)  # as many chains as members: no relay
     for h in range(1, largest):
