@@ -19,7 +19,10 @@ Commit. A rank that finished its part writes its own sealed ``done`` record, cou
 done, and waits for the refit's *outcome*: once the count reaches the number of ranks, the
 rank that sees it checks that every rank's ``done`` record is there and authentic and then
 writes the sealed outcome ``ok`` under a key name derived from the token (so nobody can
-occupy it first); an authentic failure record means the refit failed. So every rank,
+occupy it first); an authentic failure record means the refit failed. A waiting rank looks
+again after 0.5 ms, then after twice as long each time up to `POLL_S`: ranks that finish
+together see the outcome within a few milliseconds, and one that waits long costs the store
+a poll every `POLL_S`. So every rank,
 including those whose own part succeeded, returns or raises together, within the deadline.
 """
 
@@ -38,6 +41,7 @@ from xfer.wire import WireError, as_int, as_str, seal, unseal
 __all__ = ["Failure", "FailureBoard", "RefitFailed"]
 
 POLL_S = 0.02
+COMMIT_FIRST_POLL_S = 0.0005  # a committing rank's first pause; it doubles up to POLL_S
 MAX_RECORDS = 4096  # failure records read per refit (a hostile counter cannot make it more)
 
 
@@ -109,6 +113,10 @@ class FailureBoard:
             raw = self.store.get(key)
         except (RuntimeError, OSError):  # DistStoreError / DistNetworkError: read again later
             return _MISSING
+        return self._open(key, raw)
+
+    def _open(self, key: str, raw: bytes) -> Any:
+        """The authentic value in `raw`, read at `key`, or `_FORGED`."""
         try:
             return unseal(raw, self.token, key)
         except WireError as e:
@@ -161,9 +169,10 @@ class FailureBoard:
         try:
             if not self.store.check(keys):
                 return False
+            raws = self.store.multi_get(keys)  # one round trip, not one per rank
         except (RuntimeError, OSError):
             return False
-        return all(self._get(k) == "done" for k in keys)
+        return all(self._open(k, raw) == "done" for k, raw in zip(keys, raws, strict=True))
 
     def commit(self, version: int, rank: int, world: int, deadline: float, me: Failure) -> None:
         """Count this rank done; return once all `world` ranks are, raise `RefitFailed` if an
@@ -178,6 +187,9 @@ class FailureBoard:
         counter = self._key(version, "done")
         self.store.add(counter, 1)
         checked, last_check = -1, 0.0
+        # ranks finish within moments of each other: look again soon, then less and less
+        # often (a rank that waits long costs the store one poll every POLL_S)
+        pause = COMMIT_FIRST_POLL_S
         while True:
             if self.count(version):
                 failures = self.read(version)
@@ -201,7 +213,8 @@ class FailureBoard:
                     version, Failure(me.rank, me.role, "commit", "timed out waiting for its peers")
                 )
                 raise RefitFailed(version, self.read(version), note="deadline passed")
-            time.sleep(POLL_S)
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_S)
 
     def interrupt(
         self, version: int, deadline: float, me: Failure, phase: Callable[[], str]

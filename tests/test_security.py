@@ -9,6 +9,7 @@ unreachable stores raise `RefitError`, not raw torch errors.
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,24 @@ def test_the_commit_ignores_a_forged_ok_and_times_out_as_refit_failed():
     with pytest.raises(RefitFailed) as e:
         board.commit(1, 0, 2, time.monotonic() + 0.5, me)  # rank 1 never commits
     assert "timed out waiting for its peers" in str(e.value)
+
+
+def test_the_commit_reads_every_done_record_and_refuses_a_forged_one():
+    store = tcp_store("127.0.0.1", 0, is_master=True)
+    boards = [FailureBoard(store, "refit/d", b"token") for _ in range(2)]
+    me = [Failure(r, "trainer", "", "") for r in range(2)]
+    # two ranks commit together: both return
+    t = threading.Thread(target=boards[1].commit, args=(1, 1, 2, time.monotonic() + 10, me[1]))
+    t.start()
+    boards[0].commit(1, 0, 2, time.monotonic() + 10, me[0])
+    t.join()
+    # a done record for rank 1 not sealed with the token, and the counter at 2: rank 0 waits
+    # for an authentic one until its deadline, and reports the forgery
+    store.set("refit/d/v2/done1", wire.seal("done", b"wrong", "refit/d/v2/done1"))
+    store.add("refit/d/v2/done", 1)
+    with pytest.raises(RefitFailed, match="timed out waiting for its peers"):
+        boards[0].commit(2, 0, 2, time.monotonic() + 0.5, me[0])
+    assert boards[0].ignored
 
 
 def test_the_store_listens_only_on_the_chosen_address():
