@@ -22,7 +22,8 @@ p2p
     sends that receive buffer on as it lies, without packing, while it unpacks it. Its rounds
     go on the wire one after another, not two at a time: a forwarding round needs what the
     round before received, and the round after a forwarding one receives into the buffer it
-    sends from (on NCCL a wait costs the host nothing: it orders the streams). Its unpack
+    sends from (on NCCL the wait orders the streams; with an ``interrupt``, as the runtime
+    runs, the host also polls for the round's end before posting the next). Its unpack
     still overlaps the next round, and two receive buffers do.
 
 golden
