@@ -8,14 +8,24 @@ import time
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from harness.fault_report import CampaignReport, EngineSeen, ManyFailures, ReportedFailure
 from harness.reports import read
 from refit.watch import Failure, FailureBoard, RefitFailed
 from tests.strategies import full_tensor, items
-from xfer import Segments, Transfer, build_program, plan_reshard, tcp_store
+from xfer import (
+    Layout,
+    Mesh,
+    Replicate,
+    ReshardItem,
+    Segments,
+    Transfer,
+    build_program,
+    plan_reshard,
+    tcp_store,
+)
 from xfer.checksum import Checksum, box_checksum, region_checksum, sent_checksums
 from xfer.program import as_bytes, byte_shape
 
@@ -28,8 +38,17 @@ def _split_rows(t: torch.Tensor | None):
     return Segments([t[:h].clone(), t[h:].clone()])
 
 
+_RELAYED = ReshardItem(  # two source replicas, three destination replicas: one relays
+    Layout(Mesh([0, 1], ("a",)), [Replicate()], [5, 5]),
+    Layout(Mesh([2, 3, 4], ("a",)), [Replicate()], [5, 5]),
+    torch.float32,
+    "t0",
+)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(items(8), min_size=1, max_size=3), st.sampled_from([64, 1 << 20]), st.booleans())
+@example([_RELAYED], 64, False)
 def test_senders_checksums_add_up_to_each_receivers_box(its, bucket, segments):
     plan = plan_reshard(its, bucket_bytes=bucket, world_size=8)
     fulls = [full_tensor(it.src.shape, it.dtype, i) for i, it in enumerate(its)]
@@ -38,9 +57,13 @@ def test_senders_checksums_add_up_to_each_receivers_box(its, bucket, segments):
         srcs = [
             f[it.src.box(r)] if it.src.holds(r) else None for it, f in zip(its, fulls, strict=True)
         ]
+        # a relay forwarder's sends are checked against what landed in its destination
+        dsts = [
+            f[it.dst.box(r)] if it.dst.holds(r) else None for it, f in zip(its, fulls, strict=True)
+        ]
         if segments:
             srcs = [_split_rows(t) for t in srcs]
-        for key, v in sent_checksums(plan, build_program(plan, r), srcs).items():
+        for key, v in sent_checksums(plan, build_program(plan, r), srcs, dsts).items():
             sent[key] = sent.get(key, Checksum()) + v
     for r in range(8):
         for i, (it, f) in enumerate(zip(its, fulls, strict=True)):
