@@ -28,13 +28,14 @@ import yaml
 
 from backends.parallel import Parallel
 from benches.simulate import Cluster
+from refit.errors import RefitError
+from refit.refitter import MIN_BUDGET_BUCKET, budget_bucket
 from xfer import DEFAULT_BUCKET_BYTES
 
 __all__ = ["BenchConfig", "ConfigError", "Side", "load"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FP8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-MIN_BUCKET = 1 << 16  # the Refitter's smallest bucket
 
 TOP = ("model", "precision", "trainer", "engine", "refit", "cluster", "local", "published")
 REQUIRED = ("model", "trainer", "engine", "cluster", "local")
@@ -68,20 +69,19 @@ class Side:
         return self.trainer.world + self.engine_tp * self.replicas
 
     def bucket_bytes(self, misc_bytes: int) -> int:
-        """The bucket for a refit whose engine ranks hold `misc_bytes` of misc tensors (as
-        `refit.refitter.budget_bucket`)."""
+        """The bucket for a refit whose engine ranks hold `misc_bytes` of misc tensors: the
+        Refitter's own `refit.refitter.budget_bucket` of the budget, at most ``bucket_mib``."""
         if self.max_extra_bytes is None:
             return self.bucket_cap or DEFAULT_BUCKET_BYTES
-        bucket = (self.max_extra_bytes - misc_bytes) // 2
-        if self.bucket_cap is not None:
-            bucket = min(bucket, self.bucket_cap)
-        if bucket < MIN_BUCKET:
+        cap = self.max_extra_bytes if self.bucket_cap is None else self.bucket_cap
+        try:
+            return budget_bucket(self.max_extra_bytes, misc_bytes, cap)
+        except RefitError as e:
             raise ConfigError(
-                f"max_extra_gib {self.max_extra_bytes / 2**30:g} GiB leaves a bucket of "
-                f"{bucket} B after {misc_bytes / 2**20:.1f} MiB of misc tensors; allow at least "
-                f"{(misc_bytes + 2 * MIN_BUCKET) / 2**30:.3f} GiB"
-            )
-        return bucket
+                f"max_extra_gib {self.max_extra_bytes / 2**30:g} GiB leaves a bucket too small "
+                f"after {misc_bytes / 2**20:.1f} MiB of misc tensors ({e}); allow at least "
+                f"{(misc_bytes + 2 * MIN_BUDGET_BUCKET) / 2**30:.3f} GiB"
+            ) from e
 
 
 @dataclass(frozen=True)

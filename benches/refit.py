@@ -197,8 +197,8 @@ def replica_sweep(cfg: BenchConfig, progress: Any = None) -> list[dict[str, Any]
         side = replace(cfg.full, replicas=cfg.full.replicas * factor)
         trainer, engine = specs(side)
         refit = plan_refit(trainer, [engine] * side.replicas)
+        bucket = side.bucket_bytes(misc_bytes(refit))
         for relay in (False, None):
-            bucket = side.bucket_bytes(misc_bytes(refit))
             if progress is not None:
                 progress.set_description(
                     f"replicas x{side.replicas}, relay {'auto' if relay is None else 'off'}"
