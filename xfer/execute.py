@@ -10,7 +10,9 @@ p2p
     round ``i`` is then unpacked. **Zero copy**: a message whose bytes are one contiguous span
     of the local tensor (a row-sharded region, a whole expert, adjacent regions of one tensor)
     is sent straight from, or received straight into, that tensor's storage; only messages
-    that are strided on a side are staged, and only on that side. A staged message's copies
+    that are strided on a side are staged, and only on that side. A message spanning
+    several tensors is staged on both sides, so the plan sends a large chunk as a message
+    of its own (`Plan.part_cuts`): it goes straight wherever its region is contiguous. A staged message's copies
     that continue each other both in storage and in the message are merged into contiguous
     runs, and a round's runs go in one multi-tensor copy per direction (one launch for many
     on a GPU); strided boxes are copied one by one. Staging is uint8: for each

@@ -20,7 +20,7 @@ byte offsets, so no padding is ever needed and the byte counts stay exact.
 Rounds
 ------
 Execution proceeds in ``R`` rounds; in each round every rank sends at most `bucket_bytes` and
-receives at most `bucket_bytes`, with at most one message per pair. With ``L`` the largest
+receives at most `bucket_bytes`, with at most one message per pair (before parts, below). With ``L`` the largest
 per-rank load (bytes in or out, local copies excluded), ``R = ceil(L / bucket_bytes)`` at
 least. A pair of ``B`` bytes is cut into ``m = min(R, ceil(B / S))`` near-equal messages
 (``S``, the smallest message worth sending alone, is ``bucket_bytes / (2 * max peers)``),
@@ -28,6 +28,16 @@ spread over the rounds from a per-pair phase. Large pairs thus send in every rou
 sender and receiver is busy in every round (the time of a round is its largest load), while
 small pairs send few messages. The schedule is checked against the cap with an upper bound;
 ``R`` grows until it holds.
+
+Parts
+-----
+A message that spans several chunks is one region of each of several tensors, so at least
+one side has to stage it (pack it into, or unpack it out of, a buffer). A chunk of at least
+`part_bytes` travels as a message of its own instead (the message is cut at the chunk's
+first and last byte, same round, same peer), and an executor sends it straight from, or
+receives it straight into, the tensor wherever the region is contiguous on its side.
+Small chunks stay together: one message for many of them beats many small messages. Both
+ends cut at the same stream offsets (`Plan.part_cuts`), so they agree without talking.
 
 Relay
 -----
@@ -70,6 +80,9 @@ __all__ = [
 ]
 
 DEFAULT_BUCKET_BYTES = 256 << 20
+# The default `part_bytes` is the bucket over this: a chunk worth 1/64 of a round at least
+# travels alone (16 MiB in 1 GiB buckets: few cuts at full scale, each worth its message).
+PART_FRACTION = 64
 # Chunk instances processed per numpy batch while planning (bounds temporary memory).
 _BATCH = 1 << 20
 
@@ -192,6 +205,7 @@ class Plan:
     relay: Relay
     direct_rounds: int  # the rounds `pairs` are spread over (`rounds` minus the relay tail)
     relay_option: bool | int | None = None
+    part_bytes: int = 0  # chunks of at least this many bytes are messages of their own (0: never)
     _cache: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, object]:
@@ -213,20 +227,64 @@ class Plan:
         """A digest of everything the plan was built from; equal on every rank or a bug."""
         if "fingerprint" not in self._cache:
             self._cache["fingerprint"] = _fingerprint(
-                self.items, self.world_size, self.bucket_bytes, self.node_of, self.relay_option
+                self.items,
+                self.world_size,
+                self.bucket_bytes,
+                self.node_of,
+                self.relay_option,
+                self.part_bytes,
             )
         return self._cache["fingerprint"]  # type: ignore[return-value]
 
+    def part_cuts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(stream start of each pair, every cut) as offsets into the pairs' streams laid end
+        to end: a cut is the first or one past the last byte of a chunk of at least
+        `part_bytes` (sorted, unique). A message is cut where a cut falls strictly inside."""
+        if "part_cuts" not in self._cache:
+            nb = self.chunks.nbytes.astype(np.int64)
+            start = np.cumsum(nb) - nb  # chunks are in pair order, pairs in stream order
+            first = self.pairs.first.astype(np.int64)
+            base = start[first] if len(nb) else np.zeros(len(first), dtype=np.int64)
+            cuts = np.zeros(0, dtype=np.int64)
+            if self.part_bytes > 0:
+                big = nb >= self.part_bytes
+                cuts = np.unique(np.concatenate([start[big], start[big] + nb[big]]))
+            self._cache["part_cuts"] = (frozen(base), frozen(cuts))
+        return self._cache["part_cuts"]  # type: ignore[return-value]
+
     def direct_messages(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every message of the sources' pairs: (sender, receiver, round, nbytes) arrays."""
+        """Every message of the sources' pairs, parts cut: (sender, receiver, round, nbytes)
+        arrays."""
         pr, r = self.pairs, max(1, self.direct_rounds)
         m = pr.messages
         p_idx = np.repeat(np.arange(len(pr)), m)
         j = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
         b = pr.nbytes[p_idx]
-        size = ((j + 1) * b) // m[p_idx] - (j * b) // m[p_idx]
+        lo_b, hi_b = (j * b) // m[p_idx], ((j + 1) * b) // m[p_idx]
         rnd = (pr.phase[p_idx] + (j * r) // m[p_idx]) % r
-        return pr.sender[p_idx], pr.receiver[p_idx], rnd, size
+        base, cuts = self.part_cuts()
+        if not len(cuts):
+            return pr.sender[p_idx], pr.receiver[p_idx], rnd, hi_b - lo_b
+        a, z = base[p_idx] + lo_b, base[p_idx] + hi_b
+        first = np.searchsorted(cuts, a, side="right")  # cuts strictly inside (a, z)
+        n = np.searchsorted(cuts, z, side="left") - first + 1  # parts per message
+        msg = np.repeat(np.arange(len(a)), n)
+        k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # part within message
+        inner = np.concatenate([cuts, [0]])  # a pad, never picked: k < n - 1 below
+        lo = np.where(k == 0, a[msg], inner[first[msg] + k - 1])
+        hi = np.where(k == n[msg] - 1, z[msg], inner[np.minimum(first[msg] + k, len(cuts))])
+        q = p_idx[msg]
+        return pr.sender[q], pr.receiver[q], rnd[msg], hi - lo
+
+    def message_parts(self, p: int, lo: int, hi: int) -> list[int]:
+        """Stream offsets ``[lo, c_1, ..., hi]`` of pair `p`'s message ``[lo, hi)`` cut
+        into its parts (`part_cuts`)."""
+        base, cuts = self.part_cuts()
+        b = int(base[p])
+        i, j = np.searchsorted(cuts, [b + lo, b + hi], side="left")
+        inside = cuts[i:j]
+        inside = inside[inside > b + lo]
+        return [lo, *(int(c) - b for c in inside), hi]
 
     def relay_messages(
         self, direct: tuple[np.ndarray, ...] | None = None
@@ -373,6 +431,7 @@ def plan_reshard(
     world_size: int | None = None,
     node_of: Sequence[int] | Mapping[int, int] | None = None,
     relay: bool | int | None = None,
+    part_bytes: int | None = None,
 ) -> Plan:
     """Plan moving every item from its source layout to its destination layout.
 
@@ -386,6 +445,8 @@ def plan_reshard(
         relay: feed replicas of one destination layout from each other (see Relay above):
             None picks by the rounds it saves, False never, True always with the best number
             of chains, an int that many chains per replica class.
+        part_bytes: a chunk of at least this many bytes is sent as a message of its own
+            (see Parts above); None: ``bucket_bytes // 64``, 0: never.
 
     Pure: no communication, no CUDA. Raises one `XferError` listing every problem.
     """
@@ -406,7 +467,12 @@ def plan_reshard(
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         problems.append(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
     problems += check_relay(relay)
+    if part_bytes is None and isinstance(bucket_bytes, int):
+        part_bytes = max(1, bucket_bytes // PART_FRACTION)
+    if not isinstance(part_bytes, int) or isinstance(part_bytes, bool) or part_bytes < 0:
+        problems.append(f"part_bytes must be an int >= 0 (0: never cut), got {part_bytes!r}")
     raise_if(problems)
+    assert isinstance(part_bytes, int)
 
     width = max([1] + [it.dst.ndim for it in items])
     picked = _pick_senders(items, nodes)
@@ -429,6 +495,7 @@ def plan_reshard(
         relay=chains,
         direct_rounds=direct,
         relay_option=relay,
+        part_bytes=part_bytes,
     )
 
 
@@ -697,8 +764,9 @@ def _fingerprint(
     bucket: int,
     nodes: tuple[int, ...] | None,
     relay: bool | int | None,
+    part_bytes: int = 0,
 ) -> str:
-    h = hashlib.sha256(f"{world}|{bucket}|{nodes}|relay={relay}\n".encode())
+    h = hashlib.sha256(f"{world}|{bucket}|{nodes}|relay={relay}|parts={part_bytes}\n".encode())
     for it in items:
         h.update(describe_item(it).encode())
         h.update(b"\n")

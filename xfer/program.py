@@ -6,7 +6,9 @@ the last dim widened by the item size (a 0-d tensor becomes ``[itemsize]``). A c
 of the global tensor maps to a box of that view; a message is a byte range of a pair's stream
 of such boxes, and a byte range of a box splits exactly into at most ``2 * ndim - 1`` sub-boxes
 (`split_range`). Sender and receiver derive their copies from the same global regions and the
-same offsets, so the bytes line up by construction.
+same offsets, so the bytes line up by construction. A pair's message of a round may come in
+parts (`Plan.part_cuts`: a large chunk alone), several messages to one peer in one round,
+posted in stream order on both ends (NCCL and gloo match them in that order).
 
 Relay (`xfer.relay.Relay`): a follower at depth ``k`` receives in round ``t + k``, from its
 forwarder, one message holding every message its head receives in round ``t``, back to back
@@ -21,6 +23,7 @@ forwarder's box too (that is what makes them replicas), so the same indices serv
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,7 +212,8 @@ def _message_copies(
 
 
 def _direct(plan: Plan, rank: int, side: str) -> dict[int, list[Message]]:
-    """This rank's messages to (``side="send"``) or from the sources' pairs, per round."""
+    """This rank's messages to (``side="send"``) or from the sources' pairs, per round: a
+    pair's message of the round, cut into its parts (a pair's parts in stream order)."""
     chunks, pairs = plan.chunks, plan.pairs
     out: dict[int, list[Message]] = {}
     origins: dict[int, tuple[int, ...]] = {}
@@ -227,8 +231,10 @@ def _direct(plan: Plan, rank: int, side: str) -> dict[int, list[Message]]:
             a, b = int(bounds[j]), int(bounds[j + 1])
             if a == b:
                 continue
-            copies = _message_copies(plan, chunks, rows, starts, a, b, rank, box, origins)
-            out.setdefault(rnd, []).append(Message(peer, -1, b - a, copies))
+            cuts = plan.message_parts(p, a, b)  # a large chunk is a message of its own
+            for x, y in itertools.pairwise(cuts):
+                copies = _message_copies(plan, chunks, rows, starts, x, y, rank, box, origins)
+                out.setdefault(rnd, []).append(Message(peer, -1, y - x, copies))
     return out
 
 
