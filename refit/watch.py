@@ -20,10 +20,11 @@ done, and waits for the refit's *outcome*: once the count reaches the number of 
 rank that sees it checks that every rank's ``done`` record is there and authentic and then
 writes the sealed outcome ``ok`` under a key name derived from the token (so nobody can
 occupy it first); an authentic failure record means the refit failed. A waiting rank looks
-again after 0.5 ms, then after twice as long each time up to `POLL_S`: ranks that finish
-together see the outcome within a few milliseconds, and one that waits long costs the store
-a poll every `POLL_S`. So every rank,
-including those whose own part succeeded, returns or raises together, within the deadline.
+again after 0.5 ms, then after twice as long each time up to `commit_poll_s(world)`: 2 ms
+for up to 8 ranks, growing with the world to `POLL_S` (20 ms) at 80 ranks and more, so the
+store answers at most ~4 polls per ms whatever the world (a poll is three requests), and a
+rank that waited long sees the outcome at most that much late. So every rank, including those
+whose own part succeeded, returns or raises together, within the deadline.
 """
 
 from __future__ import annotations
@@ -38,11 +39,18 @@ from typing import Any
 from refit.errors import RefitError
 from xfer.wire import WireError, as_int, as_str, seal, unseal
 
-__all__ = ["Failure", "FailureBoard", "RefitFailed"]
+__all__ = ["Failure", "FailureBoard", "RefitFailed", "commit_poll_s"]
 
 POLL_S = 0.02
-COMMIT_FIRST_POLL_S = 0.0005  # a committing rank's first pause; it doubles up to POLL_S
+COMMIT_FIRST_POLL_S = 0.0005  # a committing rank's first pause; it doubles up to the cap
+COMMIT_POLL_PER_RANK_S = 0.00025  # the cap per rank of the world (between 2 ms and POLL_S)
 MAX_RECORDS = 4096  # failure records read per refit (a hostile counter cannot make it more)
+
+
+def commit_poll_s(world: int) -> float:
+    """The longest pause between a committing rank's looks at the outcome, for `world`
+    ranks: few ranks look often, many ranks no more often than the store can answer."""
+    return min(POLL_S, max(0.002, world * COMMIT_POLL_PER_RANK_S))
 
 
 @dataclass(frozen=True)
@@ -188,8 +196,8 @@ class FailureBoard:
         self.store.add(counter, 1)
         checked, last_check = -1, 0.0
         # ranks finish within moments of each other: look again soon, then less and less
-        # often (a rank that waits long costs the store one poll every POLL_S)
-        pause = COMMIT_FIRST_POLL_S
+        # often (a rank that waits long costs the store one poll every `cap`)
+        pause, cap = COMMIT_FIRST_POLL_S, commit_poll_s(world)
         while True:
             if self.count(version):
                 failures = self.read(version)
@@ -214,7 +222,7 @@ class FailureBoard:
                 )
                 raise RefitFailed(version, self.read(version), note="deadline passed")
             time.sleep(pause)
-            pause = min(2 * pause, POLL_S)
+            pause = min(2 * pause, cap)
 
     def interrupt(
         self, version: int, deadline: float, me: Failure, phase: Callable[[], str]

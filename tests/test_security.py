@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from refit import watch
 from refit.errors import RefitError
 from refit.refitter import Refitter
 from refit.watch import Failure, FailureBoard, RefitFailed
@@ -96,6 +97,27 @@ def test_the_commit_reads_every_done_record_and_refuses_a_forged_one():
     with pytest.raises(RefitFailed, match="timed out waiting for its peers"):
         boards[0].commit(2, 0, 2, time.monotonic() + 0.5, me[0])
     assert boards[0].ignored
+
+
+def test_a_waiting_rank_looks_again_sooner_the_fewer_the_ranks(monkeypatch):
+    # the pause between looks doubles from 0.5 ms to a cap that grows with the world: 2 ms
+    # for a few local ranks, POLL_S where hundreds of ranks poll one store
+    assert watch.commit_poll_s(2) == watch.commit_poll_s(8) == 0.002
+    assert watch.commit_poll_s(40) == pytest.approx(0.01)
+    assert watch.commit_poll_s(80) == watch.commit_poll_s(1280) == watch.POLL_S
+    store = tcp_store("127.0.0.1", 0, is_master=True)
+    boards = [FailureBoard(store, "refit/p", b"token") for _ in range(2)]
+    me = [Failure(r, "trainer", "", "") for r in range(2)]
+    pauses: list[float] = []
+
+    def sleep(s: float) -> None:  # rank 1 commits (last, so at once) after rank 0's 8th look
+        pauses.append(s)
+        if len(pauses) == 8:
+            boards[1].commit(1, 1, 2, time.monotonic() + 10, me[1])
+
+    monkeypatch.setattr(watch.time, "sleep", sleep)
+    boards[0].commit(1, 0, 2, time.monotonic() + 10, me[0])
+    assert pauses == [0.0005, 0.001] + [0.002] * 6
 
 
 def test_the_store_listens_only_on_the_chosen_address():
