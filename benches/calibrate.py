@@ -162,11 +162,14 @@ def fit(
     """Fit the model to the three synthetic runs.
 
     Fixed cost: the empty refit's p2p time is the runtime's cost per refit (the commit).
-    Latency: each path's latency terms scaled by one factor so that the model reproduces the
-    tiny run (p2p: the round and message latencies; golden: the broadcast latency; the
-    baseline: both, as it gathers and broadcasts). Bandwidth: then one throughput each for p2p
-    and broadcasts so that the model reproduces the large run. Each fit is a division, since
-    seconds = bytes / rate + latency.
+    Latency: the round latency scaled so that the model reproduces the tiny run's p2p, and
+    the broadcast latency so that it reproduces its golden (the baseline gathers with the
+    former and broadcasts with the latter). The message latency stays as measured on tiny
+    messages: the tiny run has few messages per round, so what it adds to them is per round
+    (the runtime's per-round work, ranks waking one another on shared cores), and scaling the
+    message latency by it would price a plan with many messages (parts) at many rounds each.
+    Bandwidth: then one throughput each for p2p and broadcasts so that the model reproduces
+    the large run. Each fit is a division, since seconds = bytes / rate + latency.
     """
 
     def model(fig: dict[str, float], run: Run) -> SimResult:
@@ -177,13 +180,13 @@ def fit(
     step_s = empty[2]["paths"]["p2p"]["seconds"]
     figures = {**figures, "step_latency_us": step_s * 1e6}
     lat = model({**figures, **FAST}, tiny)
+    no_rounds = model({**figures, **FAST, "round_latency_us": 0.0}, tiny)
     measured = tiny[2]["paths"]
-    k_p2p = (measured["p2p"]["seconds"] - step_s) / max(lat.p2p - step_s, 1e-9)
+    k_round = (measured["p2p"]["seconds"] - no_rounds.p2p) / max(lat.p2p - no_rounds.p2p, 1e-9)
     k_bcast = (measured["golden"]["seconds"] - step_s) / max(lat.golden - step_s, 1e-9)
     fitted = {
         **figures,
-        "round_latency_us": figures["round_latency_us"] * max(k_p2p, 0.0),
-        "msg_latency_us": figures["msg_latency_us"] * max(k_p2p, 0.0),
+        "round_latency_us": figures["round_latency_us"] * max(k_round, 0.0),
         "collective_latency_us": figures["collective_latency_us"] * max(k_bcast, 0.0),
         "p2p_GBps": 1.0,
         "broadcast_GBps": 1.0,

@@ -258,3 +258,40 @@ def test_nccl_is_refused_without_a_gpu_per_rank(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--backend nccl" in err and f"{load('dsv3').local.world} ranks" in err
     assert not out.exists()  # refused before anything started
+
+
+def test_the_calibration_fit_recovers_the_figures_that_made_the_runs():
+    # three synthetic refits "measured" by the model itself with known figures: the fit,
+    # handed the raw tiny-operation latencies, gets back the round and broadcast latencies
+    # and the three throughputs; the message latency stays as measured (the large run's
+    # parts make many messages per round, which a scaled message latency would overprice)
+    from benches import calibrate
+
+    cfg = load("dsv3")
+    side = cfg.local
+    true = {
+        "pair_GBps": 50.0, "aggregate_GBps": 4.0, "round_latency_us": 900.0,
+        "msg_latency_us": 40.0, "collective_latency_us": 300.0, "step_latency_us": 5000.0,
+        "p2p_GBps": 3.0, "broadcast_GBps": 2.5, "baseline_broadcast_GBps": 3.5,
+    }  # fmt: skip
+    runs = []
+    for kind in (calibrate.EMPTY, calibrate.TINY, calibrate.LARGE):
+        t, e = calibrate.synthetic_specs(side.trainer, side.engine_tp, kind)
+        refit = plan_refit(t, [e] * side.replicas)
+        plan = plan_reshard(refit.items, world_size=refit.world, bucket_bytes=16 << 20)
+        sim = simulate(
+            refit,
+            plan,
+            calibrate.local_cluster(true, refit.world),
+            nodes=np.zeros(refit.world, dtype=np.int64),
+        )
+        paths = {"p2p": sim.p2p, "golden": sim.golden, "gather+bcast": sim.baseline}
+        runs.append((refit, plan, {"paths": {k: {"seconds": v} for k, v in paths.items()}}))
+    assert runs[2][1].stats.messages > len(runs[2][1].pairs)  # the large tensors go in parts
+    # what `calibrate_rank` measures: links and tiny-operation latencies, no rates yet
+    keep = ("pair_GBps", "aggregate_GBps", "msg_latency_us")
+    raw = {k: true[k] for k in keep} | {"round_latency_us": 100.0, "collective_latency_us": 50.0}
+    fitted = calibrate.fit(raw, side.world, *runs)
+    # within 5%: the fit leaves the tiny run's few bytes out of its latency
+    for key, want in true.items():
+        assert fitted[key] == pytest.approx(want, rel=0.05), key

@@ -134,6 +134,7 @@ def test_plan_is_a_picklable_deterministic_value():
     with pytest.raises(ValueError):
         p1.chunks.nbytes[0] = 1  # read-only arrays
     assert plan_reshard(its, bucket_bytes=128).fingerprint != p1.fingerprint
+    assert plan_reshard(its, bucket_bytes=64, part_bytes=0).fingerprint != p1.fingerprint
 
 
 def test_bad_items_raise_one_error():
@@ -145,6 +146,8 @@ def test_bad_items_raise_one_error():
     assert "global shapes differ: source [4, 4]" in text
     assert "ranks [9] outside the communicator of size 4" in text
     assert "bucket_bytes must be a positive int" in text
+    with pytest.raises(XferError, match=r"part_bytes must be an int >= 0 \(0: never cut\), got -1"):
+        plan_reshard([ReshardItem(a, a, torch.float32, "w")], part_bytes=-1)
 
 
 @settings(max_examples=200, deadline=None)

@@ -20,11 +20,11 @@ byte offsets, so no padding is ever needed and the byte counts stay exact.
 Rounds
 ------
 Execution proceeds in ``R`` rounds; in each round every rank sends at most `bucket_bytes` and
-receives at most `bucket_bytes`, with at most one message per pair (before parts, below). With ``L`` the largest
-per-rank load (bytes in or out, local copies excluded), ``R = ceil(L / bucket_bytes)`` at
-least. A pair of ``B`` bytes is cut into ``m = min(R, ceil(B / S))`` near-equal messages
-(``S``, the smallest message worth sending alone, is ``bucket_bytes / (2 * max peers)``),
-spread over the rounds from a per-pair phase. Large pairs thus send in every round, so every
+receives at most `bucket_bytes`, with at most one message per pair (cut into parts, below).
+With ``L`` the largest per-rank load (bytes in or out, local copies excluded),
+``R = ceil(L / bucket_bytes)`` at least. A pair of ``B`` bytes is cut into
+``m = min(R, ceil(B / S))`` near-equal messages (``S``, the smallest message worth sending
+alone, is ``bucket_bytes / (2 * max peers)``), spread over the rounds from a per-pair phase. Large pairs thus send in every round, so every
 sender and receiver is busy in every round (the time of a round is its largest load), while
 small pairs send few messages. The schedule is checked against the cap with an upper bound;
 ``R`` grows until it holds.
@@ -467,12 +467,13 @@ def plan_reshard(
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         problems.append(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
     problems += check_relay(relay)
-    if part_bytes is None and isinstance(bucket_bytes, int):
-        part_bytes = max(1, bucket_bytes // PART_FRACTION)
-    if not isinstance(part_bytes, int) or isinstance(part_bytes, bool) or part_bytes < 0:
+    if part_bytes is not None and (
+        not isinstance(part_bytes, int) or isinstance(part_bytes, bool) or part_bytes < 0
+    ):
         problems.append(f"part_bytes must be an int >= 0 (0: never cut), got {part_bytes!r}")
     raise_if(problems)
-    assert isinstance(part_bytes, int)
+    if part_bytes is None:
+        part_bytes = max(1, bucket_bytes // PART_FRACTION)
 
     width = max([1] + [it.dst.ndim for it in items])
     picked = _pick_senders(items, nodes)
