@@ -7,10 +7,10 @@ messages to every peer (per message), a tiny broadcast; each is the median of ba
 Then the model is fitted to three synthetic refits (`synthetic_specs`: the workload's stages
 and ranks, but synthetic tensors, not the workload's) run through the same runtime by
 `benches.localrun`: an empty one gives the runtime's fixed cost per refit (its commit), one of
-many tiny tensors each path's latency scale, one of 4 MiB tensors the throughputs of p2p, of
-golden's broadcasts (to every rank) and of the baseline's (to the engine ranks), copies
-included. Together they make a `Cluster` with every rank on one node; the model then predicts
-the workload from it.
+many tiny tensors the round and broadcast latencies (the message latency stays as measured),
+one of 4 MiB tensors the throughputs of p2p, of golden's broadcasts (to every rank) and of the
+baseline's (to the engine ranks), copies included. Together they make a `Cluster` with every
+rank on one node; the model then predicts the workload from it.
 """
 
 from __future__ import annotations
