@@ -21,10 +21,11 @@ rank that sees it checks that every rank's ``done`` record is there and authenti
 writes the sealed outcome ``ok`` under a key name derived from the token (so nobody can
 occupy it first); an authentic failure record means the refit failed. A waiting rank looks
 again after 0.5 ms, then after twice as long each time up to `commit_poll_s(world)`: 2 ms
-for up to 8 ranks, growing with the world to `POLL_S` (20 ms) at 80 ranks and more, so the
-store answers at most ~4 polls per ms whatever the world (a poll is three requests), and a
-rank that waited long sees the outcome at most that much late. So every rank, including those
-whose own part succeeded, returns or raises together, within the deadline.
+for up to 8 ranks, growing with the world to `POLL_S` (20 ms) at 80 ranks and more. Up to 80
+ranks the store then answers at most ~4 polls per ms (a poll is three requests); beyond, one
+poll per waiting rank every `POLL_S`. A rank that waited long sees the outcome at most one
+cap late. So every rank, including those whose own part succeeded, returns or raises
+together, within the deadline.
 """
 
 from __future__ import annotations
