@@ -58,7 +58,7 @@ def test_plan_rebuilds_every_destination(its, bucket, part):
         need = sum(needed_remote_bytes(it, r) for it in its)
         assert stats.bytes_in[r] == need == progs[r].bytes_received
         assert stats.bytes_out[r] == progs[r].bytes_sent
-    big = plan.chunks.nbytes >= plan.part_bytes if plan.part_bytes else plan.chunks.nbytes < 0
+    big = (plan.chunks.nbytes >= plan.part_bytes) & (plan.part_bytes > 0)  # cut out as parts
     for prog in progs:
         for rnd in prog.rounds:
             # one message per pair per round (relay included) but for the parts a large

@@ -114,24 +114,28 @@ class Resharder:
         _check_path(path)
         self.comm = comm
         self.path: Path = path
-        self.plan: Plan = plan_reshard(
-            items,
-            bucket_bytes=bucket_bytes,
-            world_size=comm.size,
-            node_of=node_of,
-            relay=relay,
-            part_bytes=part_bytes,
-        )
         self._bucket_bytes = bucket_bytes
         self._node_of = node_of
         self._relay = relay
         self._part_bytes = part_bytes
+        self.plan: Plan = self._plan_of(items, relay)
         self._program: RankProgram | None = None
         self._direct_program: RankProgram | None = None
         self._m2n_meta: list[str | None] | None = None  # per item, from metadata
         self._rest: dict[tuple[int, ...], tuple[Plan, RankProgram]] = {}
         self.staging = Staging()  # p2p staging (may be replaced per run to share it)
         self._golden = Staging()  # the golden path's scratch, outside any staging budget
+
+    def _plan_of(self, items: Sequence[ReshardItem], relay: bool | int | None) -> Plan:
+        """A plan of `items` with this resharder's options (and `relay`)."""
+        return plan_reshard(
+            items,
+            bucket_bytes=self._bucket_bytes,
+            world_size=self.comm.size,
+            node_of=self._node_of,
+            relay=relay,
+            part_bytes=self._part_bytes,
+        )
 
     @property
     def items(self) -> tuple[ReshardItem, ...]:
@@ -151,14 +155,7 @@ class Resharder:
         if not len(self.plan.relay):
             return self.program
         if self._direct_program is None:
-            direct = plan_reshard(
-                self.plan.items,
-                bucket_bytes=self._bucket_bytes,
-                world_size=self.comm.size,
-                node_of=self._node_of,
-                relay=False,
-                part_bytes=self._part_bytes,
-            )
+            direct = self._plan_of(self.plan.items, relay=False)
             self._direct_program = build_program(direct, self.comm.rank)
         return self._direct_program
 
@@ -335,14 +332,7 @@ class Resharder:
 
     def _rest_plan(self, rest: tuple[int, ...]) -> tuple[Plan, RankProgram]:
         if rest not in self._rest:
-            sub = plan_reshard(
-                [self.plan.items[i] for i in rest],
-                bucket_bytes=self._bucket_bytes,
-                world_size=self.comm.size,
-                node_of=self._node_of,
-                relay=self._relay,
-                part_bytes=self._part_bytes,
-            )
+            sub = self._plan_of([self.plan.items[i] for i in rest], self._relay)
             self._rest[rest] = (sub, build_program(sub, self.comm.rank))
         return self._rest[rest]
 

@@ -12,11 +12,11 @@ p2p
     is sent straight from, or received straight into, that tensor's storage; only messages
     that are strided on a side are staged, and only on that side. A message spanning
     several tensors is staged on both sides, so the plan sends a large chunk as a message
-    of its own (`Plan.part_cuts`): it goes straight wherever its region is contiguous. A staged message's copies
-    that continue each other both in storage and in the message are merged into contiguous
-    runs, and a round's runs go in one multi-tensor copy per direction (one launch for many
-    on a GPU); strided boxes are copied one by one. Staging is uint8: for each
-    direction, two buffers of the largest round's staged bytes. `XferStats` counts the bytes
+    of its own (`Plan.part_cuts`): it goes straight wherever its region is contiguous. A
+    staged message's copies that continue each other both in storage and in the message
+    are merged into contiguous runs, and a round's runs go in one multi-tensor copy per
+    direction (one launch for many on a GPU); strided boxes are copied one by one. Staging
+    is uint8: for each direction, two buffers of the largest round's staged bytes. `XferStats` counts the bytes
     packed and unpacked (zero when every region is contiguous).
 
     Relay (`Message.forward`): a rank that forwards to another replica receives the rounds it

@@ -24,9 +24,9 @@ receives at most `bucket_bytes`, with at most one message per pair (cut into par
 With ``L`` the largest per-rank load (bytes in or out, local copies excluded),
 ``R = ceil(L / bucket_bytes)`` at least. A pair of ``B`` bytes is cut into
 ``m = min(R, ceil(B / S))`` near-equal messages (``S``, the smallest message worth sending
-alone, is ``bucket_bytes / (2 * max peers)``), spread over the rounds from a per-pair phase. Large pairs thus send in every round, so every
-sender and receiver is busy in every round (the time of a round is its largest load), while
-small pairs send few messages. The schedule is checked against the cap with an upper bound;
+alone, is ``bucket_bytes / (2 * max peers)``), spread over the rounds from a per-pair phase.
+Large pairs thus send in every round, so every sender and receiver is busy in every round
+(the time of a round is its largest load), while small pairs send few messages. The schedule is checked against the cap with an upper bound;
 ``R`` grows until it holds.
 
 Parts
@@ -265,26 +265,17 @@ class Plan:
         base, cuts = self.part_cuts()
         if not len(cuts):
             return pr.sender[p_idx], pr.receiver[p_idx], rnd, hi_b - lo_b
-        a, z = base[p_idx] + lo_b, base[p_idx] + hi_b
-        first = np.searchsorted(cuts, a, side="right")  # cuts strictly inside (a, z)
-        n = np.searchsorted(cuts, z, side="left") - first + 1  # parts per message
-        msg = np.repeat(np.arange(len(a)), n)
-        k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # part within message
-        inner = np.concatenate([cuts, [0]])  # a pad, never picked: k < n - 1 below
-        lo = np.where(k == 0, a[msg], inner[first[msg] + k - 1])
-        hi = np.where(k == n[msg] - 1, z[msg], inner[np.minimum(first[msg] + k, len(cuts))])
+        msg, lo, hi = _cut(cuts, base[p_idx] + lo_b, base[p_idx] + hi_b)
         q = p_idx[msg]
         return pr.sender[q], pr.receiver[q], rnd[msg], hi - lo
 
     def message_parts(self, p: int, lo: int, hi: int) -> list[int]:
         """Stream offsets ``[lo, c_1, ..., hi]`` of pair `p`'s message ``[lo, hi)`` cut
-        into its parts (`part_cuts`)."""
+        into its parts (`part_cuts`; the same cut as `direct_messages`)."""
         base, cuts = self.part_cuts()
         b = int(base[p])
-        i, j = np.searchsorted(cuts, [b + lo, b + hi], side="left")
-        inside = cuts[i:j]
-        inside = inside[inside > b + lo]
-        return [lo, *(int(c) - b for c in inside), hi]
+        _, starts, _ = _cut(cuts, np.array([b + lo]), np.array([b + hi]))
+        return [int(x) - b for x in starts] + [hi]
 
     def relay_messages(
         self, direct: tuple[np.ndarray, ...] | None = None
@@ -572,6 +563,21 @@ class _Picked:
             )
 
         return table(np.nonzero(~remote)[0]), table(rows)
+
+
+def _cut(
+    cuts: np.ndarray, a: np.ndarray, z: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Messages ``[a_i, z_i)`` cut at every one of the sorted `cuts` strictly inside them:
+    (message of each part, part starts, part ends), parts in order."""
+    first = np.searchsorted(cuts, a, side="right")
+    n = np.searchsorted(cuts, z, side="left") - first + 1  # parts per message
+    msg = np.repeat(np.arange(len(a)), n)
+    k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # part within its message
+    inner = np.concatenate([cuts, [0]])  # a pad, never picked: k < n - 1 below
+    lo = np.where(k == 0, a[msg], inner[first[msg] + k - 1])
+    hi = np.where(k == n[msg] - 1, z[msg], inner[np.minimum(first[msg] + k, len(cuts))])
+    return msg, lo, hi
 
 
 def _cat(arrays: list[np.ndarray]) -> np.ndarray:
