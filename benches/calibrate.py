@@ -10,7 +10,9 @@ and ranks, but synthetic tensors, not the workload's) run through the same runti
 many tiny tensors the round and broadcast latencies (the message latency stays as measured),
 one of 4 MiB tensors the throughputs of p2p, of golden's broadcasts (to every rank) and of the
 baseline's (to the engine ranks), copies included. Together they make a `Cluster` with every
-rank on one node; the model then predicts the workload from it.
+rank on one node; the model then predicts the workload from it. The aggregate test's processor
+time, summed over ranks, gives what moving a GB over these links costs the cores
+(``aggregate_cpu_s_per_GB``), to hold the runs' processor time against.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from backends.parallel import Parallel
+from benches.localrun import cpu_seconds
 from benches.simulate import Cluster, SimResult, simulate
 from refit.planner import RefitPlan
 from refit.spec import DestParam, EngineSpec, SourceParam, TrainerSpec
@@ -39,6 +42,7 @@ __all__ = [
     "calibrate_rank",
     "fit",
     "local_cluster",
+    "merge",
     "synthetic_specs",
 ]
 
@@ -98,7 +102,9 @@ def calibrate_rank(comm: Comm, nbytes: int = 64 * MB, reps: int = 5) -> dict[str
             comm.send_recv([], [Transfer(0, tiny[1])]).wait()
 
     t_pair = _timed(comm, pair, reps)
+    c0 = cpu_seconds()
     t_pairs = _timed(comm, pairs, reps)
+    pairs_cpu = (cpu_seconds() - c0) / reps
     t_a2a = _timed(comm, _batch(all_to_all), reps) / BATCH
     t_one = _timed(comm, _batch(one_message), reps) / BATCH
     t_bcast = _timed(comm, _batch(lambda: comm.broadcast(tiny[0], 0).wait()), reps) / BATCH
@@ -108,7 +114,21 @@ def calibrate_rank(comm: Comm, nbytes: int = 64 * MB, reps: int = 5) -> dict[str
         "round_latency_us": t_one * 1e6,
         "msg_latency_us": max(0.0, t_a2a - t_one) / max(1, 2 * (n - 1) - 1) * 1e6,
         "collective_latency_us": t_bcast * 1e6,
+        # this rank's processor time per run of the aggregate test (`merge` sums them)
+        "pairs_cpu_s": pairs_cpu,
+        "pairs_bytes": float(half * nbytes),
     }
+
+
+def merge(views: list[dict[str, float]]) -> dict[str, float]:
+    """The figures of a calibration from every rank's view of it: rank 0's, with the
+    processor time the aggregate test took over all ranks, per GB moved
+    (``aggregate_cpu_s_per_GB``: what moving a byte over these links costs the cores)."""
+    first = views[0]
+    cpu = sum(v["pairs_cpu_s"] for v in views)
+    out = {k: v for k, v in first.items() if k not in ("pairs_cpu_s", "pairs_bytes")}
+    out["aggregate_cpu_s_per_GB"] = cpu / (first["pairs_bytes"] / 1e9)
+    return out
 
 
 @dataclass(frozen=True)

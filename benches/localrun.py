@@ -14,6 +14,10 @@ repetitions after a warm-up. Every engine rank checks what the last repetition d
 (bulk parts and whole misc tensors) against slices of the full tensors and hashes it, so the
 three paths are shown to produce identical bytes.
 
+CPU: per path, the processor time every rank's process (all its threads, gloo's included)
+spent in the same window, summed over ranks: on a machine with fewer cores than ranks the
+paths are bound by it, and `busy_cores` (CPU seconds over wall seconds) shows how close.
+
 Memory: per path, the bytes each rank held for the refit beyond the weights: p2p, what the
 runtime reports (`RankStats.extra_bytes`: staging and misc tensors); golden, the runtime's
 misc tensors plus the scratch buffer the golden path sizes to the largest source cell (the
@@ -25,6 +29,8 @@ its first refit (this includes the buffers the other paths keep between runs).
 from __future__ import annotations
 
 import hashlib
+import os
+import resource
 import secrets
 import statistics
 import threading
@@ -45,7 +51,16 @@ from xfer import Staging, TorchComm, tcp_store
 from xfer.comm import Comm
 from xfer.program import as_bytes
 
-__all__ = ["PATHS", "BufferEngine", "changed", "execute", "execute_delta", "full_tensor"]
+__all__ = [
+    "PATHS",
+    "BufferEngine",
+    "changed",
+    "cpu_seconds",
+    "execute",
+    "execute_delta",
+    "full_tensor",
+    "host_cores",
+]
 
 PATHS = ("p2p", "golden", "gather+bcast")
 HOST = "127.0.0.1"
@@ -259,6 +274,7 @@ def rank_main(comm: Comm, setup_json: bytes, reps: int, seed: int) -> dict[str, 
         bcasts = _broadcast_groups(setup, plan, rank, device)
         staging = Staging()  # the baseline's buffers, kept between runs
         times: dict[str, list[float]] = {p: [] for p in PATHS}
+        cpu: dict[str, list[float]] = {p: [] for p in PATHS}
         extra: dict[str, int] = {}
         cuda_extra: dict[str, int] = {}
         phases: dict[str, dict[str, float]] = {}
@@ -275,6 +291,7 @@ def rank_main(comm: Comm, setup_json: bytes, reps: int, seed: int) -> dict[str, 
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 comm.barrier()
+                c0 = cpu_seconds()
                 t0 = time.perf_counter()
                 if path == "gather+bcast":
                     assert rr.comm is not None
@@ -295,6 +312,7 @@ def rank_main(comm: Comm, setup_json: bytes, reps: int, seed: int) -> dict[str, 
                 comm.barrier()
                 if rep:
                     times[path].append(time.perf_counter() - t0)
+                    cpu[path].append(cpu_seconds() - c0)
                 if device.type == "cuda":
                     cuda_extra[path] = torch.cuda.max_memory_allocated(device) - base
                 if engine is not None and rep == reps:  # check what the last run delivered
@@ -308,12 +326,24 @@ def rank_main(comm: Comm, setup_json: bytes, reps: int, seed: int) -> dict[str, 
         "rank": rank,
         "engine": engine is not None,
         "times": times,
+        "cpu": cpu,
         "extra_bytes": extra,
         "cuda_extra_bytes": cuda_extra,
         "phases": phases,
         "ok": ok,
         "digests": digests,
     }
+
+
+def cpu_seconds() -> float:
+    """User and system time of this process so far, all its threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def host_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def _check(engine: BufferEngine, fulls: dict[str, torch.Tensor]) -> bool:
@@ -347,13 +377,19 @@ def execute(
     store, setup = _bench_setup(trainer, engine, replicas, options, "bench")
     results = pool.run(rank_main, world, setup.to_json(), reps, seed, timeout=timeout_s + 60)
     del store  # the ranks are done with it
-    out: dict[str, Any] = {"paths": {}}
+    out: dict[str, Any] = {"paths": {}, "host_cores": host_cores()}
     engines = [r for r in results if r["engine"]]
     for path in PATHS:
         per_rep = [max(r["times"][path][k] for r in results) for k in range(reps)]
+        cpu = [sum(r["cpu"][path][k] for r in results) for k in range(reps)]
         row = {
             "seconds": statistics.median(per_rep),
             "all_seconds": per_rep,
+            # every rank's processor time in the window, summed, and over the wall time
+            "cpu_seconds": statistics.median(cpu),
+            "busy_cores": statistics.median(
+                c / max(t, 1e-9) for c, t in zip(cpu, per_rep, strict=True)
+            ),
             "correct": all(r["ok"][path] for r in engines),
             "extra_bytes": {
                 role: max(

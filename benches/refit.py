@@ -260,7 +260,7 @@ def run_local(
 
     try:
         progress.set_description("calibrating local links")
-        figures = pool.run(calibrate.calibrate_rank, side.world, timeout=600)[0]
+        figures = calibrate.merge(pool.run(calibrate.calibrate_rank, side.world, timeout=600))
         runs = []
         for kind in (calibrate.EMPTY, calibrate.TINY, calibrate.LARGE):
             t, e = calibrate.synthetic_specs(side.trainer, side.engine_tp, kind)
@@ -304,6 +304,7 @@ def run_local(
         "world": built.refit.world,
         "plan": report.plan_line(built.refit, built.plan),
         "bytes_per_replica": built.refit.bulk_bytes + built.refit.misc_bytes,
+        "remote_bytes": int(built.plan.stats.remote_bytes),
         "bucket_bytes": bucket,
         "calibration": figures,
         "cluster": cluster.to_dict(),

@@ -161,6 +161,29 @@ def _print_sim_delta(sim: dict[str, Any]) -> None:
         )
 
 
+def _print_cpu(local: dict[str, Any]) -> None:
+    """Where a local run's time goes when its ranks outnumber the cores: the link rate the
+    calibration measured against what p2p achieved, and the processor time each took."""
+    paths, cal = local["measured"]["paths"], local["calibration"]
+    p2p, moved = paths["p2p"], local["remote_bytes"]
+    rate, agg = moved / p2p["seconds"], cal["aggregate_GBps"] * 1e9
+    cpu = ", ".join(
+        f"{path} {1e3 * row['cpu_seconds']:.0f} ms ({row['busy_cores']:.2f} cores)"
+        for path, row in paths.items()
+    )
+    print(
+        f"   p2p moved {fmt_bytes(moved)} at {fmt_rate(rate)}, {agg / rate:.2f}x below the "
+        f"calibrated aggregate {fmt_rate(agg)}; processor time per refit, all ranks, "
+        f"{local['measured']['host_cores']} cores: {cpu}"
+    )
+    if "aggregate_cpu_s_per_GB" in cal:
+        per_gb = p2p["cpu_seconds"] / (moved / 1e9)
+        print(
+            f"   per GB moved: p2p {per_gb:.2f} core-s, the aggregate link test "
+            f"{cal['aggregate_cpu_s_per_GB']:.2f} core-s (its sockets' copies alone)"
+        )
+
+
 def _print_local(local: dict[str, Any]) -> None:
     m, pr, pm = local["measured"], local["predicted"], local["predicted_memory"]
     cal = local["calibration"]
@@ -195,6 +218,8 @@ def _print_local(local: dict[str, Any]) -> None:
         "with zero copy from every rank's program, the plan's bound being engine "
         f"{fmt_bytes(bound['engine'])}, trainer {fmt_bytes(bound['trainer'])})"
     )
+    if "cpu_seconds" in m["paths"]["p2p"]:
+        _print_cpu(local)
     for d in local.get("delta", []):
         dense, delta = d["dense"], d["delta"]
         b = delta["baseline_bytes"]

@@ -177,6 +177,11 @@ def test_local_execution_paths_agree_and_memory_matches_the_model(ranks):
         # within the bound, and not nothing: trainer ranks stage the column slices they send
         # (strided on their side), engine ranks hold the misc tensors (the scales) whole
         assert 0 < model["p2p"][role] <= model["p2p_bound"][role]
+    # processor time: every rank's, summed over ranks, within what the cores can give
+    cores = out["host_cores"]
+    for path in localrun.PATHS:
+        row = out["paths"][path]
+        assert row["cpu_seconds"] > 0 and 0 < row["busy_cores"] <= cores + 0.25, (path, row)
 
 
 def test_local_delta_run_is_exact_and_sends_what_changed(ranks):
@@ -295,3 +300,17 @@ def test_the_calibration_fit_recovers_the_figures_that_made_the_runs():
     # within 5%: the fit leaves the tiny run's few bytes out of its latency
     for key, want in true.items():
         assert fitted[key] == pytest.approx(want, rel=0.05), key
+
+
+def test_calibration_views_merge_into_rank_zeros_figures_and_the_cores_cost_per_gb():
+    from benches import calibrate
+
+    views = [
+        {"pair_GBps": 2.0 + r, "aggregate_GBps": 5.0, "pairs_cpu_s": 0.01 * (r + 1),
+         "pairs_bytes": 4 * 2.0**26}
+        for r in range(4)
+    ]  # fmt: skip
+    merged = calibrate.merge(views)
+    assert merged["pair_GBps"] == 2.0 and merged["aggregate_GBps"] == 5.0
+    assert "pairs_cpu_s" not in merged and "pairs_bytes" not in merged
+    assert merged["aggregate_cpu_s_per_GB"] == pytest.approx(0.1 / (4 * 2.0**26 / 1e9))
