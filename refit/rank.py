@@ -87,6 +87,9 @@ class RankOptions:
     # engine replicas forward to each other (`xfer.plan`): None picks by rounds saved,
     # False never, True always, an int that many chains per replica class
     relay: bool | int | None = None
+    # a chunk of at least this many bytes is a message of its own (`xfer.plan`): None,
+    # the bucket / 64; 0 never
+    part_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +104,7 @@ class RankOptions:
             "full_every": self.full_every,
             "baselines": self.baselines,
             "relay": self.relay,
+            "part_bytes": self.part_bytes,
         }
 
     @classmethod
@@ -126,6 +130,7 @@ class RankOptions:
             as_int(x.get("full_every", 0), "full_every", lo=0),
             _baselines(x.get("baselines", "cpu")),
             _relay(x.get("relay")),
+            _part_bytes(x.get("part_bytes")),
         )
 
 
@@ -137,6 +142,10 @@ def _relay(x: Any) -> bool | int | None:
     if x is None or isinstance(x, bool):
         return x
     return as_int(x, "relay", lo=1)
+
+
+def _part_bytes(x: Any) -> int | None:
+    return None if x is None else as_int(x, "part_bytes", lo=0)
 
 
 def _baselines(x: Any) -> str:
@@ -318,6 +327,7 @@ class RefitRank:
             path=self.options.path,
             bucket_bytes=self.options.bucket_bytes,
             relay=self.options.relay,
+            part_bytes=self.options.part_bytes,
         )
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         where = self.device if self.options.baselines == "device" else torch.device("cpu")

@@ -55,7 +55,9 @@ per replica, so the trainer's egress stops growing with the number of replicas. 
 rounds), ``False`` never, ``True`` always, an int sets the chains per replica class. A
 forwarding engine rank receives the rounds it forwards staged and, in the next round, sends
 that staging on as it lies: a hop costs one round and no memory beyond the two receive
-buffers. Delta refits move on the plan without relay.
+buffers. Delta refits move on the plan without relay. A tensor region of at least
+`part_bytes` (default: the bucket / 64; 0: never) travels as a message of its own, straight
+from and into storage where it is contiguous (`xfer.plan`).
 
 Deltas: ``delta=True`` sends, after the first refit of each communicator generation, only
 what changed since the previous refit, message by message on the same plan (`xfer.delta`):
@@ -93,6 +95,7 @@ from refit.watch import Failure, FailureBoard, RefitFailed
 from xfer import DEFAULT_BUCKET_BYTES, tcp_store
 from xfer.api import PATHS, Path
 from xfer.net import is_local, routable_address
+from xfer.plan import check_part_bytes
 from xfer.relay import check_relay
 
 __all__ = ["BACKENDS", "RefitStats", "Refitter", "choose_backend"]
@@ -237,6 +240,7 @@ class Refitter:
         full_every: int = 0,
         baselines: str = "cpu",
         relay: bool | int | None = None,
+        part_bytes: int | None = None,
         receive_while_serving: bool = False,
         pause: str | None = "wait",
         store: Any = None,
@@ -266,6 +270,7 @@ class Refitter:
         if baselines not in BASELINES:
             problems.append(f"baselines must be one of {BASELINES}, got {baselines!r}")
         problems += check_relay(relay)
+        problems += check_part_bytes(part_bytes)
         if receive_while_serving and not delta:
             problems.append(
                 "receive_while_serving=True needs delta=True: the bytes arrive into the delta "
@@ -303,6 +308,7 @@ class Refitter:
         self.full_every = full_every
         self.baselines = baselines
         self.relay = relay
+        self.part_bytes = part_bytes
         self.receive_while_serving = bool(receive_while_serving)
         self.plan: RefitPlan | None = None
         self.version = 0  # the last refit attempted
@@ -418,6 +424,7 @@ class Refitter:
                 full_every=self.full_every,
                 baselines=self.baselines,
                 relay=self.relay,
+                part_bytes=self.part_bytes,
             ),
         )
         pendings = [self.trainer.connect(base.to_json())]

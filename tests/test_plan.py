@@ -146,7 +146,10 @@ def test_bad_items_raise_one_error():
     assert "global shapes differ: source [4, 4]" in text
     assert "ranks [9] outside the communicator of size 4" in text
     assert "bucket_bytes must be a positive int" in text
-    with pytest.raises(XferError, match=r"part_bytes must be an int >= 0 \(0: never cut\), got -1"):
+    with pytest.raises(
+        XferError,
+        match=r"part_bytes must be None \(bucket / 64\) or an int >= 0 \(0: never cut\), got -1",
+    ):
         plan_reshard([ReshardItem(a, a, torch.float32, "w")], part_bytes=-1)
 
 

@@ -16,6 +16,7 @@ from refit.hf import Role, hf_dtype, hf_params
 from refit.planner import plan_refit
 from refit.spec import DestParam, EngineSpec, Kind, SourceParam, TrainerSpec
 from xfer import Layout, Mesh, Replicate, Shard
+from xfer.wire import WireError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "benches" / "configs"
 
@@ -174,6 +175,11 @@ def test_specs_and_setups_round_trip_through_json():
     setup = RankSetup("127.0.0.1", 1234, "p", "ab" * 16, 2, trainer, engine, 2, RankOptions())
     back = RankSetup.from_json(setup.to_json())
     assert back == setup
+    for parts in (0, 4096):  # the plan option travels with the rank's options
+        opts = RankOptions(part_bytes=parts, relay=2)
+        assert RankOptions.from_json(opts.to_json()) == opts
+    with pytest.raises(WireError, match="part_bytes: -1 < 0"):
+        RankOptions.from_json(RankOptions(part_bytes=-1).to_json())
     assert back.plan().items == plan_refit(trainer, [engine, engine]).items
     cfg = model("dsv3") | {"num_hidden_layers": 4}
     spec = metadata_spec(cfg, Parallel(pp=2, dp=4, ep=4))

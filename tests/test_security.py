@@ -176,6 +176,8 @@ class _Stub:
         ({"delta": True, "path": "golden"}, "delta=True moves bytes on path 'p2p'"),
         ({"full_every": -1}, "full_every must be an int >= 0"),
         ({"baselines": "disk"}, "baselines must be one of"),
+        ({"part_bytes": -1}, r"part_bytes must be None \(bucket / 64\) or an int >= 0"),
+        ({"part_bytes": 1.5}, "part_bytes must be None .* got 1.5"),
     ],
 )
 def test_bad_options_raise_refit_error(kwargs, needle):

@@ -76,6 +76,7 @@ __all__ = [
     "PlanStats",
     "Relay",
     "ReshardItem",
+    "check_part_bytes",
     "plan_reshard",
 ]
 
@@ -415,6 +416,15 @@ def _template(src_key: _GeomKey, dst_key: _GeomKey) -> _Template:
     )
 
 
+def check_part_bytes(part_bytes: object) -> list[str]:
+    """The problem with a `part_bytes` option (see `plan_reshard`), if any."""
+    if part_bytes is None or (type(part_bytes) is int and part_bytes >= 0):
+        return []
+    return [
+        f"part_bytes must be None (bucket / {PART_FRACTION}) or an int >= 0 (0: never cut), got {part_bytes!r}"
+    ]
+
+
 def plan_reshard(
     items: Sequence[ReshardItem],
     *,
@@ -458,10 +468,7 @@ def plan_reshard(
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         problems.append(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
     problems += check_relay(relay)
-    if part_bytes is not None and (
-        not isinstance(part_bytes, int) or isinstance(part_bytes, bool) or part_bytes < 0
-    ):
-        problems.append(f"part_bytes must be an int >= 0 (0: never cut), got {part_bytes!r}")
+    problems += check_part_bytes(part_bytes)
     raise_if(problems)
     if part_bytes is None:
         part_bytes = max(1, bucket_bytes // PART_FRACTION)
