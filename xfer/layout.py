@@ -112,6 +112,16 @@ def geometry(
     return out
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _box_bounds(
+    key: tuple[tuple[int, ...], tuple[Placement, ...], tuple[int, ...]], pos: int
+) -> tuple[tuple[int, int], ...]:
+    """The box of mesh position `pos` of a layout (`Layout.key`): each refit's checks ask
+    for every local tensor's box again, so it is kept as Python ints."""
+    g = geometry(*key)
+    return tuple((int(a), int(b)) for a, b in zip(g.starts[pos], g.stops[pos], strict=True))
+
+
 class Layout:
     """A global tensor of `shape` placed on `mesh` by `placements` (one per mesh axis)."""
 
@@ -209,8 +219,7 @@ class Layout:
         pos = self.mesh.position(rank)
         if pos is None:
             return None
-        g = self.geometry
-        return tuple((int(a), int(b)) for a, b in zip(g.starts[pos], g.stops[pos], strict=True))
+        return _box_bounds(self.key, pos)
 
     def box(self, rank: int) -> tuple[slice, ...]:
         """Slices of the global tensor that `rank` holds; zero-length slices outside the mesh."""

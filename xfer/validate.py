@@ -126,12 +126,16 @@ def _unusable(t: torch.Tensor, side: str) -> str:
 
 
 # -- memory shared between items ---------------------------------------------------------------
-def _extent(t: torch.Tensor) -> tuple[int, int, int]:
-    """(storage id, first byte, one past the last byte) of the memory `t` can touch."""
-    size = t.element_size()
+def _bytes(t: torch.Tensor) -> tuple[int, int]:
+    """(first byte, one past the last byte) of the memory `t` can touch."""
     start = t.data_ptr()
     span = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True) if n > 0)
-    return t.untyped_storage().data_ptr(), start, start + (span + 1) * size
+    return start, start + (span + 1) * t.element_size()
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int, int]:
+    """(storage id, first byte, one past the last byte) of the memory `t` can touch."""
+    return (t.untyped_storage().data_ptr(), *_bytes(t))
 
 
 def _box_in_base(t: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
@@ -170,27 +174,29 @@ def _aliasing(
     items: Sequence[ReshardItem], srcs: Sequence[Local | None], dsts: Sequence[Local | None]
 ) -> list[str]:
     """Destinations that overlap another destination, or a source of another item."""
-    views: list[tuple[str, int, torch.Tensor]] = []
+    if not any(isinstance(d, torch.Tensor | Segments) for d in dsts):
+        return []
+    # (first byte, one past the last, side, item, view), each extent computed once
+    views: list[tuple[int, int, str, int, torch.Tensor]] = []
     for i, (s, d) in enumerate(zip(srcs, dsts, strict=True)):
         for side, x in (("destination", d), ("source", s)):
             if isinstance(x, torch.Tensor | Segments):
-                views += [(side, i, p) for p in _parts(x) if p.numel()]
-    if sum(1 for side, _, _ in views if side == "destination") == 0:
-        return []
-    views.sort(key=lambda v: _extent(v[2])[1:])
+                for p in _parts(x):
+                    if p.numel():
+                        views.append((*_bytes(p), side, i, p))
+    views.sort(key=lambda v: (v[0], v[1]))
     out = []
-    active: list[tuple[str, int, torch.Tensor]] = []
+    active: list[tuple[int, int, str, int, torch.Tensor]] = []
     for v in views:
-        start = _extent(v[2])[1]
-        active = [a for a in active if _extent(a[2])[2] > start]
+        active = [a for a in active if a[1] > v[0]]
         for a in active:
-            if "destination" not in (a[0], v[0]):
+            if "destination" not in (a[2], v[2]):
                 continue
-            if _overlap(a[2], v[2]):
-                first, second = sorted([a, v], key=lambda z: z[1])
+            if _overlap(a[4], v[4]):
+                first, second = sorted([a, v], key=lambda z: z[3])
                 out.append(
-                    f"the {first[0]} of {items[first[1]].label!r} and the {second[0]} of "
-                    f"{items[second[1]].label!r} share memory; a reshard would overwrite data "
+                    f"the {first[2]} of {items[first[3]].label!r} and the {second[2]} of "
+                    f"{items[second[3]].label!r} share memory; a reshard would overwrite data "
                     "it still reads or writes twice"
                 )
         active.append(v)
