@@ -367,12 +367,18 @@ def execute(
     seed: int = 0,
     backend: str = "gloo",
     timeout_s: float = 600.0,
+    part_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Run the three paths on `pool`'s ranks (one per refit rank) and summarize; with
-    ``backend="nccl"`` every rank takes a GPU of this machine."""
+    ``backend="nccl"`` every rank takes a GPU of this machine. `part_bytes`: the plan's
+    (`xfer.plan`; None, its default)."""
     world = trainer.world + engine.world * replicas
     options = RankOptions(
-        path="p2p", bucket_bytes=bucket_bytes, backend=backend, timeout_s=timeout_s
+        path="p2p",
+        bucket_bytes=bucket_bytes,
+        backend=backend,
+        timeout_s=timeout_s,
+        part_bytes=part_bytes,
     )
     store, setup = _bench_setup(trainer, engine, replicas, options, "bench")
     results = pool.run(rank_main, world, setup.to_json(), reps, seed, timeout=timeout_s + 60)

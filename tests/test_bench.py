@@ -177,6 +177,15 @@ def test_local_execution_paths_agree_and_memory_matches_the_model(ranks):
         # within the bound, and not nothing: trainer ranks stage the column slices they send
         # (strided on their side), engine ranks hold the misc tensors (the scales) whole
         assert 0 < model["p2p"][role] <= model["p2p_bound"][role]
+    # without parts (part_bytes=0, through the ranks' options) a round's message to a peer
+    # spans several tensors and is staged on both sides: more staging on every engine rank
+    whole = localrun.execute(
+        trainer, engine, side.replicas, bucket_bytes=built.bucket_bytes, reps=1, pool=ranks,
+        part_bytes=0,
+    )  # fmt: skip
+    assert whole["identical"] and all(whole["paths"][p]["correct"] for p in localrun.PATHS)
+    staged = whole["paths"]["p2p"]["extra_bytes"]["engine"]
+    assert staged > model["p2p"]["engine"], (staged, model["p2p"])
     # processor time: every rank's, summed over ranks, within what the cores can give
     cores = out["host_cores"]
     for path in localrun.PATHS:
