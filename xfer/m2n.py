@@ -35,7 +35,8 @@ from torch.distributed.tensor import Shard
 
 from xfer.comm import Comm
 from xfer.layout import Layout
-from xfer.plan import ReshardItem, _template
+from xfer.plan import ReshardItem
+from xfer.senders import template
 
 __all__ = [
     "MAX_SOURCES",
@@ -127,7 +128,7 @@ def _layout_reason(lay: Layout, side: str) -> str | None:
 
 
 def _fan(item: ReshardItem) -> str | None:
-    t = _template(item.src.key, item.dst.key)
+    t = template(item.src.key, item.dst.key)
     if len(t.cell) == 0:
         return None
     dst_cells = item.dst.geometry.cell_of[t.pos]

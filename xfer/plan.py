@@ -26,8 +26,9 @@ With ``L`` the largest per-rank load (bytes in or out, local copies excluded),
 ``m = min(R, ceil(B / S))`` near-equal messages (``S``, the smallest message worth sending
 alone, is ``bucket_bytes / (2 * max peers)``), spread over the rounds from a per-pair phase.
 Large pairs thus send in every round, so every sender and receiver is busy in every round
-(the time of a round is its largest load), while small pairs send few messages. The schedule is checked against the cap with an upper bound;
-``R`` grows until it holds.
+(the time of a round is its largest load), while small pairs send few messages. The
+schedule is checked against the cap with an upper bound; ``R`` grows until it holds
+(`xfer.rounds`).
 
 Parts
 -----
@@ -49,13 +50,13 @@ Scale
 -----
 Boxes come from `Layout.geometry` (cached per geometry) and the cell-by-box overlaps from a
 cached *template* per (source geometry, destination geometry). Items sharing both are
-instantiated together with numpy, so planning cost grows with the number of distinct
-geometries plus a vectorized pass over all chunks, not with Python work per chunk.
+instantiated together with numpy (`xfer.senders`, which also picks the senders), so planning
+cost grows with the number of distinct geometries plus a vectorized pass over all chunks,
+not with Python work per chunk.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,9 +65,11 @@ from typing import cast
 import numpy as np
 import torch
 
-from xfer.errors import XferError, raise_if
-from xfer.layout import Geometry, Layout, Placement, geometry, placement_str
+from xfer.errors import raise_if
+from xfer.layout import Layout, placement_str
 from xfer.relay import Relay, check_relay, choose, frozen, replica_classes
+from xfer.rounds import Pairs, cut, schedule
+from xfer.senders import Chunks, pick_senders
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -84,8 +87,6 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 # The default `part_bytes` is the bucket over this: a chunk worth 1/64 of a round at least
 # travels alone (16 MiB in 1 GiB buckets: few cuts at full scale, each worth its message).
 PART_FRACTION = 64
-# Chunk instances processed per numpy batch while planning (bounds temporary memory).
-_BATCH = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -104,62 +105,6 @@ class ReshardItem:
     @property
     def itemsize(self) -> int:
         return self.dtype.itemsize
-
-
-@dataclass(frozen=True, eq=False)
-class Chunks:
-    """A table of chunks, one row each: item, sender, receiver, region ``[lo, hi)``, bytes.
-
-    Regions are padded to the plan's widest dim count with ``[0, 1)`` so every row has the
-    same width; `Plan.items[i].dst.ndim` says how many dims are real.
-    """
-
-    item: np.ndarray
-    sender: np.ndarray
-    receiver: np.ndarray
-    lo: np.ndarray
-    hi: np.ndarray
-    nbytes: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.item.shape[0])
-
-    def take(self, index: np.ndarray) -> Chunks:
-        return Chunks(*(frozen(a[index]) for a in self._arrays()))
-
-    def _arrays(self) -> tuple[np.ndarray, ...]:
-        return (self.item, self.sender, self.receiver, self.lo, self.hi, self.nbytes)
-
-
-@dataclass(frozen=True, eq=False)
-class Pairs:
-    """One row per (sender, receiver) pair with remote chunks, sorted by (sender, receiver).
-
-    Chunks ``first[p]:last[p]`` of `Plan.chunks` form the pair's stream of ``nbytes[p]``
-    bytes, cut into ``messages[p]`` messages; message ``j`` covers stream bytes
-    ``[j*B//m, (j+1)*B//m)`` and is sent in round ``(phase[p] + j*R//m) % R``.
-    """
-
-    sender: np.ndarray
-    receiver: np.ndarray
-    nbytes: np.ndarray
-    first: np.ndarray
-    last: np.ndarray
-    messages: np.ndarray
-    phase: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.sender.shape[0])
-
-    def rounds_of(self, p: int, rounds: int) -> np.ndarray:
-        """Round of each message of pair `p`."""
-        m = int(self.messages[p])
-        return (int(self.phase[p]) + (np.arange(m) * rounds) // m) % rounds
-
-    def bounds_of(self, p: int) -> np.ndarray:
-        """Stream byte offsets ``[b_0 = 0, ..., b_m = B]`` of the messages of pair `p`."""
-        m, b = int(self.messages[p]), int(self.nbytes[p])
-        return (np.arange(m + 1, dtype=np.int64) * b) // m
 
 
 @dataclass(frozen=True)
@@ -266,7 +211,7 @@ class Plan:
         base, cuts = self.part_cuts()
         if not len(cuts):
             return pr.sender[p_idx], pr.receiver[p_idx], rnd, hi_b - lo_b
-        msg, lo, hi = _cut(cuts, base[p_idx] + lo_b, base[p_idx] + hi_b)
+        msg, lo, hi = cut(cuts, base[p_idx] + lo_b, base[p_idx] + hi_b)
         q = p_idx[msg]
         return pr.sender[q], pr.receiver[q], rnd[msg], hi - lo
 
@@ -275,7 +220,7 @@ class Plan:
         into its parts (`part_cuts`; the same cut as `direct_messages`)."""
         base, cuts = self.part_cuts()
         b = int(base[p])
-        _, starts, _ = _cut(cuts, np.array([b + lo]), np.array([b + hi]))
+        _, starts, _ = cut(cuts, np.array([b + lo]), np.array([b + hi]))
         return [int(x) - b for x in starts] + [hi]
 
     def relay_messages(
@@ -374,48 +319,6 @@ def check_items(
     return out
 
 
-# -- planning -------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class _Template:
-    cell: np.ndarray  # [K] source cell of each overlap
-    pos: np.ndarray  # [K] destination mesh position
-    lo: np.ndarray  # [K, ndim]
-    hi: np.ndarray  # [K, ndim]
-    nelem: np.ndarray  # [K]
-
-
-_GeomKey = tuple[tuple[int, ...], tuple[Placement, ...], tuple[int, ...]]
-
-
-@functools.lru_cache(maxsize=4096)
-def _template(src_key: _GeomKey, dst_key: _GeomKey) -> _Template:
-    """Every non-empty (source cell & destination box), ordered by (cell, position)."""
-    sg, dg = geometry(*src_key), geometry(*dst_key)
-    cells, pos, los, his = [], [], [], []
-    # Loop over cells to bound memory at (positions x dims) per step.
-    step = max(1, (1 << 22) // max(1, dg.starts.shape[0] * max(1, dg.starts.shape[1])))
-    for c0 in range(0, sg.ncells, step):
-        c1 = min(sg.ncells, c0 + step)
-        lo = np.maximum(sg.cell_starts[c0:c1, None, :], dg.starts[None, :, :])
-        hi = np.minimum(sg.cell_stops[c0:c1, None, :], dg.stops[None, :, :])
-        ok = (hi > lo).all(axis=-1)
-        u, j = np.nonzero(ok)
-        cells.append(u + c0)
-        pos.append(j)
-        los.append(lo[u, j])
-        his.append(hi[u, j])
-    nd = len(src_key[2])
-    lo_a = np.concatenate(los) if los else np.zeros((0, nd), np.int64)
-    hi_a = np.concatenate(his) if his else np.zeros((0, nd), np.int64)
-    return _Template(
-        cell=np.concatenate(cells) if cells else np.zeros(0, np.int64),
-        pos=np.concatenate(pos) if pos else np.zeros(0, np.int64),
-        lo=lo_a,
-        hi=hi_a,
-        nelem=np.prod(hi_a - lo_a, axis=1, dtype=np.int64),
-    )
-
-
 def check_part_bytes(part_bytes: object) -> list[str]:
     """The problem with a `part_bytes` option (see `plan_reshard`), if any."""
     if part_bytes is None or (type(part_bytes) is int and part_bytes >= 0):
@@ -474,14 +377,14 @@ def plan_reshard(
         part_bytes = max(1, bucket_bytes // PART_FRACTION)
 
     width = max([1] + [it.dst.ndim for it in items])
-    picked = _pick_senders(items, nodes)
+    picked = pick_senders(items, nodes)
     classes = replica_classes(items, world_size) if relay is not False else None
     chains = choose(picked, classes, world_size, bucket_bytes, relay)
     fed = np.zeros(world_size, dtype=bool)
     fed[chains.follower] = True  # followers receive by relay, not from the sources
     local, rem = picked.chunks(width, fed, world_size, len(items))
     del picked  # the per-chunk senders of every replica: the largest temporary
-    pairs, direct = _schedule(rem, world_size, bucket_bytes)
+    pairs, direct = schedule(rem, world_size, bucket_bytes)
     return Plan(
         items=items,
         world_size=world_size,
@@ -495,245 +398,6 @@ def plan_reshard(
         direct_rounds=direct,
         relay_option=relay,
         part_bytes=part_bytes,
-    )
-
-
-@dataclass(frozen=True, eq=False)
-class _Part:
-    """Chunks of a batch of items sharing a template: items `sel` in order, and per
-    (item, template row) its sender and receiver."""
-
-    tmpl: _Template
-    sel: np.ndarray
-    itemsize: int
-    sender: np.ndarray  # [T * K]
-    receiver: np.ndarray  # [T * K]
-
-
-@dataclass(frozen=True, eq=False)
-class _Picked:
-    """Every chunk's sender, before the chunk table is built (so that relay can leave the
-    followers' chunks out of it)."""
-
-    parts: list[_Part]
-
-    def loads(self, column: np.ndarray, ncols: int, world: int) -> tuple[np.ndarray, np.ndarray]:
-        """Remote bytes per (sender, `column` of the receiver), and received per rank."""
-        out = np.zeros(world * ncols, dtype=np.float64)
-        into = np.zeros(world, dtype=np.float64)
-        for p in self.parts:
-            nb = (np.tile(p.tmpl.nelem, len(p.sel)) * p.itemsize).astype(np.float64)
-            remote = p.sender != p.receiver
-            s, r, w = p.sender[remote], p.receiver[remote], nb[remote]
-            out += np.bincount(s * ncols + column[r], weights=w, minlength=world * ncols)
-            into += np.bincount(r, weights=w, minlength=world)
-        return out.reshape(world, ncols), into
-
-    def chunks(self, width: int, fed: np.ndarray, world: int, nitems: int) -> tuple[Chunks, Chunks]:
-        """The local chunks, and the remote ones sorted by (sender, receiver, item, region)
-        without those the ranks in `fed` receive. Chunks are made in region order for each
-        item and receiver (template rows run over cells in box order, and cells partition
-        every dim, so their overlaps with one box keep that order): a stable sort by
-        (sender, receiver, item) gives the pair order. Regions are filled in last, for the
-        rows kept, in their final order."""
-        keep = [np.nonzero(~fed[p.receiver] | (p.sender == p.receiver))[0] for p in self.parts]
-        kept = list(zip(self.parts, keep, strict=True))
-        base = np.cumsum([0] + [len(p.tmpl.cell) for p in self.parts])
-        item = _cat([p.sel[r // len(p.tmpl.cell)] for p, r in kept])
-        sender = _cat([p.sender[r] for p, r in kept]).astype(np.int64)
-        receiver = _cat([p.receiver[r] for p, r in kept]).astype(np.int64)
-        # each kept row's template row among all parts' templates, and its item size
-        trow = _cat([base[i] + r % len(p.tmpl.cell) for i, (p, r) in enumerate(kept)])
-        isz = _cat([np.full(len(r), p.itemsize) for p, r in kept])
-        lo_t = np.zeros((int(base[-1]), width), dtype=np.int64)
-        hi_t = np.ones((int(base[-1]), width), dtype=np.int64)
-        for i, p in enumerate(self.parts):
-            nd = p.tmpl.lo.shape[1]
-            lo_t[base[i] : base[i + 1], :nd] = p.tmpl.lo
-            hi_t[base[i] : base[i + 1], :nd] = p.tmpl.hi
-        nelem = _cat([p.tmpl.nelem for p in self.parts])
-        remote = sender != receiver
-        rows = np.nonzero(remote)[0]
-        if world * world * max(1, nitems) < 1 << 62:
-            key = (sender[rows] * world + receiver[rows]) * max(1, nitems) + item[rows]
-            rows = rows[np.argsort(key, kind="stable")]
-        else:
-            rows = rows[np.lexsort((item[rows], receiver[rows], sender[rows]))]
-
-        def table(r: np.ndarray) -> Chunks:
-            t = trow[r]
-            return Chunks(
-                *(
-                    frozen(a)
-                    for a in (item[r], sender[r], receiver[r], lo_t[t], hi_t[t], nelem[t] * isz[r])
-                )
-            )
-
-        return table(np.nonzero(~remote)[0]), table(rows)
-
-
-def _cut(
-    cuts: np.ndarray, a: np.ndarray, z: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Messages ``[a_i, z_i)`` cut at every one of the sorted `cuts` strictly inside them:
-    (message of each part, part starts, part ends), parts in order."""
-    first = np.searchsorted(cuts, a, side="right")
-    n = np.searchsorted(cuts, z, side="left") - first + 1  # parts per message
-    msg = np.repeat(np.arange(len(a)), n)
-    k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # part within its message
-    inner = np.concatenate([cuts, [0]])  # a pad, never picked: k < n - 1 below
-    lo = np.where(k == 0, a[msg], inner[first[msg] + k - 1])
-    hi = np.where(k == n[msg] - 1, z[msg], inner[np.minimum(first[msg] + k, len(cuts))])
-    return msg, lo, hi
-
-
-def _cat(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-
-
-def _rotate(
-    sg: Geometry, tmpl: _Template, src_ranks: np.ndarray, recv: np.ndarray, seq: np.ndarray
-) -> np.ndarray:
-    """Senders without node preference: the receiver itself where it holds the cell, else
-    replica ``seq mod count`` of the cell's holders (``members`` lists them first)."""
-    count = sg.member_count[tmpl.cell]  # [K]
-    pos = sg.members[tmpl.cell[None, :], seq % count[None, :]]  # [T, K] mesh positions
-    sender = np.take_along_axis(src_ranks, pos, axis=1)
-    # the receiver's position in each item's source mesh (-1: none), found by a search in
-    # the items' ranks sorted once (item t's keys offset by t * span), and whether it holds
-    # the cell
-    t, p = src_ranks.shape
-    span = int(max(src_ranks.max(), recv.max())) + 1
-    off = np.arange(t, dtype=np.int64)[:, None] * span
-    flat = (src_ranks + off).ravel()
-    order = np.argsort(flat, kind="stable")
-    ordered = flat[order]
-    want = (recv + off).ravel()
-    at = np.minimum(np.searchsorted(ordered, want), len(ordered) - 1)
-    rpos = np.where(ordered[at] == want, order[at] % p, -1).reshape(recv.shape)
-    holds = (rpos >= 0) & (sg.cell_of[np.maximum(rpos, 0)] == tmpl.cell[None, :])
-    return np.where(holds, recv, sender)
-
-
-def _pick_senders(items: tuple[ReshardItem, ...], nodes: tuple[int, ...] | None) -> _Picked:
-    """Instantiate templates for all items and choose a sender for every chunk."""
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for i, it in enumerate(items):
-        key = (it.src.key, it.dst.key, it.itemsize)
-        groups.setdefault(key, []).append(i)
-    node_arr = None if nodes is None else np.asarray(nodes, dtype=np.int64)
-    parts: list[_Part] = []
-    counter = 0
-    for (src_key, dst_key, itemsize), idxs in groups.items():
-        tmpl = _template(src_key, dst_key)
-        k = len(tmpl.cell)
-        if k == 0:
-            continue
-        sg = geometry(*src_key)  # type: ignore[misc]
-        members = sg.members[tmpl.cell]  # [K, W] mesh positions, -1 padded
-        mvalid = members >= 0
-        members_c = np.where(mvalid, members, 0)
-        step = max(1, _BATCH // (k * members.shape[1]))
-        for t0 in range(0, len(idxs), step):
-            sel = idxs[t0 : t0 + step]
-            t = len(sel)
-            src_ranks = np.array([items[i].src.mesh.flat for i in sel], dtype=np.int64)
-            dst_ranks = np.array([items[i].dst.mesh.flat for i in sel], dtype=np.int64)
-            recv = dst_ranks[:, tmpl.pos]  # [T, K]
-            seq = counter + np.arange(t * k, dtype=np.int64).reshape(t, k)
-            if node_arr is None:
-                sender = _rotate(sg, tmpl, src_ranks, recv, seq)
-            else:
-                reps = src_ranks[:, members_c]  # [T, K, W]
-                is_local = ((reps == recv[..., None]) & mvalid).any(axis=-1)
-                cand = np.broadcast_to(mvalid, reps.shape)
-                near = cand & (node_arr[reps] == node_arr[recv][..., None])
-                cand = np.where(near.any(axis=-1, keepdims=True), near, cand)
-                pick = seq % cand.sum(axis=-1)
-                hit = (np.cumsum(cand, axis=-1) == (pick + 1)[..., None]) & cand
-                col = hit.argmax(axis=-1)
-                sender = np.take_along_axis(reps, col[..., None], axis=-1)[..., 0]
-                sender = np.where(is_local, recv, sender)
-            counter += t * k
-            parts.append(
-                _Part(
-                    tmpl,
-                    np.asarray(sel, dtype=np.int64),
-                    int(itemsize),  # type: ignore[call-overload]
-                    sender.reshape(-1).astype(np.int32),
-                    recv.reshape(-1).astype(np.int32),
-                )
-            )
-    return _Picked(parts)
-
-
-def _schedule(rem: Chunks, world_size: int, cap: int) -> tuple[Pairs, int]:
-    """Group sorted remote chunks into pairs and spread each pair's stream over rounds."""
-    n = len(rem)
-    if n == 0:
-        z = frozen(np.zeros(0, np.int64))
-        return Pairs(z, z, z, z, z, z, z), 0
-    change = np.ones(n, dtype=bool)
-    change[1:] = (rem.sender[1:] != rem.sender[:-1]) | (rem.receiver[1:] != rem.receiver[:-1])
-    first = np.nonzero(change)[0]
-    last = np.append(first[1:], n)
-    sender, receiver = rem.sender[first], rem.receiver[first]
-    nbytes = np.add.reduceat(rem.nbytes, first)
-    out = np.bincount(sender, weights=nbytes, minlength=world_size)
-    inn = np.bincount(receiver, weights=nbytes, minlength=world_size)
-    degree = max(
-        int(np.bincount(sender, minlength=world_size).max()),
-        int(np.bincount(receiver, minlength=world_size).max()),
-    )
-    load = int(max(out.max(), inn.max()))
-    small = max(1, cap // (2 * degree))
-    rounds = max(1, -(-load // cap))
-    phase_base = sender + receiver
-    for _ in range(200):
-        messages = np.minimum(rounds, -(-nbytes // small))
-        phase = phase_base % rounds
-        if _fits(sender, receiver, nbytes, messages, phase, rounds, world_size, cap):
-            break
-        rounds += max(1, rounds // 16)
-    else:
-        raise XferError(
-            f"bucket_bytes={cap} is too small: ranks exchange up to {load} bytes with up to "
-            f"{degree} peers; use at least {max(64 * degree, 1 << 16)} bytes"
-        )
-    pairs = Pairs(*(frozen(a) for a in (sender, receiver, nbytes, first, last, messages, phase)))
-    return pairs, rounds
-
-
-def _fits(
-    sender: np.ndarray,
-    receiver: np.ndarray,
-    nbytes: np.ndarray,
-    messages: np.ndarray,
-    phase: np.ndarray,
-    rounds: int,
-    world_size: int,
-    cap: int,
-) -> bool:
-    """Upper-bound check that no rank sends or receives more than `cap` in any round."""
-    biggest = -(-nbytes // messages)  # no message of the pair exceeds this
-    full = messages == rounds  # such a pair sends in every round
-    base_out = np.bincount(sender[full], weights=biggest[full], minlength=world_size)
-    base_in = np.bincount(receiver[full], weights=biggest[full], minlength=world_size)
-    if max(base_out.max(initial=0), base_in.max(initial=0)) > cap:
-        return False
-    part = np.nonzero(~full)[0]
-    if len(part) == 0:
-        return True
-    m = messages[part]
-    p_idx = np.repeat(part, m)
-    j = np.arange(len(p_idx)) - np.repeat(np.cumsum(m) - m, m)
-    rnd = (phase[p_idx] + (j * rounds) // messages[p_idx]) % rounds
-    load_out = np.zeros((world_size, rounds))
-    load_in = np.zeros((world_size, rounds))
-    np.add.at(load_out, (sender[p_idx], rnd), biggest[p_idx])
-    np.add.at(load_in, (receiver[p_idx], rnd), biggest[p_idx])
-    return bool(
-        (load_out + base_out[:, None]).max() <= cap and (load_in + base_in[:, None]).max() <= cap
     )
 
 
