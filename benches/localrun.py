@@ -137,7 +137,7 @@ def _nbytes(it: Any) -> int:
 
 
 def _golden_scratch(plan: RefitPlan) -> int:
-    """The golden path's scratch: the largest source cell (as `xfer.execute.run_golden`)."""
+    """The golden path's scratch: the largest source cell (as `xfer.golden.run_golden`)."""
     return max(
         (int(it.src.geometry.cell_numel().max(initial=0)) * it.itemsize for it in plan.items),
         default=0,

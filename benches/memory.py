@@ -11,7 +11,7 @@ refit, as `benches.localrun` allocates them (its measurements are compared with 
   also holds every misc tensor whole while the engine loads them. That is the bound
   (`extra_memory`). The runtime stages less: a message whose bytes are one contiguous span of
   the local tensor goes straight from (or into) its storage, and only the other messages are
-  staged (`xfer.execute`, zero copy). `zero_copy_extra` computes that exactly for given ranks
+  staged (`xfer.staging`, zero copy). `zero_copy_extra` computes that exactly for given ranks
   from their programs, assuming every local tensor is stored contiguously (true of the local
   run's shards and buffers; a trainer whose HF-named tensors are strided views of fused
   parameters stages more, up to the bound). It builds each rank's program: about a second per

@@ -13,8 +13,9 @@ import torch
 
 from harness.reports import LayoutReport, MegatronReport, ScenarioReport, read
 from xfer import Segments, build_program
-from xfer.execute import _Locals, _pack, _recv_buffers, _round_directs, _unpack
+from xfer.execute import round_directs
 from xfer.segments import copy_in
+from xfer.staging import Locals, pack, recv_buffers, unpack
 
 WORLD = 8  # ranks of the session's rank pool
 
@@ -70,11 +71,11 @@ def apply_plan(plan, fulls, device="cpu"):
     world = plan.world_size
     progs = [build_program(plan, r) for r in range(world)]
     state = [local_inputs(plan.items, r, fulls, device) for r in range(world)]
-    locs = [_Locals(*state[r]) for r in range(world)]
+    locs = [Locals(*state[r]) for r in range(world)]
     for r, prog in enumerate(progs):
         for lc in prog.local:
             locs[r].dst[lc.item][lc.dst_index].copy_(locs[r].src[lc.item][lc.src_index])
-    directs = [_round_directs(progs[r], locs[r].src_bytes, locs[r].dst_bytes) for r in range(world)]
+    directs = [round_directs(progs[r], locs[r].src_bytes, locs[r].dst_bytes) for r in range(world)]
     by_round = [{rnd.index: i for i, rnd in enumerate(prog.rounds)} for prog in progs]
     staged: list[torch.Tensor | None] = [None] * world  # each rank's last receive staging
     for index in range(plan.rounds):
@@ -85,7 +86,7 @@ def apply_plan(plan, fulls, device="cpu"):
                 continue
             rnd, direct = progs[r].rounds[i], directs[r][0][i]
             buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
-            out = _pack(rnd, direct, buf, locs[r], forwarded=staged[r])
+            out = pack(rnd, direct, buf, locs[r], forwarded=staged[r])
             for m, b in zip(rnd.sends, out, strict=True):
                 wire.setdefault((r, m.peer), []).append(b.clone())
         for r in range(world):
@@ -95,10 +96,10 @@ def apply_plan(plan, fulls, device="cpu"):
                 continue
             rnd, direct = progs[r].rounds[i], directs[r][1][i]
             buf = torch.zeros(direct.staged, dtype=torch.uint8, device=device)
-            into = _recv_buffers(rnd, direct, buf)
+            into = recv_buffers(rnd, direct, buf)
             for m, b in zip(rnd.recvs, into, strict=True):
                 b.copy_(wire[(m.peer, r)].pop(0))
-            _unpack(rnd, direct, into, locs[r])
+            unpack(rnd, direct, into, locs[r])
             staged[r] = buf
         left = sorted(k for k, v in wire.items() if v)
         assert not left, f"round {index}: messages nobody received: {left[:5]}"

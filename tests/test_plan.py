@@ -252,7 +252,8 @@ def test_relay_forwards_the_round_before_from_receive_staging():
     # receive staging on to the follower as it lies: one message, nothing packed; the head
     # receives the forwarded round wholly staged (it cannot go straight into storage), and
     # the follower unpacks it as one run per box in one multi-tensor copy
-    from xfer.execute import _Locals, _round_directs, staging_need
+    from xfer.execute import round_directs, staging_need
+    from xfer.staging import Locals
 
     src = Layout(Mesh([0, 1], ("tp",)), [Shard(0)], [16, 8])
     dst = Layout(Mesh([2, 3], ("dp",)), [Replicate()], [16, 8])
@@ -271,8 +272,8 @@ def test_relay_forwards_the_round_before_from_receive_staging():
     assert [(c.item, c.index, c.offset) for c in hop.copies] == got
     assert follower.rounds[0].recvs[0].copies == hop.copies
     for prog in (head, follower):
-        loc = _Locals([None, None], [torch.zeros(16, 8) for _ in its])
-        sends, recvs = _round_directs(prog, loc.src_bytes, loc.dst_bytes)
+        loc = Locals([None, None], [torch.zeros(16, 8) for _ in its])
+        sends, recvs = round_directs(prog, loc.src_bytes, loc.dst_bytes)
         assert all(d.staged == 0 and d.copies == 0 for d in sends)  # nothing packed
         # the forwarded round is staged whole, as 4 runs (a box of a tensor per message)
         assert [(d.staged, d.copies) for d in recvs][:1] == [(1024, 4)]
@@ -281,12 +282,12 @@ def test_relay_forwards_the_round_before_from_receive_staging():
 
 
 def test_a_forwarding_round_must_follow_the_round_it_forwards():
-    from xfer.execute import _round_directs
+    from xfer.execute import round_directs
     from xfer.program import Message, RankProgram, Round
 
     bad = RankProgram(2, (Round(0, (), ()), Round(2, (Message(3, 0, 64, (), True),), ())), ())
     with pytest.raises(XferError, match="round 2 forwards 64 B to rank 3, but the round before"):
-        _round_directs(bad, [], [])
+        round_directs(bad, [], [])
 
 
 def test_a_rounds_contiguous_runs_go_in_one_multi_tensor_copy(monkeypatch):

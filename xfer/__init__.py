@@ -11,12 +11,13 @@ from xfer.api import PATHS, Delta, DTensorRef, Path, Resharder, xferdtensor, xfe
 from xfer.comm import Comm, Recorded, RecordingComm, TorchComm, Transfer, Work, tcp_store
 from xfer.delta import Baselines
 from xfer.errors import XferError
-from xfer.execute import Staging, XferStats
+from xfer.execute import XferStats
 from xfer.layout import Layout, Replicate, Shard
 from xfer.mesh import Mesh
 from xfer.plan import DEFAULT_BUCKET_BYTES, Plan, PlanStats, ReshardItem, plan_reshard
 from xfer.program import RankProgram, build_program
 from xfer.segments import Segments
+from xfer.staging import Staging
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",

@@ -28,12 +28,14 @@ from xfer import m2n, wire
 from xfer.comm import Comm
 from xfer.delta import Baselines, apply_received, run_p2p_delta
 from xfer.errors import XferError
-from xfer.execute import Staging, XferStats, run_golden, run_p2p
+from xfer.execute import XferStats, run_p2p
+from xfer.golden import run_golden
 from xfer.layout import Layout
 from xfer.mesh import Mesh
 from xfer.plan import DEFAULT_BUCKET_BYTES, Plan, ReshardItem, plan_reshard
 from xfer.program import RankProgram, build_program
 from xfer.segments import Local, Segments
+from xfer.staging import Staging
 from xfer.validate import agree, check_locals
 
 __all__ = ["PATHS", "DTensorRef", "Delta", "Path", "Resharder", "xferdtensor", "xferdtensors"]

@@ -57,20 +57,10 @@ from typing import Any
 import torch
 
 from xfer.comm import Comm, Transfer, Work
-from xfer.execute import (
-    Staging,
-    XferStats,
-    _directs,
-    _Locals,
-    _pack,
-    _recv_buffers,
-    _span,
-    _unpack,
-    pipeline,
-    prepare,
-)
+from xfer.execute import XferStats, pipeline, prepare
 from xfer.program import Message, RankProgram
 from xfer.segments import Local, Segments, copy_in, copy_out
+from xfer.staging import Locals, Staging, directs, pack, recv_buffers, span, unpack
 
 __all__ = ["KINDS", "Baselines", "apply_received", "decode", "encode", "run_p2p_delta"]
 
@@ -129,7 +119,7 @@ class Baselines:
         one span of them, else gathered."""
         items = {c.item for c in m.copies}
         if len(items) == 1:
-            v = _span(self.sources[next(iter(items))], m.copies, m.nbytes)
+            v = span(self.sources[next(iter(items))], m.copies, m.nbytes)
             if v is not None:
                 return v
         out = torch.empty(m.nbytes, dtype=torch.uint8, device=self.device)
@@ -309,7 +299,7 @@ def _run(
     spay: dict[tuple[int, int], torch.Tensor] = {}
     if against is not None:
         for i, rnd in enumerate(rounds):
-            cur = _pack(rnd, sends[i], sbufs[0], loc)
+            cur = pack(rnd, sends[i], sbufs[0], loc)
             for j, (m, b) in enumerate(zip(rnd.sends, cur, strict=True)):
                 kind, payload = encode(b, base._message(m), word_size(itemsizes, m))
                 skind[(i, j)] = kind
@@ -343,7 +333,7 @@ def _run(
     def send_list(i: int) -> list[Transfer]:
         rnd = rounds[i]
         wanted = [skind.get((i, j), DENSE) == DENSE for j in range(len(rnd.sends))]
-        dense = _pack(rnd, sends[i], sbufs[i % 2], loc, wanted)
+        dense = pack(rnd, sends[i], sbufs[i % 2], loc, wanted)
         out = []
         for j, (m, b) in enumerate(zip(rnd.sends, dense, strict=True)):
             kind = skind.get((i, j), DENSE)
@@ -365,7 +355,7 @@ def _run(
 
     def recv_list(i: int) -> tuple[list[Transfer], list[torch.Tensor | None]]:
         rnd = rounds[i]
-        dense = _recv_buffers(rnd, recvs[i], rbufs[i % 2])
+        dense = recv_buffers(rnd, recvs[i], rbufs[i % 2])
         out: list[Transfer] = []
         into: list[torch.Tensor | None] = []
         at = 0
@@ -389,7 +379,7 @@ def _run(
             b if rkind.get((i, j), (DENSE, 0))[0] == DENSE else None for j, b in enumerate(into)
         ]
         if not receive_only:
-            _unpack(rnd, recvs[i], dense, loc)
+            unpack(rnd, recvs[i], dense, loc)
         for j, (m, b) in enumerate(zip(rnd.recvs, into, strict=True)):
             kind = rkind.get((i, j), (DENSE, 0))[0]
             if inplace[i][j]:  # the destination holds the baseline itself
@@ -440,10 +430,10 @@ def _run(
 def apply_received(program: RankProgram, dsts: Sequence[Local | None], base: Baselines) -> int:
     """Write what a receive-only run brought into `base` into this rank's destinations
     (every byte of every message it receives); the bytes written."""
-    loc = _Locals([None] * len(dsts), dsts)
+    loc = Locals([None] * len(dsts), dsts)
     n = 0
     for i, rnd in enumerate(program.rounds):
-        views = _directs(rnd.recvs, loc.dst_bytes).views
+        views = directs(rnd.recvs, loc.dst_bytes).views
         for j, m in enumerate(rnd.recvs):
             _write(m, views[j], base.received[(i, j)], loc)
             n += m.nbytes
@@ -452,7 +442,7 @@ def apply_received(program: RankProgram, dsts: Sequence[Local | None], base: Bas
 
 
 def _decode_into(
-    m: Message, view: torch.Tensor | None, kind: int, payload: torch.Tensor, w: int, loc: _Locals
+    m: Message, view: torch.Tensor | None, kind: int, payload: torch.Tensor, w: int, loc: Locals
 ) -> None:
     """Apply an encoded payload to a message's bytes where they live: the destination."""
     if view is not None and view.storage_offset() % w == 0:
@@ -467,7 +457,7 @@ def _decode_into(
     _write(m, view, here, loc)
 
 
-def _write(m: Message, view: torch.Tensor | None, b: torch.Tensor, loc: _Locals) -> None:
+def _write(m: Message, view: torch.Tensor | None, b: torch.Tensor, loc: Locals) -> None:
     """Write a whole message's bytes `b` into this rank's destinations."""
     if view is not None:
         view.copy_(b)
