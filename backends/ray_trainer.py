@@ -18,8 +18,9 @@ import torch
 
 from backends import fault_injection
 from refit.errors import RefitError
-from refit.rank import RankSetup, RefitRank
+from refit.rank import RefitRank
 from refit.rpc import decode_stats
+from refit.setup import RankSetup
 from xfer.segments import Local
 from xfer.wire import dumps
 

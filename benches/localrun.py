@@ -45,7 +45,8 @@ import torch
 from benches.baseline import gather
 from harness.local import RankPool
 from refit.planner import RefitPlan
-from refit.rank import Gate, RankOptions, RankSetup, RefitRank
+from refit.rank import Gate, RefitRank
+from refit.setup import RankOptions, RankSetup
 from refit.spec import EngineSpec, TrainerSpec
 from xfer import Staging, TorchComm, tcp_store
 from xfer.comm import Comm

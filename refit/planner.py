@@ -15,7 +15,7 @@ rank, received into a buffer the engine hands to its loader. Unknown never means
 
 Output: a `RefitPlan` (the items in a fixed order, bulk first, then misc; the misc list; a
 per-parameter report). It is an immutable value; every rank computes the same one from the
-same descriptions (`refit.rank.RankSetup` carries them) and builds its xfer plan from it.
+same descriptions (`refit.setup.RankSetup` carries them) and builds its xfer plan from it.
 """
 
 from __future__ import annotations

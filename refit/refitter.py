@@ -88,8 +88,9 @@ from refit.errors import RefitError
 from refit.native import NativeEngine, is_native
 from refit.pending import wait_all
 from refit.planner import RefitPlan, plan_refit
-from refit.rank import BASELINES, INSTALLS, RankOptions, RankSetup, RankStats
+from refit.rank import RankStats
 from refit.rpc import RpcEngine
+from refit.setup import BASELINES, INSTALLS, RankOptions, RankSetup
 from refit.spec import EngineSide, EngineSpec, EngineStatus, TrainerSide
 from refit.watch import Failure, FailureBoard, RefitFailed
 from xfer import DEFAULT_BUCKET_BYTES, tcp_store

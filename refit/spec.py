@@ -297,7 +297,7 @@ class TrainerSide(Protocol):
     def describe(self) -> TrainerSpec: ...
 
     def connect(self, setup: bytes) -> Pending:
-        """Every rank joins the refit generation `setup` describes (a `refit.rank.RankSetup`
+        """Every rank joins the refit generation `setup` describes (a `refit.setup.RankSetup`
         as JSON, for rank 0; each rank sets its own refit rank)."""
         ...
 

@@ -169,7 +169,7 @@ def test_a_trainer_that_cannot_give_a_layout_sends_misc_even_where_the_engine_ha
 
 
 def test_specs_and_setups_round_trip_through_json():
-    from refit.rank import RankOptions, RankSetup
+    from refit.setup import RankOptions, RankSetup
 
     trainer, engine = _tiny_sides()
     setup = RankSetup("127.0.0.1", 1234, "p", "ab" * 16, 2, trainer, engine, 2, RankOptions())

@@ -194,7 +194,8 @@ def test_the_same_engine_twice_is_refused_at_once():
 def test_an_unreachable_store_is_a_refit_error():
     import socket
 
-    from refit.rank import RankOptions, RankSetup, RefitRank
+    from refit.rank import RefitRank
+    from refit.setup import RankOptions, RankSetup
     from refit.spec import EngineSpec, TrainerSpec
 
     with socket.socket() as s:

@@ -314,7 +314,8 @@ def test_receive_while_serving_installs_on_the_pausing_threads_stream(monkeypatc
     # worker's own thread), the transfer side stream joined with it both ways
     import types
 
-    from refit.rank import Gate, RankOptions, RefitRank
+    from refit.rank import Gate, RefitRank
+    from refit.setup import RankOptions
     from xfer import Baselines
 
     cuda = FakeCuda(monkeypatch)

@@ -55,7 +55,8 @@ from backends.vllm import private as vllm_private
 from backends.vllm.layout import VllmDest, mtp_prefixes, vllm_dests
 from refit.errors import RefitError
 from refit.hf import Role, ungroup
-from refit.rank import Gate, RankSetup, RefitRank
+from refit.rank import Gate, RefitRank
+from refit.setup import RankSetup
 from refit.spec import DestParam, EngineSpec, EngineStatus, device_kind
 from xfer.wire import dumps
 

@@ -338,7 +338,8 @@ class XferTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
 
     # -- the rank's own part ------------------------------------------------------------------
     def join(self, setup: bytes) -> None:
-        from refit.rank import RankSetup, RefitRank
+        from refit.rank import RefitRank
+        from refit.setup import RankSetup
 
         if self.rank_runtime is not None:
             self.rank_runtime.close()
