@@ -176,12 +176,11 @@ def _print_cpu(local: dict[str, Any]) -> None:
         f"calibrated aggregate {fmt_rate(agg)}; processor time per refit, all ranks, "
         f"{local['measured']['host_cores']} cores: {cpu}"
     )
-    if "aggregate_cpu_s_per_GB" in cal:
-        per_gb = p2p["cpu_seconds"] / (moved / 1e9)
-        print(
-            f"   per GB moved: p2p {per_gb:.2f} core-s, the aggregate link test "
-            f"{cal['aggregate_cpu_s_per_GB']:.2f} core-s (its sockets' copies alone)"
-        )
+    per_gb = p2p["cpu_seconds"] / (moved / 1e9)
+    print(
+        f"   per GB moved: p2p {per_gb:.2f} core-s, the aggregate link test "
+        f"{cal['aggregate_cpu_s_per_GB']:.2f} core-s (its sockets' copies alone)"
+    )
 
 
 def _print_local(local: dict[str, Any]) -> None:
@@ -218,8 +217,7 @@ def _print_local(local: dict[str, Any]) -> None:
         "with zero copy from every rank's program, the plan's bound being engine "
         f"{fmt_bytes(bound['engine'])}, trainer {fmt_bytes(bound['trainer'])})"
     )
-    if "cpu_seconds" in m["paths"]["p2p"]:
-        _print_cpu(local)
+    _print_cpu(local)
     for d in local.get("delta", []):
         dense, delta = d["dense"], d["delta"]
         b = delta["baseline_bytes"]
